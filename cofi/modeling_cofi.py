@@ -1,0 +1,228 @@
+"""One BERT-family sequence classifier for every phase of CoFi.
+
+The same module runs
+  (a) in pruning, with masks sampled from hard-concrete gates,
+  (b) in evaluation, with deterministic masks,
+  (c) after compaction, with no masks and per-layer shapes from the config
+      (fewer heads, narrower FFNs, a narrower residual stream, empty sublayers).
+
+Masks are passed to ``forward`` as a mapping (all optional):
+
+  "hidden"       (C,)    residual-stream dimensions, shared by every layer
+  "head"         (L, H)  each head's context vector, before the output projection
+  "mha"          (L,)    a layer's whole attention output (projection and bias)
+  "intermediate" (L, F)  each FFN unit, after the activation
+  "ffn"          (L,)    a layer's whole FFN output (down projection and bias)
+
+With a hidden mask, every LayerNorm takes its statistics over the dimensions
+whose mask is non-zero, which is exactly what the compacted model computes over
+its remaining dimensions. Only public transformers APIs are used here, and
+nothing from the rest of the ``cofi`` package (see configuration_cofi.py).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+try:  # a package import, or transformers' loader of remote code
+    from .configuration_cofi import CofiConfig
+except ImportError:  # a plain module import from the model directory
+    from configuration_cofi import CofiConfig
+
+
+def masked_layer_norm(x: Tensor, norm: nn.LayerNorm, hidden_z: Tensor | None) -> Tensor:
+    """LayerNorm over the kept hidden dimensions, then scaled by the hidden mask.
+
+    x: (B, T, C); hidden_z: (C,) or None. Dimensions with hidden_z == 0 take no
+    part in the mean and variance and come out as 0.
+    """
+    if hidden_z is None:
+        return norm(x)
+    x = x.float()  # statistics in fp32, as autocast does for F.layer_norm
+    keep = (hidden_z != 0).to(x.dtype)  # (C,)
+    count = keep.sum()
+    mean = (x * keep).sum(-1, keepdim=True) / count  # (B, T, 1)
+    centered = (x - mean) * keep  # (B, T, C)
+    var = centered.pow(2).sum(-1, keepdim=True) / count  # (B, T, 1)
+    y = centered * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias
+    return y * hidden_z
+
+
+class CofiEmbeddings(nn.Module):
+    def __init__(self, config: CofiConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, C)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, C)
+        self.LayerNorm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.position_style = config.position_style
+        self.pad_token_id = config.pad_token_id
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor, hidden_z: Tensor | None) -> Tensor:
+        B, T = input_ids.shape
+        if self.position_style == "padding_offset":
+            # RoBERTa: positions count non-pad tokens, starting after padding_idx.
+            not_pad = (input_ids != self.pad_token_id).long()
+            position_ids = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_token_id
+        else:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(position_ids)
+            + self.token_type_embeddings(token_type_ids)
+        )  # (B, T, C)
+        return self.dropout(masked_layer_norm(x, self.LayerNorm, hidden_z))
+
+
+class CofiLayer(nn.Module):
+    """Post-LN transformer layer: x = LN(x + MHA(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, config: CofiConfig, index: int):
+        super().__init__()
+        C, D = config.hidden_size, config.attention_head_size
+        self.num_heads = config.layer_num_heads[index]
+        self.head_size = D
+        width = config.layer_intermediate_size[index]
+        self.query = nn.Linear(C, self.num_heads * D)
+        self.key = nn.Linear(C, self.num_heads * D)
+        self.value = nn.Linear(C, self.num_heads * D)
+        self.attn_out = nn.Linear(self.num_heads * D, C)
+        self.attn_norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.ffn_up = nn.Linear(C, width)
+        self.ffn_down = nn.Linear(width, C)
+        self.ffn_norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.act = ACT2FN[config.hidden_act]
+        self.attn_dropout_p = config.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def attention(self, x: Tensor, keep_tokens: Tensor, head_z: Tensor | None) -> Tensor:
+        B, T, C = x.shape
+        H, D = self.num_heads, self.head_size
+        if H == 0:  # no head left: the sublayer adds its (folded) bias only
+            return self.attn_out.bias.expand(B, T, C)
+        q = self.query(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.key(x).view(B, T, H, D).transpose(1, 2)
+        v = self.value(x).view(B, T, H, D).transpose(1, 2)
+        p = self.attn_dropout_p if self.training else 0.0
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep_tokens, dropout_p=p)  # (B, H, T, D)
+        if head_z is not None:
+            ctx = ctx * head_z.view(1, H, 1, 1).to(ctx.dtype)
+        return self.attn_out(ctx.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
+
+    def ffn(self, x: Tensor, int_z: Tensor | None) -> Tensor:
+        if self.ffn_up.out_features == 0:
+            B, T, C = x.shape
+            return self.ffn_down.bias.expand(B, T, C)
+        h = self.act(self.ffn_up(x))  # (B, T, F)
+        if int_z is not None:
+            h = h * int_z.to(h.dtype)
+        return self.ffn_down(h)  # (B, T, C)
+
+    def forward(self, x: Tensor, keep_tokens: Tensor, masks: Mapping[str, Tensor]) -> Tensor:
+        hidden_z = masks.get("hidden")
+        a = self.attention(x, keep_tokens, masks.get("head"))
+        if "mha" in masks:
+            a = a * masks["mha"]
+        if hidden_z is not None:
+            a = a * hidden_z
+        x = masked_layer_norm(x + self.dropout(a), self.attn_norm, hidden_z)
+
+        f = self.ffn(x, masks.get("intermediate"))
+        if "ffn" in masks:
+            f = f * masks["ffn"]
+        if hidden_z is not None:
+            f = f * hidden_z
+        return masked_layer_norm(x + self.dropout(f), self.ffn_norm, hidden_z)
+
+
+def layer_masks(masks: Mapping[str, Tensor], index: int) -> dict[str, Tensor]:
+    """The masks one layer sees: its rows of the per-layer masks, and the hidden mask."""
+    out = {k: masks[k][index] for k in ("head", "mha", "intermediate", "ffn") if masks.get(k) is not None}
+    if masks.get("hidden") is not None:
+        out["hidden"] = masks["hidden"]
+    return out
+
+
+class CofiPreTrainedModel(PreTrainedModel):
+    config_class = CofiConfig
+    base_model_prefix = "cofi"
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class CofiForSequenceClassification(CofiPreTrainedModel):
+    """Encoder, pooler (dense + tanh on the first token) and a linear classifier.
+
+    BERT's pooler and RoBERTa's classification head have the same shape and both
+    map onto ``pooler`` + ``classifier`` here.
+    """
+
+    def __init__(self, config: CofiConfig):
+        super().__init__(config)
+        self.embeddings = CofiEmbeddings(config)
+        self.layers = nn.ModuleList(CofiLayer(config, i) for i in range(config.num_hidden_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.classifier_hidden_size)
+        dropout = config.classifier_dropout
+        self.classifier_dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.classifier = nn.Linear(config.classifier_hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        masks: Mapping[str, Tensor] | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        **unused,
+    ) -> SequenceClassifierOutput:
+        masks = {k: v for k, v in (masks or {}).items() if v is not None}
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        keep_tokens = attention_mask.bool().view(B, 1, 1, T)  # broadcast over heads and queries
+
+        x = self.embeddings(input_ids, token_type_ids, masks.get("hidden"))  # (B, T, C)
+        hidden_states = [x]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, keep_tokens, layer_masks(masks, i))
+            hidden_states.append(x)
+
+        pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, C_cls)
+        logits = self.classifier(self.classifier_dropout(pooled))  # (B, num_labels)
+
+        loss = None
+        if labels is not None:
+            if self.config.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )

@@ -1,0 +1,96 @@
+"""Model size and sparsity (section 4 of the method page).
+
+Sizes count the weight matrices of the prunable sublayers only: per layer the
+query, key, value and output projections of attention (4·C·H·D) and the up and
+down projections of the FFN (2·C·F). Biases, embeddings, LayerNorms, pooler and
+classifier are not counted. Biases are left out everywhere (expected size,
+deterministic masks, compact model) so that the three numbers agree exactly;
+they are under 0.3% of the prunable parameters of BERT-base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+FAMILIES = ("hidden", "head", "mha", "intermediate", "ffn")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The full (unpruned) dimensions a set of masks refers to."""
+
+    num_layers: int  # L
+    num_heads: int  # H
+    head_size: int  # D
+    hidden_size: int  # C
+    intermediate_size: int  # F
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        return cls(
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            head_size=getattr(config, "attention_head_size", None)
+            or config.hidden_size // config.num_attention_heads,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+        )
+
+    def mask_shape(self, family: str) -> tuple[int, ...]:
+        L = self.num_layers
+        return {
+            "hidden": (self.hidden_size,),
+            "head": (L, self.num_heads),
+            "mha": (L,),
+            "intermediate": (L, self.intermediate_size),
+            "ffn": (L,),
+        }[family]
+
+    @property
+    def prunable_size(self) -> int:
+        """M: prunable weights of the full model."""
+        C, H, D, F = self.hidden_size, self.num_heads, self.head_size, self.intermediate_size
+        return self.num_layers * (4 * C * H * D + 2 * C * F)
+
+
+def remaining_size(shape: ModelShape, keep: Mapping[str, Tensor]) -> Tensor:
+    """E = Σ_k p_hid(k) · [4·D·Σ_{l,h} p_MHA(l)·p_head(l,h) + 2·Σ_{l,j} p_FFN(l)·p_int(l,j)].
+
+    ``keep`` maps a family to its keep probabilities P(z > 0) (expected size) or
+    to 0/1 indicators (size under deterministic masks). A missing family keeps
+    everything.
+    """
+
+    def get(family: str) -> Tensor:
+        value = keep.get(family)
+        return torch.ones(shape.mask_shape(family)) if value is None else value.float()
+
+    hidden = get("hidden").sum()
+    heads = (get("mha").unsqueeze(-1) * get("head")).sum()
+    units = (get("ffn").unsqueeze(-1) * get("intermediate")).sum()
+    return hidden * (4 * shape.head_size * heads + 2 * units)
+
+
+def expected_sparsity(shape: ModelShape, keep: Mapping[str, Tensor]) -> Tensor:
+    """ŝ = 1 − E / M (differentiable in the keep probabilities)."""
+    return 1.0 - remaining_size(shape, keep) / shape.prunable_size
+
+
+def mask_sparsity(shape: ModelShape, masks: Mapping[str, Tensor]) -> float:
+    """Sparsity implied by deterministic masks: a unit counts iff its mask is non-zero."""
+    keep = {k: (v != 0).float() for k, v in masks.items() if v is not None}
+    return float(expected_sparsity(shape, keep))
+
+
+PRUNABLE_LINEARS = ("query", "key", "value", "attn_out", "ffn_up", "ffn_down")
+
+
+def count_prunable_parameters(model: nn.Module) -> int:
+    """Prunable weights counted from a (possibly compact) model's real tensors."""
+    return sum(
+        getattr(layer, name).weight.numel() for layer in model.layers for name in PRUNABLE_LINEARS
+    )
