@@ -43,6 +43,7 @@ class CofiConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-12,
         pad_token_id: int = 0,
         position_style: str = "absolute",  # "absolute" (BERT) or "padding_offset" (RoBERTa)
+        pooler_input_dropout: bool = False,  # RoBERTa's head also drops out the pooler's input
         source_model_type: str = "bert",
         **kwargs,
     ):
@@ -74,6 +75,7 @@ class CofiConfig(PretrainedConfig):
                 f"position_style={position_style!r}; allowed: 'absolute', 'padding_offset'"
             )
         self.position_style = position_style
+        self.pooler_input_dropout = pooler_input_dropout
         self.source_model_type = source_model_type
         if len(self.layer_num_heads) != num_hidden_layers:
             raise ValueError(

@@ -212,7 +212,10 @@ class CofiForSequenceClassification(CofiPreTrainedModel):
             x = layer(x, keep_tokens, layer_masks(masks, i))
             hidden_states.append(x)
 
-        pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, C_cls)
+        first = x[:, 0]  # (B, C)
+        if self.config.pooler_input_dropout:
+            first = self.classifier_dropout(first)
+        pooled = torch.tanh(self.pooler(first))  # (B, C_cls)
         logits = self.classifier(self.classifier_dropout(pooled))  # (B, num_labels)
 
         loss = None
@@ -221,6 +224,8 @@ class CofiForSequenceClassification(CofiPreTrainedModel):
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
             else:
                 loss = F.cross_entropy(logits.float(), labels)
+        if not return_dict:
+            return tuple(v for v in (loss, logits, tuple(hidden_states) if output_hidden_states else None) if v is not None)
         return SequenceClassifierOutput(
             loss=loss,
             logits=logits,

@@ -1,0 +1,61 @@
+"""Batching tokenised examples: dynamic padding and a seeded, resumable order."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+Example = Mapping[str, Sequence[int] | int | float]
+
+
+class Collator:
+    """Pads a list of tokenised examples to the longest one in the batch.
+
+    Each example has "input_ids", optionally "token_type_ids" and "label";
+    the batch gets an "attention_mask" (1 for real tokens).
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, Tensor]:
+        T = max(len(e["input_ids"]) for e in examples)
+        B = len(examples)
+        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        token_type_ids = torch.zeros((B, T), dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(e["input_ids"])
+            if "token_type_ids" in e:
+                token_type_ids[i, :n] = torch.as_tensor(e["token_type_ids"])
+            attention_mask[i, :n] = 1
+        batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+        if "label" in examples[0]:
+            labels = [e["label"] for e in examples]
+            dtype = torch.float if isinstance(labels[0], float) else torch.long
+            batch["labels"] = torch.tensor(labels, dtype=dtype)
+        return batch
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return math.ceil(num_examples / batch_size)
+
+
+def epoch_order(num_examples: int, epoch: int, seed: int) -> Tensor:
+    """The example order of one epoch: a function of (seed, epoch) alone, so a
+    resumed run sees exactly the batches an uninterrupted one would."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_examples, generator=generator)
+
+
+def batches(
+    dataset: Sequence[Example], batch_size: int, collate: Collator, order: Tensor | None = None, skip: int = 0
+) -> Iterator[dict[str, Tensor]]:
+    """Batches of ``dataset`` in ``order`` (default: as stored), skipping the first ``skip``."""
+    indices = order.tolist() if order is not None else list(range(len(dataset)))
+    for start in range(skip * batch_size, len(indices), batch_size):
+        yield collate([dataset[i] for i in indices[start : start + batch_size]])

@@ -1,0 +1,433 @@
+"""One training loop for every phase: teacher fine-tuning, CoFi pruning, and
+fine-tuning with a fixed structure.
+
+- Teacher (no teacher model given): gold-label loss.
+- Pruning (``prune`` given): distillation only for ``distill_epochs``; then masks
+  are sampled from the hard-concrete gates and the Lagrangian pulls the expected
+  sparsity to a target that rises linearly over ``sparsity_warmup_epochs``; the
+  search continues after the target is reached. The best checkpoint is chosen
+  among evaluations whose deterministic-mask sparsity is within
+  ``sparsity_tolerance`` of the final target.
+- Fixed structure: fixed masks on the full model, or a compacted model.
+
+The loop is seeded and resumable: the example order of an epoch is a function of
+(seed, epoch), and a checkpoint holds every piece of state (weights, gates, λ,
+optimizers, schedule, RNG) so a resumed run continues as if never stopped.
+The library logs nothing itself; pass callbacks to record metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cofi.batching import Collator, Example, batches, epoch_order, steps_per_epoch
+from cofi.checkpoint import load_checkpoint, save_checkpoint
+from cofi.distill import DistillationLoss, existing_layers, existing_layers_of_structure
+from cofi.gates import GateConfig, HardConcreteGates
+from cofi.lagrangian import Lagrangian, target_sparsity
+from cofi.metrics import MetricFn
+from cofi.sparsity import ModelShape, mask_sparsity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    batch_size: int = 32
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0  # fraction of steps with a linearly rising learning rate
+    max_grad_norm: float = 1.0
+    bf16: bool = False  # autocast to bfloat16 (CPU with AMX/AVX-512, or CUDA)
+    seed: int = 42
+    eval_steps: int = 0  # evaluate (and checkpoint) every this many steps; 0: once per epoch
+    eval_batch_size: int = 128
+    device: str = "auto"  # "auto": CUDA when available, else CPU
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_range("epochs", self.epochs, 0.0, math.inf, low_open=True)
+        _check_range("batch_size", self.batch_size, 1, math.inf)
+        _check_range("learning_rate", self.learning_rate, 0.0, math.inf, low_open=True)
+        _check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        _check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True)
+
+
+@dataclass
+class PruneConfig:
+    target_sparsity: float
+    distill_epochs: float = 1.0  # distillation only, before any mask is sampled
+    sparsity_warmup_epochs: float = 2.0  # target rises linearly from 0 over this span
+    reg_learning_rate: float = 0.01  # for log α (descent) and λ1, λ2 (ascent)
+    sparsity_tolerance: float = 0.01  # ε: checkpoints this close to the target are candidates
+    gates: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self) -> None:
+        _check_range("target_sparsity", self.target_sparsity, 0.0, 1.0, high_open=True)
+        _check_range("distill_epochs", self.distill_epochs, 0.0, math.inf)
+        _check_range("sparsity_warmup_epochs", self.sparsity_warmup_epochs, 0.0, math.inf)
+        _check_range("reg_learning_rate", self.reg_learning_rate, 0.0, math.inf, low_open=True)
+        _check_range("sparsity_tolerance", self.sparsity_tolerance, 0.0, 1.0, low_open=True)
+
+
+def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above or (isinstance(value, float) and math.isnan(value)):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {interval}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN or infinity; the last good checkpoint is left untouched."""
+
+
+class TrainerCallback:
+    """Hooks through which a caller records progress (the library logs nowhere)."""
+
+    def on_step(self, step: int, logs: Mapping[str, float]) -> None: ...
+
+    def on_evaluate(self, step: int, metrics: Mapping[str, float]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    best_step: int
+    best_metrics: dict[str, float]
+    evaluations: list[dict[str, float]]
+    masks: dict[str, Tensor] | None  # deterministic masks of the best checkpoint (pruning only)
+    target_reached: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset: Sequence[Example],
+    collate: Collator,
+    masks: Mapping[str, Tensor] | None = None,
+    batch_size: int = 128,
+    bf16: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and gold labels for a dataset (classes, or scores if num_labels == 1).
+
+    Examples are batched by length (less padding); results come back in dataset order.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = torch.tensor(sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"])))
+    outputs = []
+    for batch in batches(dataset, batch_size, collate, order):
+        batch = _to(batch, device)
+        with autocast(device, bf16):
+            logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], masks=masks).logits
+        outputs.append(logits.float().cpu())
+    logits = torch.cat(outputs)[order.argsort()]
+    model.train(was_training)
+    preds = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
+    labels = torch.tensor([dataset[i]["label"] for i in range(len(dataset))])
+    return preds.numpy(), labels.numpy()
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Sequence[Example],
+        eval_data: Sequence[Example],
+        config: TrainConfig,
+        *,
+        metric_fn: MetricFn,
+        primary_metric: str,
+        collate: Collator,
+        teacher: nn.Module | None = None,
+        distill: DistillationLoss | None = None,
+        prune: PruneConfig | None = None,
+        fixed_masks: Mapping[str, Tensor] | None = None,
+        callbacks: Sequence[TrainerCallback] = (),
+        checkpoint_dir: str | Path | None = None,
+    ):
+        if (teacher is None) != (distill is None):
+            raise ValueError("distillation needs both a teacher and a DistillationLoss")
+        if prune is not None and fixed_masks is not None:
+            raise ValueError("pruning learns the masks; fixed_masks is for fine-tuning a pruned structure")
+        if len(train_data) == 0 or len(eval_data) == 0:
+            raise ValueError(f"empty data: {len(train_data)} training and {len(eval_data)} evaluation examples")
+        self.config, self.prune = config, prune
+        self.train_data, self.eval_data = train_data, eval_data
+        self.metric_fn, self.primary_metric, self.collate = metric_fn, primary_metric, collate
+        self.callbacks = list(callbacks)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.device = resolve_device(config.device)
+
+        torch.manual_seed(config.seed)  # gates' initial log α and any fresh weights
+        self.model = model.to(self.device)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
+        self.distill = distill.to(self.device) if distill is not None else None
+        self.fixed_masks = {k: v.to(self.device) for k, v in fixed_masks.items() if v is not None} if fixed_masks else None
+
+        self.steps_per_epoch = steps_per_epoch(len(train_data), config.batch_size)
+        self.total_steps = max(1, round(config.epochs * self.steps_per_epoch))
+        self.eval_steps = config.eval_steps or self.steps_per_epoch
+
+        trainable = list(self.model.parameters()) + (list(self.distill.parameters()) if self.distill else [])
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        warmup = round(config.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: min((s + 1) / max(1, warmup), max(0.0, (self.total_steps - s) / max(1, self.total_steps - warmup))),
+        )
+
+        self.gates = self.lagrangian = None
+        if prune is not None:
+            self.prune_start = round(prune.distill_epochs * self.steps_per_epoch)
+            self.sparsity_warmup = round(prune.sparsity_warmup_epochs * self.steps_per_epoch)
+            if self.prune_start + self.sparsity_warmup >= self.total_steps:
+                raise ValueError(
+                    f"distill_epochs ({prune.distill_epochs}) + sparsity_warmup_epochs "
+                    f"({prune.sparsity_warmup_epochs}) must be less than epochs ({config.epochs}): "
+                    f"pruning would never reach its target ({self.prune_start} + {self.sparsity_warmup} "
+                    f">= {self.total_steps} steps)"
+                )
+            self.shape = ModelShape.from_config(model.config)
+            self.gates = HardConcreteGates(self.shape, prune.gates).to(self.device)
+            self.lagrangian = Lagrangian().to(self.device)
+            self.gate_optimizer = torch.optim.AdamW(self.gates.parameters(), lr=prune.reg_learning_rate, weight_decay=0.0)
+            self.lagrangian_optimizer = self.lagrangian.make_optimizer(prune.reg_learning_rate)
+
+        self.step = 0
+        self.evaluations: list[dict[str, float]] = []
+        self.best: dict[str, Any] | None = None  # {"step", "metrics", "state"}
+
+    # ----------------------------------------------------------------- one step
+    def _pruning(self, step: int) -> bool:
+        return self.prune is not None and step >= self.prune_start
+
+    def _existing_layers(self, masks: Mapping[str, Tensor] | None) -> Tensor:
+        config = self.model.config
+        if masks:
+            return existing_layers(masks, config.num_hidden_layers)
+        return existing_layers_of_structure(config.layer_num_heads, config.layer_intermediate_size)
+
+    def _losses(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Every loss part of one step; "loss" is what is minimised."""
+        pruning = self._pruning(step)
+        masks = self.gates.sample() if pruning else self.fixed_masks
+        layer_distill = self.distill is not None and self.distill.layer is not None
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        with autocast(self.device, self.config.bf16):
+            student = self.model(*inputs, labels=batch.get("labels"), masks=masks, output_hidden_states=layer_distill)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher = self.teacher(*inputs, output_hidden_states=layer_distill)
+        if self.distill is None:
+            parts = {"ce": student.loss}
+            loss = student.loss
+        else:
+            parts = self.distill(
+                student.logits, teacher.logits, student.hidden_states, teacher.hidden_states,
+                batch["attention_mask"], self._existing_layers(masks),
+            )
+            loss = parts["distill"]
+        if pruning:
+            expected = self.gates.expected_sparsity()
+            target = target_sparsity(step, self.prune.target_sparsity, self.prune_start, self.sparsity_warmup)
+            parts["lagrangian"] = self.lagrangian(expected, target)
+            parts["expected_sparsity"] = expected.detach()
+            parts["target_sparsity"] = torch.tensor(target)
+            parts["lambda_1"] = self.lagrangian.lambda_1.detach()
+            parts["lambda_2"] = self.lagrangian.lambda_2.detach()
+            loss = loss + parts["lagrangian"]
+        parts["loss"] = loss
+        return parts
+
+    def _optimise(self, loss: Tensor, step: int) -> float:
+        optimizers = [self.optimizer]
+        if self._pruning(step):
+            optimizers += [self.gate_optimizer, self.lagrangian_optimizer]
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"non-finite gradient norm at step {step}; lower the learning rate or turn bf16 off. "
+                "The last good checkpoint is unchanged."
+            )
+        for opt in optimizers:
+            opt.step()
+        self.scheduler.step()
+        if self._pruning(step):
+            self.gates.clamp_()
+        return grad_norm
+
+    # --------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        masks = self.fixed_masks
+        metrics: dict[str, float] = {}
+        if self._pruning(self.step - 1):
+            masks = self.gates.deterministic()
+            metrics["sparsity"] = mask_sparsity(self.shape, masks)
+            metrics["expected_sparsity"] = float(self.gates.expected_sparsity())
+        preds, labels = predict(self.model, self.eval_data, self.collate, masks, self.config.eval_batch_size, self.config.bf16)
+        metrics.update(self.metric_fn(preds, labels))
+        metrics["step"] = self.step
+        return metrics
+
+    def _is_candidate(self, metrics: Mapping[str, float]) -> bool:
+        if self.prune is None:
+            return True
+        return "sparsity" in metrics and abs(metrics["sparsity"] - self.prune.target_sparsity) <= self.prune.sparsity_tolerance
+
+    def _weights(self) -> dict[str, Any]:
+        state = {"model": self.model.state_dict()}
+        if self.distill is not None:
+            state["distill"] = self.distill.state_dict()
+        if self.gates is not None:
+            state["gates"] = self.gates.state_dict()
+        return {k: {n: t.detach().cpu().clone() for n, t in v.items()} for k, v in state.items()}
+
+    def _load_weights(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.distill is not None:
+            self.distill.load_state_dict(state["distill"])
+        if self.gates is not None:
+            self.gates.load_state_dict(state["gates"])
+
+    def _record_evaluation(self, metrics: dict[str, float]) -> None:
+        self.evaluations.append(metrics)
+        for cb in self.callbacks:
+            cb.on_evaluate(self.step, metrics)
+        if self._is_candidate(metrics) and (
+            self.best is None or metrics[self.primary_metric] > self.best["metrics"][self.primary_metric]
+        ):
+            self.best = {"step": self.step, "metrics": metrics, "state": self._weights()}
+
+    # -------------------------------------------------------------- checkpoints
+    def _state(self) -> dict[str, Any]:
+        state = {
+            "step": self.step,
+            "weights": self._weights(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "evaluations": self.evaluations,
+            "best": self.best,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+            },
+        }
+        if self.prune is not None:
+            state["lagrangian"] = self.lagrangian.state_dict()
+            state["gate_optimizer"] = self.gate_optimizer.state_dict()
+            state["lagrangian_optimizer"] = self.lagrangian_optimizer.state_dict()
+        return state
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        self.step = state["step"]
+        self._load_weights(state["weights"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.evaluations, self.best = state["evaluations"], state["best"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        if self.prune is not None:
+            self.lagrangian.load_state_dict(state["lagrangian"])
+            self.gate_optimizer.load_state_dict(state["gate_optimizer"])
+            self.lagrangian_optimizer.load_state_dict(state["lagrangian_optimizer"])
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_dir is not None:
+            save_checkpoint(self.checkpoint_dir, self._state(), self.step)
+
+    # --------------------------------------------------------------------- fit
+    def fit(self, resume: bool = True) -> TrainResult:
+        if resume and self.checkpoint_dir is not None:
+            state = load_checkpoint(self.checkpoint_dir)
+            if state is not None:
+                self._restore(state)
+                log.info("resumed from step %d of %d", self.step, self.total_steps)
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.config.progress, desc="train", dynamic_ncols=True)
+        while self.step < self.total_steps:
+            epoch, done = divmod(self.step, self.steps_per_epoch)
+            order = epoch_order(len(self.train_data), epoch, self.config.seed)
+            for batch in batches(self.train_data, self.config.batch_size, self.collate, order, skip=done):
+                self._train_step(_to(batch, self.device), bar)
+                if self.step % self.eval_steps == 0 or self.step == self.total_steps:
+                    self._record_evaluation(self.evaluate())
+                    self.save_checkpoint()
+                if self.step == self.total_steps:
+                    break
+        bar.close()
+        return self._finish()
+
+    def _train_step(self, batch: dict[str, Tensor], bar: tqdm) -> None:
+        step = self.step
+        parts = self._losses(batch, step)
+        values = {k: float(v.detach()) for k, v in parts.items()}
+        if not all(math.isfinite(values[k]) for k in values if k not in ("lambda_1", "lambda_2")):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                + ". Lower the learning rate or turn bf16 off. The last good checkpoint is unchanged."
+            )
+        values["grad_norm"] = self._optimise(parts["loss"], step)
+        values["learning_rate"] = self.scheduler.get_last_lr()[0]
+        self.step += 1
+        for cb in self.callbacks:
+            cb.on_step(self.step, values)
+        shown = {k: values[k] for k in ("loss", "pred", "layer", "lagrangian", "expected_sparsity", "target_sparsity") if k in values}
+        bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+        bar.update(1)
+
+    def _finish(self) -> TrainResult:
+        target_reached = self.best is not None
+        if not target_reached:  # pruning never came within ε of the target: keep the final weights
+            last = self.evaluations[-1]
+            log.warning(
+                "no evaluation within %.3f of target sparsity %.3f; keeping the final weights (sparsity %.4f)",
+                self.prune.sparsity_tolerance, self.prune.target_sparsity, last.get("sparsity", 0.0),
+            )
+            self.best = {"step": self.step, "metrics": last, "state": self._weights()}
+        self._load_weights(self.best["state"])
+        return TrainResult(
+            best_step=int(self.best["step"]),
+            best_metrics=dict(self.best["metrics"]),
+            evaluations=list(self.evaluations),
+            masks=self.gates.deterministic() if self.gates is not None else None,
+            target_reached=target_reached,
+        )

@@ -1,0 +1,144 @@
+"""The training loop: pruning to a target, resume, numerical faults, bad settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cofi.batching import Collator
+from cofi.checkpoint import load_checkpoint, read_manifest
+from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss
+from cofi.metrics import accuracy
+from cofi.sparsity import ModelShape, mask_sparsity
+from cofi.trainer import NonFiniteLossError, PruneConfig, TrainConfig, Trainer, TrainerCallback
+from tests.conftest import synthetic_task, tiny_model
+
+
+def make_trainer(task, *, prune=None, teacher=True, checkpoint_dir=None, callbacks=(), **train):
+    train_data, eval_data = task
+    settings = dict(epochs=4, batch_size=8, learning_rate=1e-3, eval_steps=6, progress=False, seed=3)
+    settings.update(train)
+    student = tiny_model(seed=0)
+    kwargs = {}
+    if teacher:
+        kwargs["teacher"] = tiny_model(seed=0)
+        kwargs["distill"] = DistillationLoss(PredictionDistillLoss(2.0), LayerDistillLoss(16, [1, 2], monotone=False), 0.5)
+    return Trainer(
+        student, train_data, eval_data, TrainConfig(**settings),
+        metric_fn=accuracy, primary_metric="accuracy", collate=Collator(0),
+        prune=prune, checkpoint_dir=checkpoint_dir, callbacks=callbacks, **kwargs,
+    )
+
+
+class Recorder(TrainerCallback):
+    def __init__(self):
+        self.steps, self.evals = [], []
+
+    def on_step(self, step, logs):
+        self.steps.append(dict(logs))
+
+    def on_evaluate(self, step, metrics):
+        self.evals.append(dict(metrics))
+
+
+def test_teacher_training_learns_the_synthetic_task():
+    task = synthetic_task(256, seed=1), synthetic_task(64, seed=2)
+    trainer = make_trainer(task, teacher=False, epochs=6, batch_size=16, eval_steps=0)
+    result = trainer.fit()
+    assert result.best_metrics["accuracy"] >= 0.8
+
+
+def test_short_pruning_run_reaches_the_target_sparsity(task):
+    recorder = Recorder()
+    prune = PruneConfig(target_sparsity=0.5, distill_epochs=1, sparsity_warmup_epochs=8, reg_learning_rate=0.1)
+    trainer = make_trainer(task, prune=prune, epochs=25, eval_steps=12, callbacks=[recorder])
+    result = trainer.fit()
+    last = recorder.steps[-1]
+    assert last["target_sparsity"] == pytest.approx(0.5)
+    assert abs(last["expected_sparsity"] - 0.5) <= 0.02
+    # logged parts, and no Lagrangian before pruning starts (12 steps per epoch)
+    assert "lagrangian" not in recorder.steps[11] and "lagrangian" in recorder.steps[12]
+    assert {"loss", "pred", "layer", "lambda_1", "lambda_2", "learning_rate", "grad_norm"} <= set(last)
+    # the returned masks are the best checkpoint's, and its reported sparsity is theirs
+    shape = ModelShape.from_config(trainer.model.config)
+    assert mask_sparsity(shape, result.masks) == pytest.approx(result.best_metrics["sparsity"])
+    if result.target_reached:
+        assert abs(result.best_metrics["sparsity"] - 0.5) <= prune.sparsity_tolerance
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, step, logs):
+        if step == self.step:
+            raise KeyboardInterrupt  # stands in for a killed process
+
+
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(task, tmp_path):
+    prune = PruneConfig(target_sparsity=0.4, distill_epochs=0.5, sparsity_warmup_epochs=1, reg_learning_rate=0.1)
+    uninterrupted = make_trainer(task, prune=prune, checkpoint_dir=tmp_path / "a", epochs=3)
+    expected = uninterrupted.fit()
+
+    interrupted = make_trainer(task, prune=prune, checkpoint_dir=tmp_path / "b", epochs=3, callbacks=[StopAt(16)])
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    assert read_manifest(tmp_path / "b")["step"] == 12  # the last evaluation before the stop
+    resumed = make_trainer(task, prune=prune, checkpoint_dir=tmp_path / "b", epochs=3)
+    result = resumed.fit()
+
+    assert result.evaluations == expected.evaluations
+    for family in expected.masks:
+        assert torch.equal(result.masks[family], expected.masks[family])
+    for (name, a), b in zip(uninterrupted.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+class PoisonAt(TrainerCallback):
+    def __init__(self, trainer, step):
+        self.trainer, self.step = trainer, step
+
+    def on_step(self, step, logs):
+        if step == self.step:
+            with torch.no_grad():
+                self.trainer.model.classifier.weight.fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(task, tmp_path):
+    trainer = make_trainer(task, checkpoint_dir=tmp_path, epochs=2)
+    trainer.callbacks.append(PoisonAt(trainer, 14))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 14.*learning rate.*bf16"):
+        trainer.fit()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["step"] == 12
+    state = load_checkpoint(tmp_path)  # hash verified
+    assert torch.isfinite(state["weights"]["model"]["classifier.weight"]).all()
+
+
+def test_bf16_autocast_trains(task):
+    trainer = make_trainer(task, epochs=1, bf16=True)
+    result = trainer.fit()
+    assert 0.0 <= result.best_metrics["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: PruneConfig(target_sparsity=1.0), r"target_sparsity=1.0 is out of range; allowed: \[0.0, 1.0\)"),
+        (lambda: PruneConfig(target_sparsity=-0.1), r"target_sparsity=-0.1 is out of range"),
+        (lambda: PredictionDistillLoss(0.0), r"temperature .*0.0"),
+        (lambda: DistillationLoss(PredictionDistillLoss(2.0), None, 1.5), r"prediction_weight .*\[0, 1\].*1.5"),
+        (lambda: TrainConfig(learning_rate=0), r"learning_rate=0 is out of range"),
+    ],
+)
+def test_bad_settings_name_the_value_and_the_allowed_range(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_warmup_longer_than_training_is_refused(task):
+    prune = PruneConfig(target_sparsity=0.5, distill_epochs=1, sparsity_warmup_epochs=5)
+    with pytest.raises(ValueError, match=r"distill_epochs \(1\) \+ sparsity_warmup_epochs \(5\) must be less than epochs \(4\)"):
+        make_trainer(task, prune=prune, epochs=4)
