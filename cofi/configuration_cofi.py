@@ -45,6 +45,7 @@ class CofiConfig(PretrainedConfig):
         position_style: str = "absolute",  # "absolute" (BERT) or "padding_offset" (RoBERTa)
         pooler_input_dropout: bool = False,  # RoBERTa's head also drops out the pooler's input
         source_model_type: str = "bert",
+        full_hidden_size: int | None = None,
         **kwargs,
     ):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -77,6 +78,10 @@ class CofiConfig(PretrainedConfig):
         self.position_style = position_style
         self.pooler_input_dropout = pooler_input_dropout
         self.source_model_type = source_model_type
+        # The residual width before pruning: with num_attention_heads and
+        # intermediate_size it names the full shape, so a compact model alone
+        # can report its sparsity.
+        self.full_hidden_size = full_hidden_size or hidden_size
         if len(self.layer_num_heads) != num_hidden_layers:
             raise ValueError(
                 f"layer_num_heads has {len(self.layer_num_heads)} entries, "

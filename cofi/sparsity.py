@@ -31,12 +31,13 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
+        """The full shape; for a compact CofiConfig, the shape it was pruned from."""
         return cls(
             num_layers=config.num_hidden_layers,
             num_heads=config.num_attention_heads,
             head_size=getattr(config, "attention_head_size", None)
             or config.hidden_size // config.num_attention_heads,
-            hidden_size=config.hidden_size,
+            hidden_size=getattr(config, "full_hidden_size", None) or config.hidden_size,
             intermediate_size=config.intermediate_size,
         )
 
@@ -94,3 +95,8 @@ def count_prunable_parameters(model: nn.Module) -> int:
     return sum(
         getattr(layer, name).weight.numel() for layer in model.layers for name in PRUNABLE_LINEARS
     )
+
+
+def model_sparsity(model: nn.Module) -> float:
+    """Sparsity of a compact model, from its real tensors and the full shape in its config."""
+    return 1.0 - count_prunable_parameters(model) / ModelShape.from_config(model.config).prunable_size
