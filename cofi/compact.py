@@ -41,7 +41,7 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -295,14 +295,19 @@ def _registered_for_auto_classes(model: CofiForSequenceClassification) -> Iterat
                 model.config.auto_map = old_map
 
 
-def save_model(model: CofiForSequenceClassification, path: str | os.PathLike) -> Path:
+def save_model(
+    model: CofiForSequenceClassification,
+    path: str | os.PathLike,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Save ``model`` as a self-contained Hugging Face directory at ``path``, atomically.
 
     The directory holds config.json (with ``auto_map`` and the per-layer
     structure), model.safetensors, configuration_cofi.py and modeling_cofi.py.
-    It is written to a temporary sibling and renamed into place; an existing
-    directory at ``path`` is replaced only once the new one is complete. Returns
-    the path.
+    ``extra(directory)``, if given, writes more files (a tokenizer, masks, a
+    manifest) into the directory before it is complete. It is written to a
+    temporary sibling and renamed into place; an existing directory at ``path``
+    is replaced only once the new one is complete. Returns the path.
     """
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
@@ -315,6 +320,8 @@ def save_model(model: CofiForSequenceClassification, path: str | os.PathLike) ->
         with _registered_for_auto_classes(model):
             model.save_pretrained(tmp, safe_serialization=True)
         _check_saved(tmp)
+        if extra is not None:
+            extra(tmp)
         _fsync_tree(tmp)
         _replace_dir(tmp, path)
     except BaseException:

@@ -91,3 +91,23 @@ def tokenize(frame: pd.DataFrame, tokenizer, text_columns: tuple[str, ...], max_
             example["token_type_ids"] = encoded["token_type_ids"][i]
         examples.append(example)
     return examples
+
+
+CUSTOM_READERS = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True)}
+
+
+def load_table(path: str | Path, spec: TaskSpec, label_column: str = "label") -> pd.DataFrame:
+    """A user's own split: CSV, JSON lines or parquet with named text column(s) and a label column."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no data file at {path}")
+    reader = CUSTOM_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; allowed: {sorted(CUSTOM_READERS)}")
+    frame = reader(path)
+    if label_column != "label":
+        if label_column not in frame.columns:
+            raise ValueError(f"{path}: missing label column {label_column!r}; found {list(frame.columns)}")
+        frame = frame.rename(columns={label_column: "label"})
+    check_columns(frame, spec, str(path))
+    return frame

@@ -108,6 +108,7 @@ class TrainResult:
     best_metrics: dict[str, float]
     evaluations: list[dict[str, float]]
     masks: dict[str, Tensor] | None  # deterministic masks of the best checkpoint (pruning only)
+    history: list[dict[str, float]]  # every step's logged values, resumed runs included
     target_reached: bool = True
 
 
@@ -223,6 +224,7 @@ class Trainer:
 
         self.step = 0
         self.evaluations: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = []
         self.best: dict[str, Any] | None = None  # {"step", "metrics", "state"}
 
     # ----------------------------------------------------------------- one step
@@ -339,6 +341,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "evaluations": self.evaluations,
+            "history": self.history,
             "best": self.best,
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -358,7 +361,7 @@ class Trainer:
         self._load_weights(state["weights"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.evaluations, self.best = state["evaluations"], state["best"]
+        self.evaluations, self.history, self.best = state["evaluations"], state["history"], state["best"]
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -408,6 +411,7 @@ class Trainer:
         values["grad_norm"] = self._optimise(parts["loss"], step)
         values["learning_rate"] = self.scheduler.get_last_lr()[0]
         self.step += 1
+        self.history.append({"step": self.step, **values})
         for cb in self.callbacks:
             cb.on_step(self.step, values)
         shown = {k: values[k] for k in ("loss", "pred", "layer", "lagrangian", "expected_sparsity", "target_sparsity") if k in values}
@@ -429,5 +433,6 @@ class Trainer:
             best_metrics=dict(self.best["metrics"]),
             evaluations=list(self.evaluations),
             masks=self.gates.deterministic() if self.gates is not None else None,
+            history=list(self.history),
             target_reached=target_reached,
         )

@@ -1,0 +1,114 @@
+"""Latency of a classifier's forward pass, measured the same way for every model.
+
+Inputs are prepared beforehand; warm-up passes are discarded; each of N timed
+repeats is one forward pass of a (batch, sequence) block of random tokens; the
+median and interquartile range are reported. On CUDA the device is synchronised
+around each pass and timed with CUDA events.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Timing:
+    batch_size: int
+    sequence_length: int
+    precision: str
+    device: str
+    threads: int
+    repeats: int
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+
+    @property
+    def iqr_ms(self) -> float:
+        return self.q3_ms - self.q1_ms
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "iqr_ms": self.iqr_ms}
+
+
+def random_inputs(vocab_size: int, batch_size: int, sequence_length: int, device: torch.device, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1000 if vocab_size > 2000 else 1, vocab_size, (batch_size, sequence_length), generator=generator)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "token_type_ids": torch.zeros_like(input_ids).to(device),
+    }
+
+
+@torch.inference_mode()
+def time_forward(
+    model: nn.Module,
+    batch_size: int,
+    sequence_length: int,
+    precision: str = "fp32",
+    warmup: int = 3,
+    repeats: int = 10,
+) -> Timing:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; allowed: {sorted(PRECISIONS)}")
+    model.eval()
+    device = next(model.parameters()).device
+    inputs = random_inputs(model.config.vocab_size, batch_size, sequence_length, device)
+    dtype = PRECISIONS[precision]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    samples = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            with autocast:
+                model(**inputs)
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            with autocast:
+                model(**inputs)
+            elapsed = (time.perf_counter() - t0) * 1000
+        if i >= warmup:
+            samples.append(elapsed)
+    q1, median, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (samples[0],) * 3
+    return Timing(batch_size, sequence_length, precision, device.type, torch.get_num_threads(), repeats, median, q1, q3)
+
+
+def environment() -> dict:
+    """What a timing depends on, recorded next to every result."""
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    env = {
+        "cpu": cpu,
+        "cores": torch.multiprocessing.cpu_count() if hasattr(torch, "multiprocessing") else None,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        env["onnxruntime"] = None
+    return env
