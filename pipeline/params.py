@@ -1,0 +1,376 @@
+"""The schema of params.yaml: every stage validates the whole file before doing any work.
+
+``load_params`` reads and validates; on failure it raises ``ParamsError`` listing every
+problem, one per line, as ``dotted.key[i] = value: what is allowed``. Validation is
+strict: unknown keys, wrong types (``"0.6"`` is not a number, ``true`` is not an
+integer) and out-of-range values are all errors. Cross-field rules run once the
+fields of their section are valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import re
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from cofi.data import TASKS
+from cofi.metrics import METRICS
+from cofi.sparsity import FAMILIES
+
+
+class ParamsError(ValueError):
+    """Invalid parameters; ``problems`` holds one line per problem."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+# ---- field types ---------------------------------------------------------------------
+
+
+def _unique(values: list) -> list:
+    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+        raise PydanticCustomError("unique", f"must not repeat {', '.join(map(repr, repeated))}")
+    return values
+
+
+def _increasing(values: list) -> list:
+    if any(a >= b for a, b in zip(values, values[1:])):
+        raise PydanticCustomError("increasing", "must be strictly increasing")
+    return values
+
+
+def _unique_list(item: Any, **length: int) -> Any:
+    """A list of ``item`` with at least one element and no repeats."""
+    return Annotated[list[item], Field(min_length=1, **length), AfterValidator(_unique)]
+
+
+Text = Annotated[str, Field(min_length=1)]
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Ratio = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
+Count = Annotated[int, Field(ge=1)]
+Threads = Annotated[int, Field(ge=0)]  # 0: torch's default
+
+Task = Literal[(*TASKS, "custom")]
+Metric = Literal[tuple(METRICS)]
+Family = Literal[FAMILIES]
+
+
+# ---- sections ------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class CustomData(_Section):
+    train: Text  # a file path, relative to the project root
+    validation: Text
+    text_columns: _unique_list(Text, max_length=2)  # one sentence, or a pair
+    label_column: Text
+    num_labels: Count  # 1: regression
+    metric: Metric
+
+    @model_validator(mode="after")
+    def _regression_metric(self) -> CustomData:
+        if (self.num_labels == 1) != (self.metric == "pearson_spearman"):
+            raise PydanticCustomError(
+                "conflict",
+                f"data.custom.metric {self.metric!r} does not fit data.custom.num_labels {self.num_labels}: "
+                "'pearson_spearman' is for regression (num_labels 1), the others for classification (num_labels >= 2)",
+            )
+        return self
+
+
+class Data(_Section):
+    task: Task
+    source: Text  # "hub", or a directory in the Hub's nyu-mll/glue layout
+    custom: CustomData | None
+    max_length: Annotated[int, Field(ge=8, le=512)]
+    train_limit: Count | None
+
+    @model_validator(mode="after")
+    def _custom_iff_task_custom(self) -> Data:
+        if self.task == "custom" and self.custom is None:
+            raise PydanticCustomError(
+                "conflict",
+                "data.task 'custom' requires data.custom (train, validation, text_columns, label_column, "
+                "num_labels, metric), but data.custom is null",
+            )
+        if self.task != "custom" and self.custom is not None:
+            raise PydanticCustomError(
+                "conflict",
+                f"data.custom is set but data.task is {self.task!r}; set data.custom: null, or data.task: custom",
+            )
+        return self
+
+
+class Compute(_Section):
+    device: Literal["auto", "cpu", "cuda"]
+    bf16: bool
+    threads: Threads
+
+
+class Teacher(_Section):
+    base_model: Text
+    epochs: Positive
+    batch_size: Count
+    learning_rate: Positive
+    warmup_ratio: Ratio
+
+
+class Prune(_Section):
+    targets: _unique_list(Ratio)
+    epochs: Positive
+    distill_epochs: NonNegative
+    sparsity_warmup_epochs: NonNegative
+    batch_size: Count
+    learning_rate: Positive
+    reg_learning_rate: Positive
+    temperature: Positive
+    prediction_weight: Annotated[float, Field(ge=0, le=1)]
+    layer_distill: bool
+    teacher_layers: Annotated[list[Count], Field(min_length=1), AfterValidator(_increasing)] | None
+    monotone_matching: bool
+    families: _unique_list(Family)
+    sparsity_tolerance: Annotated[float, Field(gt=0, lt=1)]
+    evals_per_epoch: Count
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> Prune:
+        if self.distill_epochs + self.sparsity_warmup_epochs >= self.epochs:
+            raise PydanticCustomError(
+                "conflict",
+                f"sparsity warm-up longer than training: prune.distill_epochs ({self.distill_epochs:g}) + "
+                f"prune.sparsity_warmup_epochs ({self.sparsity_warmup_epochs:g}) "
+                f"must be < prune.epochs ({self.epochs:g})",
+            )
+        return self
+
+
+class Finetune(_Section):
+    epochs: Positive
+    batch_size: Count
+    learning_rate: Positive
+    evals_per_epoch: Count
+
+
+class Benchmark(_Section):
+    batch_sizes: _unique_list(Count)
+    sequence_lengths: _unique_list(Annotated[int, Field(ge=1, le=512)])
+    precisions: _unique_list(Literal["fp32", "bf16"])
+    warmup: Threads
+    repeats: Count
+    threads: Threads
+
+
+class Mlflow(_Section):
+    experiment: Text
+    register_models: bool
+
+
+class Params(_Section):
+    seed: Annotated[int, Field(ge=0, lt=2**32)]
+    data: Data
+    compute: Compute
+    teacher: Teacher
+    prune: Prune
+    finetune: Finetune
+    benchmark: Benchmark
+    mlflow: Mlflow
+
+
+# ---- loading -------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                break  # SafeLoader reports the unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; ``ParamsError`` lists every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot read the params file ({e.strerror or e})") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamsError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    return validate_params(data, source=str(path))
+
+
+def validate_params(data: Any, source: str = "params") -> Params:
+    """Validate already-parsed params (e.g. a dict with overrides applied)."""
+    if not isinstance(data, Mapping):
+        raise ParamsError(f"{source}: must be a mapping of sections, got {_kind(data)}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        problems = [_describe(err) for err in e.errors()]
+        s = "" if len(problems) == 1 else "s"
+        message = f"{source}: {len(problems)} invalid parameter{s}:\n" + "\n".join(f"  {p}" for p in problems)
+        raise ParamsError(message, problems) from None
+
+
+def resolve_source(params: Params | Mapping, project_dir: Path) -> Path | None:
+    """The local data directory, or None when ``data.source`` is "hub".
+
+    Relative paths are relative to ``project_dir``, the directory holding params.yaml.
+    """
+    source = params.data.source if isinstance(params, Params) else params["data"]["source"]
+    if source == "hub":
+        return None
+    return (Path(project_dir) / Path(source).expanduser()).resolve()
+
+
+def flatten(params: Mapping | BaseModel, prefix: str = "") -> dict[str, str | int | float | bool]:
+    """Dotted keys for MLflow's log_params: ``{"prune.epochs": 4.0, "prune.targets": "[0.6, 0.9]"}``.
+
+    Lists are JSON strings, and so is null ("null").
+    """
+    if isinstance(params, BaseModel):
+        params = params.model_dump()
+    flat: dict[str, str | int | float | bool] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value)
+    return flat
+
+
+# ---- error messages ------------------------------------------------------------------
+
+_TYPES = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "model_type": "a mapping of keys",
+    "dict_type": "a mapping of keys",
+}
+
+
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else _KINDS.get(type(value), type(value).__name__)
+
+
+def _dotted(loc: tuple) -> str:
+    """``("prune", "targets", 1)`` -> ``prune.targets[1]``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "<root>"
+
+
+def _describe(err: dict) -> str:
+    """One line for one pydantic error: ``dotted.path = value: what is allowed``."""
+    loc, kind, value, ctx = err["loc"], err["type"], err.get("input"), err.get("ctx", {})
+    path = _dotted(loc)
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    if kind == "conflict":
+        return err["msg"]
+    if kind == "missing":
+        return f"{path}: missing"
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _schema_at(loc[:-1]).get("properties", {}), n=1)
+        return f"{path}: unknown key" + (f"; did you mean {_dotted((*loc[:-1], close[0]))}?" if close else "")
+    if kind == "invalid_key":  # loc ends with the key itself
+        return f"{_dotted(loc[:-1])}: key {value!r} must be a string"
+    if kind in _TYPES:
+        problem = f"must be {_TYPES[kind]}, not {_kind(value)}"
+        if isinstance(value, str) and kind in ("int_type", "float_type"):
+            problem += _number_hint(value)
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        problem = f"must be {_interval(_schema_at(loc)) or err['msg'].removeprefix('Input should be ')}"
+    elif kind == "literal_error":
+        problem = f"must be one of {ctx['expected']}"
+    elif kind == "string_too_short":
+        problem = "must not be empty"
+    elif kind == "too_short":
+        problem = f"must have at least {ctx['min_length']} item{'s' if ctx['min_length'] != 1 else ''}"
+    elif kind == "too_long":
+        problem = f"must have at most {ctx['max_length']} items"
+    elif kind == "finite_number":
+        problem = "must be a finite number"
+    else:  # our own validators' messages, or anything unforeseen
+        problem = err["msg"][0].lower() + err["msg"][1:]
+    return f"{path} = {shown}: {problem}"
+
+
+def _number_hint(text: str) -> str:
+    """How to write a number that YAML read as a string (YAML 1.1 reads 5e-5 and 1.5e3 as strings)."""
+    exponent = re.fullmatch(r"\s*([-+]?\d+)(\.\d*)?[eE]([-+]?)(\d+)\s*", text)
+    if exponent:
+        mantissa, fraction, sign, digits = exponent.groups()
+        return f" (write {mantissa}{fraction or '.0'}e{sign or '+'}{digits}, without quotes)"
+    try:
+        float(text)
+    except ValueError:
+        return ""
+    return " (remove the quotes)"
+
+
+@functools.cache
+def _json_schema() -> dict:
+    return Params.model_json_schema()
+
+
+def _schema_at(loc: tuple) -> dict:
+    """The JSON schema of the value at ``loc`` ({} when there is none)."""
+    root = _json_schema()
+
+    def deref(node: dict) -> dict:
+        if "$ref" in node:
+            node = root["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        options = [o for o in node.get("anyOf", []) if o.get("type") != "null"]
+        return deref(options[0]) if options else node
+
+    node = deref(root)
+    for part in loc:
+        node = node.get("items", {}) if isinstance(part, int) else node.get("properties", {}).get(part, {})
+        node = deref(node)
+    return node
+
+
+def _interval(schema: dict) -> str:
+    """``in [0, 1)`` or ``> 0``: a numeric schema's bounds as text ("" if it has none)."""
+    low, low_open = schema.get("minimum", schema.get("exclusiveMinimum")), "exclusiveMinimum" in schema
+    high, high_open = schema.get("maximum", schema.get("exclusiveMaximum")), "exclusiveMaximum" in schema
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high}"
+    return ""

@@ -1,0 +1,217 @@
+"""pipeline/params.py: the repo's params.yaml validates; each bad file is refused with a precise message."""
+
+from __future__ import annotations
+
+import functools
+import json
+import operator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import Params, ParamsError, flatten, load_params, resolve_source, validate_params
+
+PROJECT = Path(__file__).resolve().parents[1]
+REAL = PROJECT / "params.yaml"
+DELETE = object()
+
+CUSTOM = {
+    "train": "data/train.csv",
+    "validation": "data/dev.csv",
+    "text_columns": ["premise", "claim"],
+    "label_column": "label",
+    "num_labels": 3,
+    "metric": "accuracy",
+}
+
+
+def real_params() -> dict:
+    return yaml.safe_load(REAL.read_text())
+
+
+def changed(changes: dict) -> str:
+    """The real params.yaml with ``{"dotted.key": value}`` changes (DELETE removes the key)."""
+    data = real_params()
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        node = functools.reduce(operator.getitem, parents, data)
+        if value is DELETE:
+            del node[key]
+        else:
+            node[key] = value
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def test_repo_params_validate():
+    params = load_params(REAL)
+    assert isinstance(params, Params)
+    assert params.model_dump() == real_params()  # nothing coerced, added or dropped
+
+
+def test_custom_task_validates():
+    params = validate_params(yaml.safe_load(changed({"data.task": "custom", "data.custom": CUSTOM})))
+    assert params.data.custom.text_columns == ["premise", "claim"]
+
+
+TASKS = "'cola', 'sst2', 'mrpc', 'stsb', 'qqp', 'mnli', 'qnli', 'rte' or 'custom'"
+
+# (id, file content: a dict of changes to the real params.yaml, raw text or a function giving it, None for no file,
+#  the expected problems: one substring per reported problem, in order)
+BAD = [
+    ("unknown top-level key", {"extras": 1}, ["extras: unknown key"]),
+    (
+        "nested key typo",
+        {"prune.temperature": DELETE, "prune.temprature": 2.0},
+        ["prune.temperature: missing", "prune.temprature: unknown key; did you mean prune.temperature?"],
+    ),
+    ("missing section", {"mlflow": DELETE}, ["mlflow: missing"]),
+    ("section not a mapping", {"finetune": "fast"}, ["finetune = 'fast': must be a mapping of keys, not a string"]),
+    ("wrong type", {"prune.temperature": "two"}, ["prune.temperature = 'two': must be a number, not a string"]),
+    (
+        "string number",
+        {"prune.targets": ["0.6", 0.9]},
+        ["prune.targets[0] = '0.6': must be a number, not a string (remove the quotes)"],
+    ),
+    (
+        "YAML 1.1 exponent read as a string",
+        {"prune.learning_rate": "5e-5"},
+        ["prune.learning_rate = '5e-5': must be a number, not a string (write 5.0e-5, without quotes)"],
+    ),
+    ("bool where int", {"prune.batch_size": True}, ["prune.batch_size = True: must be an integer, not a boolean"]),
+    ("float where int", {"seed": 42.0}, ["seed = 42.0: must be an integer, not a number"]),
+    ("int where bool", {"compute.bf16": 1}, ["compute.bf16 = 1: must be true or false, not an integer"]),
+    ("target 1.0", {"prune.targets": [0.6, 1.0]}, ["prune.targets[1] = 1.0: must be in [0, 1)"]),
+    ("target -0.1", {"prune.targets": [-0.1, 0.9]}, ["prune.targets[0] = -0.1: must be in [0, 1)"]),
+    ("duplicate targets", {"prune.targets": [0.6, 0.9, 0.6]}, ["prune.targets = [0.6, 0.9, 0.6]: must not repeat 0.6"]),
+    ("no targets", {"prune.targets": []}, ["prune.targets = []: must have at least 1 item"]),
+    ("temperature 0", {"prune.temperature": 0}, ["prune.temperature = 0: must be > 0"]),
+    ("NaN", {"prune.epochs": float("nan")}, ["prune.epochs = nan: must be a finite number"]),
+    ("prediction_weight 1.5", {"prune.prediction_weight": 1.5}, ["prune.prediction_weight = 1.5: must be in [0, 1]"]),
+    ("learning_rate 0", {"teacher.learning_rate": 0}, ["teacher.learning_rate = 0: must be > 0"]),
+    ("warmup_ratio 1", {"teacher.warmup_ratio": 1.0}, ["teacher.warmup_ratio = 1.0: must be in [0, 1)"]),
+    (
+        "sparsity_tolerance 0",
+        {"prune.sparsity_tolerance": 0.0},
+        ["prune.sparsity_tolerance = 0.0: must be in (0, 1)"],
+    ),
+    ("non-string key", lambda: REAL.read_text() + "1: one\n", ["<root>: key 1 must be a string"]),
+    ("max_length 1024", {"data.max_length": 1024}, ["data.max_length = 1024: must be in [8, 512]"]),
+    ("train_limit 0", {"data.train_limit": 0}, ["data.train_limit = 0: must be >= 1"]),
+    (
+        "unknown family",
+        {"prune.families": ["hidden", "neurons"]},
+        ["prune.families[1] = 'neurons': must be one of 'hidden', 'head', 'mha', 'intermediate' or 'ffn'"],
+    ),
+    ("duplicate family", {"prune.families": ["head", "mha", "head"]}, ["must not repeat 'head'"]),
+    (
+        "teacher_layers not increasing",
+        {"prune.teacher_layers": [4, 2]},
+        ["prune.teacher_layers = [4, 2]: must be strictly increasing"],
+    ),
+    ("teacher_layers 0-based", {"prune.teacher_layers": [0, 3]}, ["prune.teacher_layers[0] = 0: must be >= 1"]),
+    ("unknown task", {"data.task": "sst-2"}, [f"data.task = 'sst-2': must be one of {TASKS}"]),
+    ("device tpu", {"compute.device": "tpu"}, ["compute.device = 'tpu': must be one of 'auto', 'cpu' or 'cuda'"]),
+    (
+        "precision fp16",
+        {"benchmark.precisions": ["fp16"]},
+        ["benchmark.precisions[0] = 'fp16': must be one of 'fp32' or 'bf16'"],
+    ),
+    (
+        "warm-up longer than training",
+        {"prune.sparsity_warmup_epochs": 3.5},
+        [
+            "sparsity warm-up longer than training: prune.distill_epochs (0.5) + "
+            "prune.sparsity_warmup_epochs (3.5) must be < prune.epochs (4)"
+        ],
+    ),
+    ("custom task without data.custom", {"data.task": "custom"}, ["data.task 'custom' requires data.custom"]),
+    ("data.custom with a GLUE task", {"data.custom": CUSTOM}, ["data.custom is set but data.task is 'sst2'"]),
+    (
+        "custom metric unknown",
+        {"data.task": "custom", "data.custom": {**CUSTOM, "metric": "f1"}},
+        ["data.custom.metric = 'f1': must be one of 'accuracy', 'accuracy_f1', 'matthews' or 'pearson_spearman'"],
+    ),
+    (
+        "custom with three text columns",
+        {"data.task": "custom", "data.custom": {**CUSTOM, "text_columns": ["a", "b", "c"]}},
+        ["data.custom.text_columns = ['a', 'b', 'c']: must have at most 2 items"],
+    ),
+    (
+        "custom regression metric on a classification task",
+        {"data.task": "custom", "data.custom": {**CUSTOM, "metric": "pearson_spearman"}},
+        ["data.custom.metric 'pearson_spearman' does not fit data.custom.num_labels 3"],
+    ),
+    ("missing file", None, ["params.yaml: cannot read the params file"]),
+    ("invalid YAML", "prune:\n  targets: [0.6, 0.9\n", ["params.yaml: invalid YAML at line 3"]),
+    ("duplicate YAML key", "seed: 1\nseed: 2\n", ["params.yaml: invalid YAML at line 2, column 1: duplicate key 'seed'"]),
+    ("empty file", "", ["params.yaml: must be a mapping of sections, got null"]),
+]
+
+
+@pytest.mark.parametrize("content, expected", [pytest.param(c, e, id=i) for i, c, e in BAD])
+def test_bad_params_are_refused(tmp_path, content, expected):
+    path = tmp_path / "params.yaml"
+    if content is not None:
+        text = changed(content) if isinstance(content, dict) else content() if callable(content) else content
+        path.write_text(text)
+    with pytest.raises(ParamsError) as raised:
+        load_params(path)
+    problems = raised.value.problems
+    assert len(problems) == len(expected), problems
+    for problem, text in zip(problems, expected):
+        assert text in problem
+        assert text in str(raised.value)
+
+
+def test_every_problem_is_reported(tmp_path):
+    path = tmp_path / "params.yaml"
+    changes = {
+        "seed": "42",
+        "data.task": "custom",
+        "compute.device": "tpu",
+        "prune.targets": [0.6, 1.0],
+        "prune.sparsity_warmup_epochs": 9.0,
+        "prune.families": ["hidden", "hidden"],
+        "benchmark.repeats": 0,
+        "mlflow.experimen": "cofi",
+    }
+    path.write_text(changed(changes))
+    with pytest.raises(ParamsError) as raised:
+        load_params(path)
+    message = str(raised.value)
+    lines = message.splitlines()
+    assert lines[0] == f"{path}: 7 invalid parameters:"
+    for text in [
+        "seed = '42': must be an integer, not a string (remove the quotes)",
+        "data.task 'custom' requires data.custom",
+        "compute.device = 'tpu'",
+        "prune.targets[1] = 1.0: must be in [0, 1)",
+        "prune.families = ['hidden', 'hidden']: must not repeat 'hidden'",
+        "benchmark.repeats = 0: must be >= 1",
+        "mlflow.experimen: unknown key; did you mean mlflow.experiment?",
+    ]:
+        assert sum(text in line for line in lines[1:]) == 1, text
+    # the warm-up rule needs prune's own fields valid; targets and families are not here
+    assert "warm-up" not in message
+
+
+def test_flatten_gives_dotted_scalars():
+    flat = flatten(load_params(REAL))
+    assert flat["seed"] == 42
+    assert flat["prune.temperature"] == 2.0
+    assert flat["prune.layer_distill"] is True
+    assert json.loads(flat["prune.targets"]) == [0.6, 0.9]
+    assert flat["prune.teacher_layers"] == "null"
+    assert all(isinstance(v, (str, int, float, bool)) for v in flat.values())
+    custom = flatten({"data": {"custom": CUSTOM}})
+    assert custom["data.custom.num_labels"] == 3
+    assert json.loads(custom["data.custom.text_columns"]) == ["premise", "claim"]
+
+
+def test_resolve_source(tmp_path):
+    params = load_params(REAL)
+    assert resolve_source(params, PROJECT) == (PROJECT / params.data.source).resolve()
+    assert resolve_source({"data": {"source": "hub"}}, PROJECT) is None
+    assert resolve_source({"data": {"source": str(tmp_path)}}, PROJECT) == tmp_path.resolve()
+    assert resolve_source({"data": {"source": "glue"}}, tmp_path) == tmp_path.resolve() / "glue"
