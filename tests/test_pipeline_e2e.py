@@ -1,0 +1,133 @@
+"""`dvc repro` end to end in a temporary copy of the project: a slice of real SST-2,
+the real offline teacher, a couple of short epochs. Checks outputs, metrics,
+dvc.lock, a no-op second repro, what a params change invalidates, one MLflow run
+per stage with lineage tags, and `cofi lineage` (good chain, then a corrupt file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT.parent / "shared" / "data" / "glue"
+TARGETS = [0.3, 0.5]
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not DATA_DIR.exists(), reason=f"no GLUE data at {DATA_DIR}"),
+    pytest.mark.skipif(shutil.which("dvc") is None, reason="dvc is not installed"),
+]
+
+TINY = {
+    "data": {"source": str(DATA_DIR), "max_length": 32, "train_limit": 64},
+    "compute": {"bf16": True},
+    "teacher": {"epochs": 1, "batch_size": 16},
+    "prune": {"targets": TARGETS, "epochs": 2, "distill_epochs": 0.25, "sparsity_warmup_epochs": 0.75,
+              "batch_size": 16, "reg_learning_rate": 0.5, "evals_per_epoch": 2},
+    "finetune": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 1},
+    "benchmark": {"batch_sizes": [1], "sequence_lengths": [16], "precisions": ["fp32"], "warmup": 1, "repeats": 2},
+}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=1200)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def merge(base: dict, override: dict) -> dict:
+    return {k: merge(base[k], override[k]) if isinstance(override.get(k), dict) else override.get(k, base[k]) for k in base}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A git + DVC copy of the project with tiny params, after one `dvc repro`."""
+    project = tmp_path_factory.mktemp("project")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        if name.startswith("tests/") or not (ROOT / name).exists():
+            continue
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, project / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump(merge(params, TINY), sort_keys=False))
+    run(["git", "init", "-q"], project)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], project)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], project)
+    run(["dvc", "repro"], project)
+    return project
+
+
+def test_repro_writes_every_output_and_metric(project):
+    for t in ("0.3", "0.5"):
+        for kind in ("pruned", "finetuned", "compact"):
+            assert (project / "outputs" / kind / t / "manifest.json").exists()
+        compact = json.loads((project / "metrics" / f"compact-{t}.json").read_text())
+        assert 0.0 <= compact["accuracy"] <= 1.0
+        # the masks' sparsity is the sparsity counted in the compact model's tensors
+        assert compact["sparsity_counted"] == pytest.approx(compact["sparsity_masks"], abs=1e-9)
+    bench = json.loads((project / "metrics" / "benchmark.json").read_text())
+    assert set(bench) == {"teacher", "cofi-0.3", "cofi-0.5"}
+    assert bench["teacher"]["speedup_fp32_b1_s16"] == pytest.approx(1.0)
+    assert (project / "report" / "report.md").exists()
+    assert (project / "report" / "accuracy_vs_speedup.png").exists()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    expected = {"data", "teacher", "benchmark", "report"} | {f"{s}@{t}" for s in ("prune", "finetune", "compact") for t in ("0.3", "0.5")}
+    assert set(lock["stages"]) == expected
+
+
+def test_second_repro_does_nothing(project):
+    out = run(["dvc", "repro"], project)
+    assert "Running stage" not in out.stdout + out.stderr
+
+
+def test_a_finetune_param_invalidates_only_finetuning_and_what_follows(project):
+    params_file = project / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["finetune"]["learning_rate"] = 1.0e-5
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    finally:
+        params_file.write_text(original)
+    changed = set(status)
+    assert {"finetune@0.3", "finetune@0.5"} <= changed
+    assert not changed & {"data", "teacher", "prune@0.3", "prune@0.5"}
+
+
+def test_one_mlflow_run_per_stage_with_lineage_tags(project):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cofi")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    stages = sorted(r.data.tags["cofi.stage"] for r in runs)
+    assert len(runs) == 10 and len(set(stages)) == 10, stages
+    assert len({r.data.tags["cofi.group"] for r in runs}) == 1  # one pipeline execution
+    teacher_sha = json.loads((project / "outputs" / "teacher" / "manifest.json").read_text())["weights_sha256"]
+    compact_runs = [r for r in runs if r.data.tags["cofi.stage"].startswith("compact")]
+    assert all(r.data.tags["cofi.lineage.teacher_sha256"] == teacher_sha for r in compact_runs)
+
+
+def test_lineage_verifies_then_detects_a_corrupt_weight_file(project):
+    cofi = [sys.executable, "-m", "cofi.cli"]
+    good = run([*cofi, "lineage", "outputs/compact/0.5"], project)
+    assert "teacher" in good.stdout
+    weights = project / "outputs" / "compact" / "0.5" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.chmod(0o644)
+    weights.write_bytes(bytes(data))
+    bad = run([*cofi, "lineage", "outputs/compact/0.5"], project, check=False)
+    assert bad.returncode == 1
+    assert "model.safetensors" in bad.stdout + bad.stderr

@@ -1,0 +1,496 @@
+"""MLflow tracking (pipeline/tracking.py) against a real `mlflow server` and the embedded SQLite store.
+
+The server runs as a subprocess on 127.0.0.1 with its own temporary SQLite
+backend and artifact root; it is started once for the module (it is slow to
+boot) and always killed at teardown. The embedded-store tests use copies of
+one database migrated once for the module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+pd = pytest.importorskip("pandas")
+
+from mlflow import MlflowClient  # noqa: E402
+
+from pipeline import tracking  # noqa: E402
+from pipeline.tracking import (  # noqa: E402
+    MlflowCallback,
+    TrackingUnavailableError,
+    check_tracking_server,
+    stage_run,
+)
+
+SERVER_START_TIMEOUT_S = 120
+EXPERIMENT = "tracking-test"
+MODEL_NAME = "cofi-test-model"
+TRAIN_DIGEST = hashlib.sha256(b"train split").hexdigest()  # 64 characters; MLflow keeps 36
+VERSION_TAGS = {"cofi.lineage.kind": "compact", "cofi.lineage.teacher_sha256": "ab" * 32}
+PARAMS = {
+    "seed": 42,
+    "data": {"task": "sst2", "custom": None},
+    "compute": {"bf16": True},
+    "prune": {"targets": [0.6, 0.9], "epochs": 4, "reg_learning_rate": 0.05},
+    "many": {f"p{i:03d}": i for i in range(150)},  # more than one log_batch of params
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    """No tracking URI from outside; whatever a test sets (mlflow.set_tracking_uri exports
+    MLFLOW_TRACKING_URI, check_tracking_server sets MLFLOW_HTTP_*) is undone. The working
+    directory is a temporary one, so MLflow's default store (./mlflow.db) is never the repo's."""
+    saved = dict(os.environ)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    monkeypatch.chdir(tmp_path)
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory) -> Path:
+    """A migrated, empty MLflow SQLite database (migrating a fresh one takes seconds; copies are free)."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and its workers (its own process group)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+    try:  # workers left behind by a server that exited first
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _server_boot(tmp_path_factory):
+    """Start `mlflow server` (on a fresh SQLite file) as the module starts: it boots and migrates
+    in the background while the embedded-store tests run. Always killed at the end."""
+    root = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job workers (huey) for a test
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+        "--workers", "1",
+    ]
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+    try:
+        yield proc, f"http://127.0.0.1:{port}", log_path
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(_server_boot) -> str:
+    """The server's URI once /health answers (bounded wait)."""
+    proc, uri, log_path = _server_boot
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=1) as response:
+                if response.status == 200:
+                    return uri
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"mlflow server did not answer within {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def _git_repo(path: Path) -> str | None:
+    if shutil.which("git") is None:
+        return None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=path, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (path / ".gitignore").write_text("mlruns/\nmlflow.db\nmodels/\n")
+    git("add", ".gitignore")
+    git("-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "-m", "init")
+    return git("rev-parse", "HEAD")
+
+
+def _wait_for_system_metrics(run_id: str, timeout_s: float = 30.0) -> None:
+    """Until the system metrics monitor has published a sample (it drops a partial interval at the end)."""
+    from mlflow.tracking import fluent
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        monitor = getattr(fluent, "run_id_to_system_metrics_monitor", {}).get(run_id)
+        if monitor is None or getattr(monitor, "_logging_step", 1) >= 1:
+            return
+        time.sleep(0.1)
+
+
+@dataclass
+class Logged:
+    kind: str
+    uri: str
+    run_id: str
+    version: object
+    model_dir: Path
+    commit: str | None
+
+
+@pytest.fixture(scope="module", params=["sqlite", "server"])
+def logged(request, tmp_path_factory, template_db) -> Logged:
+    """One stage run with everything the pipeline logs, against the embedded store or the server."""
+    saved = dict(os.environ)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+    project = tmp_path_factory.mktemp(f"project-{request.param}")
+    commit = _git_repo(project)
+    if request.param == "server":
+        os.environ["MLFLOW_TRACKING_URI"] = request.getfixturevalue("server")
+    else:
+        shutil.copy(template_db, project / "mlflow.db")
+    model_dir = project / "models" / "compact"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text('{"model_type": "cofi"}')
+    (model_dir / "model.safetensors").write_bytes(os.urandom(2048))
+    frame = pd.DataFrame({"sentence": ["good", "bad", "fine"], "label": [1, 0, 1]})
+    try:
+        with stage_run("prune@0.6", params=PARAMS, group="sweep-1", tags={"extra": "yes"},
+                       project_dir=project, experiment=EXPERIMENT) as run:
+            callback = MlflowCallback(flush_every=2)
+            for step in range(1, 6):
+                callback.on_step(step, {"loss": 1.0 / step, "loss_distill": 0.5 / step, "expected_sparsity": 0.1 * step,
+                                        "target_sparsity": 0.12 * step, "lambda_1": -0.01 * step, "lambda_2": 0.02 * step,
+                                        "learning_rate": 5e-5})
+            callback.on_evaluate(3, {"accuracy": 0.8, "sparsity": 0.3})
+            callback.on_evaluate(5, {"accuracy": 0.85, "sparsity": 0.6})
+            callback.on_step(6, {"loss": 0.1})  # still buffered: stage_run flushes it before the run ends
+            tracking.log_dataset(frame, name="sst2-train", digest=TRAIN_DIGEST, source="../shared/data/glue", context="train")
+            tracking.log_dataset(project / "validation.parquet", name="sst2-validation", digest="abc123",
+                                 source="hub:nyu-mll/glue", context="validation")
+            tracking.log_structure([4, 2, 0], [32, 10, 0], 4, 32, name="structure-0.6")
+            version = tracking.register_model(model_dir, MODEL_NAME, tags=VERSION_TAGS)
+            _wait_for_system_metrics(run.info.run_id)
+        uri = tracking.tracking_uri(project)
+        yield Logged(request.param, uri, run.info.run_id, version, model_dir, commit)
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_store_kind(logged):
+    if logged.kind == "server":
+        assert logged.uri.startswith("http://127.0.0.1:")
+    else:
+        assert logged.uri.startswith("sqlite:///") and logged.uri.endswith("/mlflow.db")
+
+
+def test_run_params_flattened_and_batched(logged):
+    run = MlflowClient(logged.uri).get_run(logged.run_id)
+    params = run.data.params
+    assert params["seed"] == "42"
+    assert params["data.task"] == "sst2" and params["data.custom"] == "null"
+    assert params["compute.bf16"] == "true"
+    assert params["prune.targets"] == "[0.6, 0.9]" and params["prune.reg_learning_rate"] == "0.05"
+    assert sum(k.startswith("many.") for k in params) == 150
+    assert params == tracking.flatten_params(PARAMS)
+
+
+def test_run_tags(logged):
+    run = MlflowClient(logged.uri).get_run(logged.run_id)
+    tags = run.data.tags
+    assert run.info.run_name == "prune@0.6" and run.info.status == "FINISHED"
+    assert tags["cofi.stage"] == "prune@0.6"
+    assert tags["cofi.group"] == "sweep-1"
+    assert tags["extra"] == "yes"
+    assert tags["mlflow.source.name"]
+    if logged.commit is not None:
+        assert tags["cofi.git.commit"] == logged.commit == tags["mlflow.source.git.commit"]
+        assert tags["cofi.git.dirty"] == "false"
+    assert tags["cofi.registered_model"] == f"{MODEL_NAME}/{logged.version.version}"
+
+
+def test_step_metric_histories(logged):
+    client = MlflowClient(logged.uri)
+    loss = client.get_metric_history(logged.run_id, "loss")
+    assert [m.step for m in sorted(loss, key=lambda m: m.step)] == [1, 2, 3, 4, 5, 6]
+    assert {m.step: m.value for m in loss}[4] == pytest.approx(0.25)
+    for key in ("loss_distill", "expected_sparsity", "target_sparsity", "lambda_1", "lambda_2", "learning_rate"):
+        assert sorted(m.step for m in client.get_metric_history(logged.run_id, key)) == [1, 2, 3, 4, 5], key
+    lam = {m.step: m.value for m in client.get_metric_history(logged.run_id, "lambda_1")}
+    assert lam[5] == pytest.approx(-0.05)
+
+
+def test_eval_metrics_prefixed(logged):
+    client = MlflowClient(logged.uri)
+    history = client.get_metric_history(logged.run_id, "eval_accuracy")
+    assert sorted((m.step, m.value) for m in history) == [(3, 0.8), (5, 0.85)]
+    assert "accuracy" not in client.get_run(logged.run_id).data.metrics
+
+
+def test_dataset_inputs_carry_the_digest(logged):
+    inputs = MlflowClient(logged.uri).get_run(logged.run_id).inputs.dataset_inputs
+    by_name = {i.dataset.name: i for i in inputs}
+    assert set(by_name) == {"sst2-train", "sst2-validation"}
+    train = by_name["sst2-train"]
+    assert train.dataset.digest == TRAIN_DIGEST[:36]  # MLflow's digest column holds 36 characters
+    tags = {t.key: t.value for t in train.tags}
+    assert tags["cofi.data.digest"] == TRAIN_DIGEST and tags["mlflow.data.context"] == "train"
+    assert json.loads(train.dataset.source) == {"uri": "../shared/data/glue"}
+    assert "sentence" in train.dataset.schema  # a DataFrame records its schema
+    validation = by_name["sst2-validation"]
+    assert validation.dataset.digest == "abc123"
+    vtags = {t.key: t.value for t in validation.tags}
+    assert vtags["mlflow.data.context"] == "validation" and vtags["cofi.data.digest"] == "abc123"
+    assert json.loads(validation.dataset.source) == {"uri": "hub:nyu-mll/glue"}
+
+
+def test_structure_table_and_figure(logged, tmp_path):
+    client = MlflowClient(logged.uri)
+    names = {a.path for a in client.list_artifacts(logged.run_id, "structure")}
+    assert names == {f"structure/structure-0.6.{ext}" for ext in ("json", "csv", "png")}
+    local = Path(mlflow.artifacts.download_artifacts(
+        run_id=logged.run_id, artifact_path="structure", dst_path=str(tmp_path), tracking_uri=logged.uri))
+    table = json.loads((local / "structure-0.6.json").read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [r["heads"] for r in rows] == [4, 2, 0] and [r["ffn_units"] for r in rows] == [32, 10, 0]
+    assert [r["removed"] for r in rows] == [False, False, True]
+    assert rows[1]["heads_kept"] == pytest.approx(0.5)
+    assert (local / "structure-0.6.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = client.get_run(logged.run_id).data.metrics
+    assert metrics["structure/heads_kept"] == pytest.approx(6 / 12)
+    assert metrics["structure/layers_removed"] == 1.0
+
+
+def test_registered_model_version(logged, tmp_path):
+    client = MlflowClient(logged.uri)
+    version = client.get_model_version(MODEL_NAME, logged.version.version)
+    assert version.run_id == logged.run_id
+    assert VERSION_TAGS.items() <= version.tags.items()
+    assert version.status == "READY"
+    if logged.kind == "server":
+        assert version.source.startswith("mlflow-artifacts:/")  # proxied through the server
+    # MLflow 3.17's models:/ resolution ignores the registry_uri argument and reads the global one
+    mlflow.set_tracking_uri(logged.uri)
+    local = Path(mlflow.artifacts.download_artifacts(
+        f"models:/{MODEL_NAME}/{version.version}", dst_path=str(tmp_path), tracking_uri=logged.uri,
+        registry_uri=logged.uri))
+    for name in ("config.json", "model.safetensors"):
+        assert (local / name).read_bytes() == (logged.model_dir / name).read_bytes()
+
+
+def test_system_metrics_logged(logged):
+    metrics = MlflowClient(logged.uri).get_run(logged.run_id).data.metrics
+    assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
+
+
+# ----------------------------------------------------------------------------
+# embedded store behaviour
+
+
+def test_failed_stage_ends_run_failed(tmp_path, template_db):
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    with pytest.raises(RuntimeError, match="boom"):
+        with stage_run("teacher", params={}, group="g", tags={}, project_dir=tmp_path, experiment=EXPERIMENT,
+                       system_metrics=False) as run:
+            callback = MlflowCallback(flush_every=100)
+            callback.on_step(1, {"loss": 2.0})
+            raise RuntimeError("boom")
+    assert mlflow.active_run() is None
+    client = MlflowClient(tracking.tracking_uri(tmp_path))
+    finished = client.get_run(run.info.run_id)
+    assert finished.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]  # flushed on failure too
+    assert finished.data.tags["cofi.git.commit"] == "unknown"  # no git here
+    experiment = client.get_experiment(finished.info.experiment_id)
+    assert experiment.artifact_location == (tmp_path / "mlruns" / EXPERIMENT).as_uri()
+
+
+def test_tracking_uri(tmp_path, monkeypatch):
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.absolute()}/mlflow.db"
+    workspace = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    assert tracking.tracking_uri(workspace) == f"sqlite:///{tmp_path.absolute()}/mlflow.db"  # dvc queue workspace
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert tracking.tracking_uri(tmp_path) == "http://tracking.example:5000"
+
+
+def test_flatten_params():
+    assert tracking.flatten_params({"a": {"b": {"c": 1}}, "d": [1, 2], "e": None, "f": {}, "g": "x", "h": 0.5}) == {
+        "a.b.c": "1", "d": "[1, 2]", "e": "null", "f": "{}", "g": "x", "h": "0.5"}
+
+
+def test_lock_errors_are_retried_others_are_not(monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return "done"
+
+    assert tracking._retry_locked(flaky, "test") == "done" and len(calls) == 3
+
+    def broken():
+        calls.append(1)
+        raise MlflowException("INVALID_PARAMETER_VALUE: bad key")
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="bad key"):
+        tracking._retry_locked(broken, "test")
+    assert len(calls) == 1
+
+
+def test_structure_figure_marks_removed_layers():
+    from matplotlib.figure import Figure
+
+    figure = tracking.structure_figure([12, 0, 3], [3072, 0, 100], 12, 3072)
+    assert isinstance(figure, Figure)
+    (ax,) = figure.axes
+    assert len(ax.patches) >= 6  # two bars per layer
+    assert any(t.get_text() == "removed" for t in ax.texts)
+    heights = sorted(p.get_height() for p in ax.patches if p.get_height() > 0)
+    assert heights[-1] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------
+# an unreachable server fails fast
+
+
+def test_unreachable_server_fails_fast():
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailableError) as e:
+        check_tracking_server(uri)
+    assert time.monotonic() - start < 5
+    assert uri in str(e.value)
+    assert int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 2  # later client calls give up quickly too
+
+
+def test_stage_run_against_unreachable_server_fails_fast(tmp_path, monkeypatch):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailableError, match=uri):
+        with stage_run("data", params={}, group="g", tags={}, project_dir=tmp_path, experiment=EXPERIMENT):
+            pytest.fail("the stage body must not run")
+    assert time.monotonic() - start < 5
+
+
+def test_silent_server_times_out():
+    """A server that accepts connections but never answers (hung, or a firewall) must not hang us."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # never accepts: the kernel completes the handshake, nobody answers
+        uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(TrackingUnavailableError, match=uri):
+            check_tracking_server(uri, timeout_s=1.0)
+        assert time.monotonic() - start < 4
+
+
+# ----------------------------------------------------------------------------
+# concurrent stage processes on one fresh SQLite store
+
+def _worker(project: str, name: str, barrier, results) -> None:
+    """One stage process: a run with per-step metric writes and a model registration."""
+    try:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        barrier.wait(timeout=60)
+        with stage_run(name, params={"worker": name}, group="concurrent", tags={}, project_dir=Path(project),
+                       experiment="concurrent", system_metrics=False) as run:
+            callback = MlflowCallback(flush_every=1)  # one write transaction per step
+            for step in range(40):
+                callback.on_step(step, {"loss": 1.0 / (step + 1), "lambda_1": float(step)})
+            model = Path(project) / "models" / name
+            model.mkdir(parents=True)
+            (model / "weights.bin").write_bytes(name.encode())
+            tracking.register_model(model, "concurrent-model", tags={"worker": name})
+        results.put((name, "ok", run.info.run_id))
+    except BaseException as e:  # reported to the test, not lost in the child
+        import traceback
+
+        results.put((name, "error", "".join(traceback.format_exception(e))[-4000:]))
+
+
+def test_two_processes_share_a_fresh_sqlite_store(tmp_path):
+    """Both processes open the fresh database at once: MLflow 3.17 migrates it in each of them
+    without a lock ("table ... already exists"); stage_run serialises that and retries locks."""
+    import multiprocessing
+
+    # fork: the children start at once with everything imported (spawn re-imports torch & co.)
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    project = tmp_path / "project"
+    project.mkdir()
+    barrier = context.Barrier(2)
+    results = context.Queue()
+    procs = [context.Process(target=_worker, args=(str(project), name, barrier, results)) for name in ("w0", "w1")]
+    for p in procs:
+        p.start()
+    try:
+        outcomes = {}
+        for _ in procs:
+            name, status, detail = results.get(timeout=240)
+            outcomes[name] = (status, detail)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    for name, (status, detail) in sorted(outcomes.items()):
+        assert status == "ok", f"{name} failed:\n{detail}"
+    run_ids = {name: detail for name, (_, detail) in outcomes.items()}
+    client = MlflowClient(tracking.tracking_uri(project))
+    experiment = client.get_experiment_by_name("concurrent")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [("w0", "FINISHED"), ("w1", "FINISHED")]
+    for run_id in run_ids.values():
+        history = client.get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(40))
+    versions = client.search_model_versions("name = 'concurrent-model'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert {v.run_id for v in versions} == set(run_ids.values())
