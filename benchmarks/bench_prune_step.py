@@ -22,7 +22,7 @@ steps are discarded; medians and IQRs over the repeats are reported, and the
 prune/distill ratio is given both as a ratio of medians and as the median of
 the per-repeat (paired) ratios.
 
-    python benchmarks/bench_prune_step.py --repeats 10 --warmup 3 --threads 2
+    python benchmarks/bench_prune_step.py --repeats 10 --warmup 3 --threads 1   # 1 thread on a shared 2-vCPU box
 
 See benchmarks/README.md.
 """

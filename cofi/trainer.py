@@ -176,6 +176,8 @@ class Trainer:
     ):
         if (teacher is None) != (distill is None):
             raise ValueError("distillation needs both a teacher and a DistillationLoss")
+        if teacher is not None and teacher is model:
+            raise ValueError("the teacher must be a separate copy: freezing it would freeze the student too")
         if prune is not None and fixed_masks is not None:
             raise ValueError("pruning learns the masks; fixed_masks is for fine-tuning a pruned structure")
         if len(train_data) == 0 or len(eval_data) == 0:

@@ -142,3 +142,11 @@ def test_warmup_longer_than_training_is_refused(task):
     prune = PruneConfig(target_sparsity=0.5, distill_epochs=1, sparsity_warmup_epochs=5)
     with pytest.raises(ValueError, match=r"distill_epochs \(1\) \+ sparsity_warmup_epochs \(5\) must be less than epochs \(4\)"):
         make_trainer(task, prune=prune, epochs=4)
+
+
+def test_a_teacher_shared_with_the_student_is_refused(task):
+    model = tiny_model(seed=0)
+    distill = DistillationLoss(PredictionDistillLoss(2.0), None, 0.5)
+    with pytest.raises(ValueError, match="separate copy"):
+        Trainer(model, task[0], task[1], TrainConfig(progress=False), metric_fn=accuracy, primary_metric="accuracy",
+                collate=Collator(0), teacher=model, distill=distill)
