@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 import re
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -247,25 +246,6 @@ def resolve_source(params: Params | Mapping, project_dir: Path) -> Path | None:
     if source == "hub":
         return None
     return (Path(project_dir) / Path(source).expanduser()).resolve()
-
-
-def flatten(params: Mapping | BaseModel, prefix: str = "") -> dict[str, str | int | float | bool]:
-    """Dotted keys for MLflow's log_params: ``{"prune.epochs": 4.0, "prune.targets": "[0.6, 0.9]"}``.
-
-    Lists are JSON strings, and so is null ("null").
-    """
-    if isinstance(params, BaseModel):
-        params = params.model_dump()
-    flat: dict[str, str | int | float | bool] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, prefix=f"{name}."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = json.dumps(value)
-    return flat
 
 
 # ---- error messages ------------------------------------------------------------------

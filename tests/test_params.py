@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import Params, ParamsError, flatten, load_params, resolve_source, validate_params
+from pipeline.params import Params, ParamsError, load_params, resolve_source, validate_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 REAL = PROJECT / "params.yaml"
@@ -194,19 +194,6 @@ def test_every_problem_is_reported(tmp_path):
         assert sum(text in line for line in lines[1:]) == 1, text
     # the warm-up rule needs prune's own fields valid; targets and families are not here
     assert "warm-up" not in message
-
-
-def test_flatten_gives_dotted_scalars():
-    flat = flatten(load_params(REAL))
-    assert flat["seed"] == 42
-    assert flat["prune.temperature"] == 2.0
-    assert flat["prune.layer_distill"] is True
-    assert json.loads(flat["prune.targets"]) == [0.6, 0.9]
-    assert flat["prune.teacher_layers"] == "null"
-    assert all(isinstance(v, (str, int, float, bool)) for v in flat.values())
-    custom = flatten({"data": {"custom": CUSTOM}})
-    assert custom["data.custom.num_labels"] == 3
-    assert json.loads(custom["data.custom.text_columns"]) == ["premise", "claim"]
 
 
 def test_resolve_source(tmp_path):
