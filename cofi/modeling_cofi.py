@@ -104,44 +104,60 @@ class CofiLayer(nn.Module):
         self.attn_dropout_p = config.attention_probs_dropout_prob
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def attention(self, x: Tensor, keep_tokens: Tensor, head_z: Tensor | None) -> Tensor:
+    def attention(self, x: Tensor, keep_tokens: Tensor, head_z: Tensor | None, out_z: Tensor | None) -> Tensor:
         B, T, C = x.shape
         H, D = self.num_heads, self.head_size
         if H == 0:  # no head left: the sublayer adds its (folded) bias only
-            return self.attn_out.bias.expand(B, T, C)
+            return _scaled(self.attn_out.bias, out_z).expand(B, T, C)
         q = self.query(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.key(x).view(B, T, H, D).transpose(1, 2)
         v = self.value(x).view(B, T, H, D).transpose(1, 2)
         p = self.attn_dropout_p if self.training else 0.0
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep_tokens, dropout_p=p)  # (B, H, T, D)
-        if head_z is not None:
-            ctx = ctx * head_z.view(1, H, 1, 1).to(ctx.dtype)
-        return self.attn_out(ctx.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
+        ctx = ctx.transpose(1, 2).reshape(B, T, H * D)
+        in_z = head_z.repeat_interleave(D) if head_z is not None else None  # (H*D,)
+        return masked_linear(ctx, self.attn_out, in_z, out_z)  # (B, T, C)
 
-    def ffn(self, x: Tensor, int_z: Tensor | None) -> Tensor:
+    def ffn(self, x: Tensor, int_z: Tensor | None, out_z: Tensor | None) -> Tensor:
         if self.ffn_up.out_features == 0:
             B, T, C = x.shape
-            return self.ffn_down.bias.expand(B, T, C)
+            return _scaled(self.ffn_down.bias, out_z).expand(B, T, C)
         h = self.act(self.ffn_up(x))  # (B, T, F)
-        if int_z is not None:
-            h = h * int_z.to(h.dtype)
-        return self.ffn_down(h)  # (B, T, C)
+        return masked_linear(h, self.ffn_down, int_z, out_z)  # (B, T, C)
 
     def forward(self, x: Tensor, keep_tokens: Tensor, masks: Mapping[str, Tensor]) -> Tensor:
         hidden_z = masks.get("hidden")
-        a = self.attention(x, keep_tokens, masks.get("head"))
-        if "mha" in masks:
-            a = a * masks["mha"]
-        if hidden_z is not None:
-            a = a * hidden_z
+        a = self.attention(x, keep_tokens, masks.get("head"), _product(masks.get("mha"), hidden_z))
         x = masked_layer_norm(x + self.dropout(a), self.attn_norm, hidden_z)
-
-        f = self.ffn(x, masks.get("intermediate"))
-        if "ffn" in masks:
-            f = f * masks["ffn"]
-        if hidden_z is not None:
-            f = f * hidden_z
+        f = self.ffn(x, masks.get("intermediate"), _product(masks.get("ffn"), hidden_z))
         return masked_layer_norm(x + self.dropout(f), self.ffn_norm, hidden_z)
+
+
+def _product(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return a * b
+
+
+def _scaled(t: Tensor, z: Tensor | None) -> Tensor:
+    return t if z is None else t * z
+
+
+def masked_linear(x: Tensor, linear: nn.Linear, in_z: Tensor | None, out_z: Tensor | None) -> Tensor:
+    """``linear(x * in_z) * out_z`` with both masks folded into the weight.
+
+    x: (B, T, I); in_z: (I,) or None; out_z: (O,), a scalar, or None.
+    Scaling the (O, I) weight and (O,) bias is exact and cheaper than scaling
+    (B, T, ·) activations twice (forward and backward), and under autocast it
+    keeps the activations in bf16. Compaction folds the same factors (compact.py).
+    """
+    weight, bias = linear.weight, linear.bias
+    if in_z is not None:
+        weight = weight * in_z  # scales columns
+    if out_z is not None:
+        weight = weight * out_z.unsqueeze(-1)  # scales rows; a scalar's (1,) broadcasts
+        bias = bias * out_z
+    return F.linear(x, weight, bias)
 
 
 def layer_masks(masks: Mapping[str, Tensor], index: int) -> dict[str, Tensor]:
