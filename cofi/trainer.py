@@ -49,6 +49,7 @@ class TrainConfig:
     learning_rate: float = 2e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0  # fraction of steps with a linearly rising learning rate
+    group_by_length: bool = True  # batches of similar length: far less padding (see batching.epoch_order)
     max_grad_norm: float = 1.0
     bf16: bool = False  # autocast to bfloat16 (CPU with AMX/AVX-512, or CUDA)
     seed: int = 42
@@ -196,6 +197,7 @@ class Trainer:
         self.fixed_masks = {k: v.to(self.device) for k, v in fixed_masks.items() if v is not None} if fixed_masks else None
 
         self.steps_per_epoch = steps_per_epoch(len(train_data), config.batch_size)
+        self.lengths = [len(e["input_ids"]) for e in train_data] if config.group_by_length else None
         self.total_steps = max(1, round(config.epochs * self.steps_per_epoch))
         self.eval_steps = config.eval_steps or self.steps_per_epoch
 
@@ -393,7 +395,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.config.progress, desc="train", dynamic_ncols=True)
         while self.step < self.total_steps:
             epoch, done = divmod(self.step, self.steps_per_epoch)
-            order = epoch_order(len(self.train_data), epoch, self.config.seed)
+            order = epoch_order(len(self.train_data), epoch, self.config.seed, self.lengths, self.config.batch_size)
             for batch in batches(self.train_data, self.config.batch_size, self.collate, order, skip=done):
                 self._train_step(_to(batch, self.device), bar)
                 if self.step % self.eval_steps == 0 or self.step == self.total_steps:

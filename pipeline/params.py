@@ -118,6 +118,7 @@ class Data(_Section):
 class Compute(_Section):
     device: Literal["auto", "cpu", "cuda"]
     bf16: bool
+    group_by_length: bool
     threads: Threads
 
 

@@ -88,6 +88,7 @@ def train_config(params: Params, section, evals_per_epoch: int, num_examples: in
         learning_rate=section.learning_rate,
         warmup_ratio=getattr(section, "warmup_ratio", 0.0),
         bf16=params.compute.bf16,
+        group_by_length=params.compute.group_by_length,
         seed=params.seed,
         eval_steps=max(1, steps_per_epoch // evals_per_epoch),
         device=params.compute.device,
