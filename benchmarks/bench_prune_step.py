@@ -136,7 +136,7 @@ def build_trainer(mode: str, precision: str, args: argparse.Namespace, model_pat
     student = load_pretrained(model_path, num_labels=2, seed=args.seed)
     L, C = student.config.num_hidden_layers, student.config.hidden_size
     distill = DistillationLoss(
-        PredictionDistillLoss(2.0), LayerDistillLoss(C, default_teacher_layers(L), monotone=False), 0.5
+        PredictionDistillLoss(2.0), LayerDistillLoss(C, default_teacher_layers(L), matching="dynamic"), 0.5
     )
     # One batch-size worth of placeholder examples: one step per epoch. ``epochs``
     # is large so that the linear LR decay and the pruning schedule are valid and

@@ -3,15 +3,18 @@
 Inputs are prepared beforehand; warm-up passes are discarded; each of N timed
 repeats is one forward pass of a (batch, sequence) block of random tokens; the
 median and interquartile range are reported. On CUDA the device is synchronised
-around each pass and timed with CUDA events.
+around each pass and timed with CUDA events. ONNX Runtime sessions are timed by
+the same loop.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -21,6 +24,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 @dataclass
 class Timing:
+    runtime: str  # "torch" or "onnxruntime"
     batch_size: int
     sequence_length: int
     precision: str
@@ -35,8 +39,13 @@ class Timing:
     def iqr_ms(self) -> float:
         return self.q3_ms - self.q1_ms
 
+    @property
+    def key(self) -> str:
+        """A name for the configuration: torch_fp32_b32_s128."""
+        return f"{self.runtime}_{self.precision}_b{self.batch_size}_s{self.sequence_length}"
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "iqr_ms": self.iqr_ms}
+        return {**asdict(self), "iqr_ms": self.iqr_ms, "key": self.key}
 
 
 def random_inputs(vocab_size: int, batch_size: int, sequence_length: int, device: torch.device, seed: int = 0) -> dict:
@@ -49,6 +58,35 @@ def random_inputs(vocab_size: int, batch_size: int, sequence_length: int, device
     }
 
 
+def measure(call: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> tuple[float, float, float]:
+    """(q1, median, q3) in milliseconds of ``repeats`` calls after ``warmup`` discarded ones.
+
+    On CUDA each call is bracketed by CUDA events and the device synchronised
+    after it, so the time is the GPU's, not the launch's.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}; at least 1 timed repeat is needed")
+    samples = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            call()
+            elapsed = (time.perf_counter() - t0) * 1000
+        if i >= warmup:
+            samples.append(elapsed)
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return q1, median, q3
+
+
 @torch.inference_mode()
 def time_forward(
     model: nn.Module,
@@ -58,32 +96,30 @@ def time_forward(
     warmup: int = 3,
     repeats: int = 10,
 ) -> Timing:
+    """Latency of ``model``'s forward pass on a (batch, sequence) block of random tokens."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; allowed: {sorted(PRECISIONS)}")
     model.eval()
     device = next(model.parameters()).device
     inputs = random_inputs(model.config.vocab_size, batch_size, sequence_length, device)
     dtype = PRECISIONS[precision]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    samples = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            with autocast:
-                model(**inputs)
-            end.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            with autocast:
-                model(**inputs)
-            elapsed = (time.perf_counter() - t0) * 1000
-        if i >= warmup:
-            samples.append(elapsed)
-    q1, median, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (samples[0],) * 3
-    return Timing(batch_size, sequence_length, precision, device.type, torch.get_num_threads(), repeats, median, q1, q3)
+
+    def forward() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            model(**inputs)
+
+    q1, median, q3 = measure(forward, device, warmup, repeats)
+    return Timing("torch", batch_size, sequence_length, precision, device.type, torch.get_num_threads(), repeats,
+                  median, q1, q3)
+
+
+def time_onnx(session, vocab_size: int, batch_size: int, sequence_length: int, threads: int,
+              warmup: int = 3, repeats: int = 10) -> Timing:
+    """Latency of an ONNX Runtime session (fp32, CPU), timed like ``time_forward``."""
+    inputs = random_inputs(vocab_size, batch_size, sequence_length, torch.device("cpu"))
+    feed = {name: tensor.numpy() for name, tensor in inputs.items()}
+    q1, median, q3 = measure(lambda: session.run(None, feed), torch.device("cpu"), warmup, repeats)
+    return Timing("onnxruntime", batch_size, sequence_length, "fp32", "cpu", threads, repeats, median, q1, q3)
 
 
 def environment() -> dict:
@@ -98,7 +134,7 @@ def environment() -> dict:
         pass
     env = {
         "cpu": cpu,
-        "cores": torch.multiprocessing.cpu_count() if hasattr(torch, "multiprocessing") else None,
+        "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

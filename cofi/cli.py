@@ -7,7 +7,9 @@ that ``cofi --help`` stays fast.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
 import typer
 
 app = typer.Typer(help="CoFi structured pruning of BERT-family classifiers.", no_args_is_help=True)
@@ -77,6 +79,36 @@ def compact(target: float = TARGET, params: Path = PARAMS) -> None:
 
 
 @app.command()
+def baseline(
+    method: str = typer.Argument(..., help="layer_subset or magnitude (one of baselines.methods)."),
+    params: Path = PARAMS,
+) -> None:
+    """Train a comparison model from the same teacher: a layer-subset distilled student or magnitude pruning."""
+    from stages import baseline as stage
+
+    p = _params(params)
+    if method not in p.baselines.methods:
+        typer.echo(f"error: {method!r} is not in baselines.methods {p.baselines.methods}", err=True)
+        raise typer.Exit(2)
+    stage.run(p, method, params.parent)
+
+
+@app.command()
+def ablation(
+    name: str = typer.Argument(..., help="An ablation of baselines.ablations, e.g. no_hidden_masks."),
+    params: Path = PARAMS,
+) -> None:
+    """CoFi at baselines.target with one component switched off (prune → finetune → compact)."""
+    from stages import ablation as stage
+
+    p = _params(params)
+    if name not in p.baselines.ablations:
+        typer.echo(f"error: {name!r} is not in baselines.ablations {p.baselines.ablations}", err=True)
+        raise typer.Exit(2)
+    stage.run(p, name, params.parent)
+
+
+@app.command()
 def benchmark(params: Path = PARAMS) -> None:
     """Time and evaluate the teacher and every compact model the same way."""
     from stages import benchmark as stage
@@ -113,5 +145,31 @@ from pipeline.cli_lineage import lineage  # noqa: E402
 app.command()(lineage)
 
 
+def main() -> None:
+    """The console script. Errors in the user's input (params, data, models, checkpoints,
+    the tracking server) print one line naming the problem and exit 1; set
+    COFI_TRACEBACK=1 for the traceback. A training stage stopped by SIGINT or SIGTERM
+    has saved a checkpoint; it exits with 128 + the signal's number."""
+    import os
+
+    try:
+        app()
+    except Exception as e:
+        from cofi.checkpoint import CorruptCheckpointError
+        from cofi.trainer import NonFiniteLossError, TrainingInterrupted
+        from pipeline.lineage import LineageError
+        from pipeline.tracking import TrackingUnavailableError
+
+        if isinstance(e, TrainingInterrupted):
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(128 + e.signum)
+        user_errors = (ValueError, OSError, CorruptCheckpointError, NonFiniteLossError, LineageError,
+                       TrackingUnavailableError)
+        if not isinstance(e, user_errors) or os.environ.get("COFI_TRACEBACK"):
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -213,6 +213,15 @@ def match_layers(distances: Tensor, exists: Tensor | None, monotone: bool) -> li
     return matches
 
 
+MATCHINGS = ("dynamic", "monotone", "fixed")
+
+
+def fixed_matches(student_layers: Sequence[int], exists: Tensor | None, num_student_layers: int) -> list[int | None]:
+    """0-based columns of a fixed matching: each 1-based student layer if it exists, else None."""
+    alive = [True] * num_student_layers if exists is None else exists.detach().cpu().bool().tolist()
+    return [j - 1 if 1 <= j <= num_student_layers and alive[j - 1] else None for j in student_layers]
+
+
 def default_teacher_layers(num_teacher_layers: int, count: int | None = None) -> list[int]:
     """Evenly spaced 1-based teacher layers ending at the top one.
 
@@ -242,7 +251,13 @@ class LayerDistillLoss(nn.Module):
         hidden_size: C, the teacher's (and the uncompacted student's) width.
         teacher_layers: 1-based teacher layers, strictly increasing
             (e.g. ``default_teacher_layers(6)`` = [2, 4, 6]).
-        monotone: constrain matches to be monotone (small data sets: RTE, MRPC).
+        matching: how each teacher layer finds its student layer:
+            "dynamic"  the closest existing student layer, chosen every step (CoFi);
+            "monotone" dynamic, but deeper teacher layers match strictly deeper
+                       student layers (small data sets: RTE, MRPC);
+            "fixed"    always ``student_layers[k]`` for ``teacher_layers[k]``
+                       (default: the same layer index), if it still exists.
+        student_layers: 1-based student layers of the fixed matching.
 
     ``transform`` is W_layer, an ``nn.Linear(C, C)`` initialised to the
     identity; it belongs to training only (the model never holds it).
@@ -264,7 +279,13 @@ class LayerDistillLoss(nn.Module):
     W_layer, so ``backward`` works.
     """
 
-    def __init__(self, hidden_size: int, teacher_layers: Sequence[int], monotone: bool):
+    def __init__(
+        self,
+        hidden_size: int,
+        teacher_layers: Sequence[int],
+        matching: str = "dynamic",
+        student_layers: Sequence[int] | None = None,
+    ):
         super().__init__()
         layers = [int(i) for i in teacher_layers]
         if not layers or layers[0] < 1 or any(b <= a for a, b in zip(layers, layers[1:])):
@@ -272,8 +293,15 @@ class LayerDistillLoss(nn.Module):
                 "teacher_layers must be a non-empty, strictly increasing list of 1-based "
                 f"layers, got {list(teacher_layers)}"
             )
+        if matching not in MATCHINGS:
+            raise ValueError(f"matching={matching!r}; allowed: {', '.join(MATCHINGS)}")
+        if student_layers is not None and (matching != "fixed" or len(student_layers) != len(layers)):
+            raise ValueError(
+                f"student_layers {list(student_layers)} need matching='fixed' and one entry per teacher layer {layers}"
+            )
         self.teacher_layers = layers
-        self.monotone = bool(monotone)
+        self.matching = matching
+        self.student_layers = [int(j) for j in (student_layers or layers)]
         self.transform = nn.Linear(hidden_size, hidden_size)
         with torch.no_grad():
             self.transform.weight.copy_(torch.eye(hidden_size))
@@ -343,12 +371,15 @@ class LayerDistillLoss(nn.Module):
                 weights = (attention_mask != 0).float().to(device)  # (B, T)
             denom = weights.sum().clamp_min(1.0) * C
 
-            with torch.no_grad():  # the choice: N_t × L_s distances, one teacher layer at a time
-                target = mapped.detach()
-                distances = torch.stack(
-                    [((target - t).square().sum(-1) * weights).sum((1, 2)) / denom for t in teacher]
-                )  # (N_t, L_s)
-            matches = match_layers(distances, exists, self.monotone)
+            if self.matching == "fixed":
+                matches = fixed_matches(self.student_layers, exists, mapped.shape[0])
+            else:
+                with torch.no_grad():  # the choice: N_t × L_s distances, one teacher layer at a time
+                    target = mapped.detach()
+                    distances = torch.stack(
+                        [((target - t).square().sum(-1) * weights).sum((1, 2)) / denom for t in teacher]
+                    )  # (N_t, L_s)
+                matches = match_layers(distances, exists, monotone=self.matching == "monotone")
 
             rows = [i for i, j in enumerate(matches) if j is not None]
             if not rows:
@@ -359,7 +390,7 @@ class LayerDistillLoss(nn.Module):
         return loss, [None if j is None else j + 1 for j in matches]
 
     def extra_repr(self) -> str:
-        return f"teacher_layers={self.teacher_layers}, monotone={self.monotone}"
+        return f"teacher_layers={self.teacher_layers}, matching={self.matching}"
 
 
 # --------------------------------------------------------------------------- #

@@ -45,8 +45,14 @@ class GateConfig:
     families: tuple[str, ...] = FAMILIES  # leave "hidden" out, or "mha" and "ffn", for the paper's ablations
     init_log_alpha: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_INIT_LOG_ALPHA))
     init_std: float = 0.01
+    # Kept hidden dims and FFN units per layer are rounded to a multiple of this
+    # in the deterministic masks: a compact model of width 383 runs its matrix
+    # products on slow kernel paths, one of width 384 on the fast ones. 1: the paper's rule.
+    keep_multiple: int = 1
 
     def __post_init__(self) -> None:
+        if self.keep_multiple < 1:
+            raise ValueError(f"keep_multiple={self.keep_multiple!r}; allowed: an integer >= 1")
         unknown = sorted(set(self.families) - set(FAMILIES))
         if unknown:
             raise ValueError(f"unknown mask families {unknown}; allowed: {list(FAMILIES)}")
@@ -68,11 +74,21 @@ def sample_hard_concrete(log_alpha: Tensor) -> Tensor:
     return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
 
 
-def deterministic_mask(log_alpha: Tensor) -> Tensor:
-    """Evaluation mask; each row of log_alpha (last dim) is one group."""
+def deterministic_mask(log_alpha: Tensor, keep_multiple: int = 1) -> Tensor:
+    """Evaluation mask; each row of log_alpha (last dim) is one group.
+
+    A group keeps round(Σ P(z > 0)) units, those of largest log α; with
+    ``keep_multiple`` the count is rounded to the nearest multiple of it (at most
+    the group size; a group kept whole stays whole), so the sparsity stays on
+    target on average.
+    """
     groups = log_alpha.detach().reshape(-1, log_alpha.shape[-1]) if log_alpha.dim() > 1 else log_alpha.detach().reshape(1, -1)
+    size = groups.shape[-1]
     z = torch.sigmoid(groups / BETA)
-    num_zeros = torch.round(groups.shape[-1] - keep_probability(groups).sum(-1)).long()  # (G,)
+    num_keep = torch.round(keep_probability(groups).sum(-1)).long()  # (G,)
+    aligned = torch.clamp(torch.round(num_keep / keep_multiple).long() * keep_multiple, max=size)
+    num_keep = torch.where(num_keep == size, num_keep, aligned)  # a whole group stays whole
+    num_zeros = size - num_keep
     order = groups.argsort(dim=-1)  # ascending log α
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(groups.shape[-1]).expand_as(order))
@@ -115,8 +131,9 @@ class HardConcreteGates(nn.Module):
     @torch.no_grad()
     def deterministic(self) -> dict[str, Tensor]:
         """Evaluation and compaction masks (section 3)."""
+        multiple = {"hidden": self.config.keep_multiple, "intermediate": self.config.keep_multiple}
         return {
-            f: deterministic_mask(self._per_layer(f, a)).reshape(a.shape)
+            f: deterministic_mask(self._per_layer(f, a), multiple.get(f, 1)).reshape(a.shape)
             for f, a in self.log_alpha.items()
         }
 

@@ -87,6 +87,17 @@ def mask_sparsity(shape: ModelShape, masks: Mapping[str, Tensor]) -> float:
     return float(expected_sparsity(shape, keep))
 
 
+def max_sparsity(shape: ModelShape, families: tuple[str, ...] | list[str]) -> float:
+    """The highest sparsity masks of ``families`` can reach (all their units removed).
+
+    With "hidden", "head" + "intermediate" or "mha" + "ffn" (or mixes covering both
+    sublayers) everything can go: 1.0. With only attention (or only FFN) families,
+    the other sublayer's weights stay: 2F / (4HD + 2F) of the size remains, etc.
+    """
+    zero = {f: torch.zeros(shape.mask_shape(f), dtype=torch.float64) for f in families}
+    return float(expected_sparsity(shape, zero))
+
+
 PRUNABLE_LINEARS = ("query", "key", "value", "attn_out", "ffn_up", "ffn_down")
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import random
-from contextlib import nullcontext
+import signal
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -37,7 +39,7 @@ from cofi.distill import DistillationLoss, existing_layers, existing_layers_of_s
 from cofi.gates import GateConfig, HardConcreteGates
 from cofi.lagrangian import Lagrangian, target_sparsity
 from cofi.metrics import MetricFn
-from cofi.sparsity import ModelShape, mask_sparsity
+from cofi.sparsity import ModelShape, mask_sparsity, max_sparsity
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,16 @@ class NonFiniteLossError(RuntimeError):
     """Training produced NaN or infinity; the last good checkpoint is left untouched."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was saved first."""
+
+    def __init__(self, signum: int, step: int, saved: bool):
+        self.signum, self.step = signum, step
+        name = signal.Signals(signum).name
+        where = f"checkpoint saved at step {step}; rerun to resume" if saved else "no checkpoint directory: not saved"
+        super().__init__(f"{name} received: {where}")
+
+
 class TrainerCallback:
     """Hooks through which a caller records progress (the library logs nowhere)."""
 
@@ -111,6 +123,26 @@ class TrainResult:
     masks: dict[str, Tensor] | None  # deterministic masks of the best checkpoint (pruning only)
     history: list[dict[str, float]]  # every step's logged values, resumed runs included
     target_reached: bool = True
+
+
+@contextmanager
+def _deferred_stop_signals():
+    """Within the block, SIGINT and SIGTERM are recorded (in the yielded list) instead of
+    raising mid-step; the loop checks the list between steps. Outside the main
+    thread signals cannot be caught and are left alone."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in stops}
+    for s in stops:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -225,6 +257,12 @@ class Trainer:
                     f">= {self.total_steps} steps)"
                 )
             self.shape = ModelShape.from_config(model.config)
+            reachable = max_sparsity(self.shape, prune.gates.families)
+            if prune.target_sparsity > reachable:
+                raise ValueError(
+                    f"target_sparsity={prune.target_sparsity:g} cannot be reached by pruning only "
+                    f"{', '.join(prune.gates.families)}: at most {reachable:.4f} (add families)"
+                )
             self.gates = HardConcreteGates(self.shape, prune.gates).to(self.device)
             self.lagrangian = Lagrangian().to(self.device)
             self.gate_optimizer = torch.optim.AdamW(self.gates.parameters(), lr=prune.reg_learning_rate, weight_decay=0.0)
@@ -393,16 +431,21 @@ class Trainer:
                 log.info("resumed from step %d of %d", self.step, self.total_steps)
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.config.progress, desc="train", dynamic_ncols=True)
-        while self.step < self.total_steps:
-            epoch, done = divmod(self.step, self.steps_per_epoch)
-            order = epoch_order(len(self.train_data), epoch, self.config.seed, self.lengths, self.config.batch_size)
-            for batch in batches(self.train_data, self.config.batch_size, self.collate, order, skip=done):
-                self._train_step(_to(batch, self.device), bar)
-                if self.step % self.eval_steps == 0 or self.step == self.total_steps:
-                    self._record_evaluation(self.evaluate())
-                    self.save_checkpoint()
-                if self.step == self.total_steps:
-                    break
+        with _deferred_stop_signals() as received:
+            while self.step < self.total_steps:
+                epoch, done = divmod(self.step, self.steps_per_epoch)
+                order = epoch_order(len(self.train_data), epoch, self.config.seed, self.lengths, self.config.batch_size)
+                for batch in batches(self.train_data, self.config.batch_size, self.collate, order, skip=done):
+                    self._train_step(_to(batch, self.device), bar)
+                    if self.step % self.eval_steps == 0 or self.step == self.total_steps:
+                        self._record_evaluation(self.evaluate())
+                        self.save_checkpoint()
+                    if received:  # between steps, so the checkpoint is a consistent state
+                        bar.close()
+                        self.save_checkpoint()
+                        raise TrainingInterrupted(received[0], self.step, self.checkpoint_dir is not None)
+                    if self.step == self.total_steps:
+                        break
         bar.close()
         return self._finish()
 

@@ -280,6 +280,17 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+def load_verified(model_dir: str | os.PathLike):
+    """``cofi.compact.load_model`` after checking every file of ``model_dir`` against its
+    manifest: a truncated or modified weight file is a LineageError naming it, not a
+    crash somewhere inside torch or safetensors."""
+    from cofi.compact import load_model
+
+    model_dir = Path(model_dir)
+    _verify_files(model_dir, read_manifest(model_dir))
+    return load_model(model_dir)
+
+
 def _check_shape(manifest: Any, where: str | os.PathLike) -> None:
     if not isinstance(manifest, dict):
         raise LineageError(f"{where}: corrupt manifest, not a JSON object", path=where)

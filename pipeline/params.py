@@ -140,10 +140,11 @@ class Prune(_Section):
     reg_learning_rate: Positive
     temperature: Positive
     prediction_weight: Annotated[float, Field(ge=0, le=1)]
-    layer_distill: bool
+    distillation: Literal["layer_and_prediction", "prediction", "none"]
     teacher_layers: Annotated[list[Count], Field(min_length=1), AfterValidator(_increasing)] | None
-    monotone_matching: bool
+    layer_matching: Literal["dynamic", "monotone", "fixed"]
     families: _unique_list(Family)
+    keep_multiple: Count
     sparsity_tolerance: Annotated[float, Field(gt=0, lt=1)]
     evals_per_epoch: Count
 
@@ -173,6 +174,25 @@ class Benchmark(_Section):
     warmup: Threads
     repeats: Count
     threads: Threads
+    onnx: bool
+
+
+# Each ablation is CoFi at baselines.target with these prune params changed (the paper's table 5).
+ABLATIONS = {
+    "no_hidden_masks": {"families": ["head", "mha", "intermediate", "ffn"]},
+    "no_layer_masks": {"families": ["hidden", "head", "intermediate"]},
+    "no_layer_distill": {"distillation": "prediction"},
+    "no_distill": {"distillation": "none"},
+    "fixed_matching": {"layer_matching": "fixed"},
+}
+BASELINE_METHODS = ("layer_subset", "magnitude")
+
+
+class Baselines(_Section):
+    methods: Annotated[list[Literal[BASELINE_METHODS]], AfterValidator(_unique)]
+    ablations: Annotated[list[Literal[tuple(ABLATIONS)]], AfterValidator(_unique)]
+    target: Ratio
+    magnitude_rounds: Count
 
 
 class Mlflow(_Section):
@@ -188,7 +208,18 @@ class Params(_Section):
     prune: Prune
     finetune: Finetune
     benchmark: Benchmark
+    baselines: Baselines
     mlflow: Mlflow
+
+    @model_validator(mode="after")
+    def _baseline_target_in_sweep(self) -> Params:
+        if (self.baselines.methods or self.baselines.ablations) and self.baselines.target not in self.prune.targets:
+            raise PydanticCustomError(
+                "conflict",
+                f"baselines.target ({self.baselines.target:g}) must be one of prune.targets "
+                f"({', '.join(f'{t:g}' for t in self.prune.targets)}): baselines are compared with that CoFi model",
+            )
+        return self
 
 
 # ---- loading -------------------------------------------------------------------------

@@ -12,8 +12,20 @@ def target_name(target: float) -> str:
 
 
 class Paths:
-    def __init__(self, root: Path | str = "."):
+    """``variant`` (e.g. "ablation-no_distill") keeps a variant's pruned, fine-tuned and
+    compact models, metrics and curves apart from the main sweep's: its model for
+    target 0.6 is named "ablation-no_distill-0.6" instead of "0.6"."""
+
+    def __init__(self, root: Path | str = ".", variant: str | None = None):
         self.root = Path(root).resolve()
+        self.variant = variant
+
+    def model_name(self, target: float) -> str:
+        return f"{self.variant}-{target_name(target)}" if self.variant else target_name(target)
+
+    def run_name(self, stage: str, target: float) -> str:
+        """The stage's name in MLflow and its checkpoint directory: prune@0.6."""
+        return f"{stage}@{self.model_name(target)}"
 
     # tokenised data
     @property
@@ -33,25 +45,34 @@ class Paths:
         return self.root / "outputs" / "teacher"
 
     def pruned(self, target: float) -> Path:
-        return self.root / "outputs" / "pruned" / target_name(target)
+        return self.root / "outputs" / "pruned" / self.model_name(target)
 
     def finetuned(self, target: float) -> Path:
-        return self.root / "outputs" / "finetuned" / target_name(target)
+        return self.root / "outputs" / "finetuned" / self.model_name(target)
 
     def compact(self, target: float) -> Path:
-        return self.root / "outputs" / "compact" / target_name(target)
+        return self.root / "outputs" / "compact" / self.model_name(target)
+
+    def baseline(self, method: str) -> Path:
+        return self.root / "outputs" / "compact" / f"baseline-{method}"
 
     @property
     def benchmark(self) -> Path:
         return self.root / "outputs" / "benchmark.json"
 
+    def onnx(self, model_name: str) -> Path:
+        return self.root / "outputs" / "onnx" / f"{model_name}.onnx"
+
+    def benchmark_metrics(self, model_name: str) -> Path:
+        return self.root / "metrics" / "benchmark" / f"{model_name}.json"
+
     # metrics, plots, report
     def metrics(self, stage: str, target: float | None = None) -> Path:
-        suffix = "" if target is None else f"-{target_name(target)}"
+        suffix = "" if target is None else f"-{self.model_name(target)}"
         return self.root / "metrics" / f"{stage}{suffix}.json"
 
     def curve(self, stage: str, target: float | None = None) -> Path:
-        suffix = "" if target is None else f"-{target_name(target)}"
+        suffix = "" if target is None else f"-{self.model_name(target)}"
         return self.root / "plots" / f"{stage}{suffix}.csv"
 
     @property

@@ -104,19 +104,22 @@ def prune_config(params: Params, target: float) -> PruneConfig:
         sparsity_warmup_epochs=p.sparsity_warmup_epochs,
         reg_learning_rate=p.reg_learning_rate,
         sparsity_tolerance=p.sparsity_tolerance,
-        gates=GateConfig(families=tuple(p.families)),
+        gates=GateConfig(families=tuple(p.families), keep_multiple=p.keep_multiple),
     )
 
 
-def distillation(params: Params, hidden_size: int, num_teacher_layers: int) -> DistillationLoss:
+def distillation(params: Params, hidden_size: int, num_teacher_layers: int) -> DistillationLoss | None:
+    """The distillation loss prune.distillation asks for; None: gold labels only."""
     p = params.prune
+    if p.distillation == "none":
+        return None
     layer = None
-    if p.layer_distill:
+    if p.distillation == "layer_and_prediction":
         teacher_layers = p.teacher_layers or default_teacher_layers(num_teacher_layers)
         bad = [i for i in teacher_layers if i > num_teacher_layers]
         if bad:
             raise ValueError(f"prune.teacher_layers {bad} exceed the teacher's {num_teacher_layers} layers")
-        layer = LayerDistillLoss(hidden_size, teacher_layers, monotone=p.monotone_matching)
+        layer = LayerDistillLoss(hidden_size, teacher_layers, matching=p.layer_matching)
     return DistillationLoss(PredictionDistillLoss(p.temperature), layer, p.prediction_weight)
 
 

@@ -7,11 +7,11 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
-from cofi.trainer import TrainConfig, Trainer, TrainResult
+from cofi.trainer import TrainConfig, Trainer, TrainerCallback, TrainResult
 from pipeline import tracking
 from pipeline.params import Params
 from pipeline.paths import Paths
@@ -39,6 +39,7 @@ def train(
     config: TrainConfig,
     inputs_digest: str,
     curve: Path,
+    callbacks: Sequence[TrainerCallback] = (),
     **trainer_kwargs: Any,
 ) -> tuple[Trainer, TrainResult]:
     """Fit ``model``; resume from this stage's checkpoint if one with the same inputs exists.
@@ -54,7 +55,7 @@ def train(
     trainer = Trainer(
         model, data.train, data.validation, config,
         metric_fn=spec.metric_fn, primary_metric=spec.primary_metric,
-        collate=collator(data.meta["pad_token_id"]), callbacks=[mlflow_callback],
+        collate=collator(data.meta["pad_token_id"]), callbacks=[*callbacks, mlflow_callback],
         checkpoint_dir=checkpoint_dir, **trainer_kwargs,
     )
     result = trainer.fit()

@@ -1,22 +1,27 @@
 """Stage `benchmark`: time the teacher and every compact model the same way, and
 evaluate each on the dev set in fp32, so accuracy and speed are comparable.
 
-Writes outputs/benchmark.json (per model: accuracy, sparsity, parameters, a
-timing per device × precision × batch × sequence with its speedup over the
-teacher, and the environment) and metrics/benchmark.json, a flat summary for
-`dvc metrics`."""
+Per model: dev metric, sparsity, parameters (total and prunable), FLOPs per
+example from its actual structure, and per configuration (runtime × precision ×
+batch × sequence) the latency, the measured speedup over the teacher, the
+FLOP-ratio speedup the structure allows, and their quotient, the efficiency.
+With benchmark.onnx each model is exported to ONNX (outputs/onnx/), checked
+against PyTorch in fp32 and timed with ONNX Runtime.
+
+Writes outputs/benchmark.json (everything, with the environment) and
+metrics/benchmark/<model>.json (flat, for `dvc metrics`); logs both to MLflow."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
 import torch
 
-from cofi.benchmark import environment, time_forward
-from cofi.compact import load_model
-from cofi.sparsity import count_prunable_parameters, model_sparsity
+from cofi.benchmark import environment, time_forward, time_onnx
+from cofi.flops import forward_flops
+from cofi.onnx_export import export_onnx, max_logit_difference, onnx_session
+from cofi.sparsity import PRUNABLE_LINEARS, count_prunable_parameters
 from cofi.trainer import predict, resolve_device
 from pipeline import lineage
 from pipeline.params import Params
@@ -25,58 +30,119 @@ from pipeline.runtime import collator, mlflow_run, setup, task_spec_of, write_js
 from pipeline.training import load_stage_data
 
 STAGE = "benchmark"
+ONNX_TOLERANCE = 1e-4  # max |Δlogit| between ONNX Runtime and PyTorch in fp32
+
+
+class OnnxMismatchError(RuntimeError):
+    """The exported graph does not compute what the PyTorch model computes."""
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
     setup(params)
     if params.benchmark.threads:
         torch.set_num_threads(params.benchmark.threads)
+    threads = torch.get_num_threads()
     paths = Paths(root)
     data = load_stage_data(paths)
     spec = task_spec_of(params)
+    collate = collator(data.meta["pad_token_id"])
     device = resolve_device(params.compute.device)
-    models = {"teacher": paths.teacher, **{f"cofi-{target_name(t)}": paths.compact(t) for t in params.prune.targets}}
-    configs = [(p, b, s) for p in params.benchmark.precisions for b in params.benchmark.batch_sizes
-               for s in params.benchmark.sequence_lengths]
-    results: dict = {"environment": {**environment(), "device": device.type}, "models": {}}
+    bench = params.benchmark
+    sources = model_sources(params, paths)
+    results: dict = {"environment": {**environment(), "device": device.type, "threads": threads}, "models": {}}
 
     with mlflow_run(STAGE, params, paths.root, tags=lineage.teacher_tags(paths.teacher)):
-        loaded = {name: load_model(path).to(device) for name, path in models.items()}
-        for name, model in loaded.items():
-            preds, labels = predict(model, data.validation, collator(data.meta["pad_token_id"]), bf16=False)
-            results["models"][name] = {
+        models = {name: lineage.load_verified(path).to(device) for name, path in sources.items()}
+        sessions = {}
+        check_inputs = collate(data.validation[:32])
+        for name, model in models.items():
+            preds, labels = predict(model, data.validation, collate, bf16=False)
+            nonzero = count_nonzero_prunable(model)
+            entry = results["models"][name] = {
                 **spec.metric_fn(preds, labels),
-                "sparsity": model_sparsity(model),
-                "prunable_parameters": count_prunable_parameters(model),
+                "method": method_of(name),
+                # against the teacher's prunable weights, zeros included: one scale for every method
+                "sparsity": 1.0 - nonzero / count_prunable_parameters(models["teacher"]),
                 "parameters": sum(p.numel() for p in model.parameters()),
-                "weights_sha256": lineage.read_manifest(models[name])["weights_sha256"],
+                "prunable_parameters": count_prunable_parameters(model),
+                "nonzero_prunable_parameters": nonzero,
+                "flops": {str(s): forward_flops(model, s) for s in bench.sequence_lengths},
+                "weights_sha256": lineage.read_manifest(sources[name])["weights_sha256"],
                 "timings": [],
             }
-        # interleave models within each configuration so drifting machine load hits all alike
-        for precision, batch, length in configs:
-            for name, model in loaded.items():
-                timing = time_forward(model, batch, length, precision, params.benchmark.warmup, params.benchmark.repeats)
-                results["models"][name]["timings"].append(timing.as_dict())
+            if bench.onnx:  # exported from a fresh fp32 CPU copy: the timed model stays where it is
+                cpu_model = lineage.load_verified(sources[name])
+                path = export_onnx(cpu_model, paths.onnx(name))
+                sessions[name] = onnx_session(path, threads)
+                difference = max_logit_difference(cpu_model, sessions[name], check_inputs)
+                if difference > ONNX_TOLERANCE:
+                    raise OnnxMismatchError(
+                        f"{name}: ONNX Runtime logits differ from PyTorch by {difference:.3g} > {ONNX_TOLERANCE} ({path})"
+                    )
+                entry["onnx"] = {"path": str(path.relative_to(paths.root)), "max_abs_logit_difference": difference}
+
+        # models interleaved within each configuration, so drifting machine load hits all alike
+        for batch in bench.batch_sizes:
+            for length in bench.sequence_lengths:
+                for precision in bench.precisions:
+                    for name, model in models.items():
+                        timing = time_forward(model, batch, length, precision, bench.warmup, bench.repeats)
+                        results["models"][name]["timings"].append(timing.as_dict())
+                for name, session in sessions.items():
+                    timing = time_onnx(session, models[name].config.vocab_size, batch, length, threads,
+                                       bench.warmup, bench.repeats)
+                    results["models"][name]["timings"].append(timing.as_dict())
+        add_speedups(results["models"])
+
         for name, entry in results["models"].items():
-            for timing, base in zip(entry["timings"], results["models"]["teacher"]["timings"]):
-                timing["speedup"] = base["median_ms"] / timing["median_ms"]
-                key = f"{timing['precision']}_b{timing['batch_size']}_s{timing['sequence_length']}"
-                mlflow.log_metrics({f"{name}.latency_ms.{key}": timing["median_ms"], f"{name}.speedup.{key}": timing["speedup"]})
-            mlflow.log_metric(f"{name}.{spec.primary_metric}", entry[spec.primary_metric])
+            flat = flat_metrics(entry, spec.primary_metric)
+            write_json(paths.benchmark_metrics(name), flat)
+            mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in flat.items()})
         mlflow.log_dict(results, "benchmark.json")
         write_json(paths.benchmark, results)
-        write_json(paths.metrics(STAGE), summary(results, spec.primary_metric))
     return results
 
 
-def summary(results: dict, primary_metric: str) -> dict:
-    """{model: {metric, sparsity, speedup_<precision>_b<batch>_s<seq>, ...}}"""
-    out = {}
-    for name, entry in results["models"].items():
-        row = {primary_metric: entry[primary_metric], "sparsity": entry["sparsity"]}
+def model_sources(params: Params, paths: Paths) -> dict[str, Path]:
+    """Every model to benchmark, by report name: the teacher, the CoFi sweep, baselines, ablations."""
+    sources = {"teacher": paths.teacher}
+    sources.update({f"cofi-{target_name(t)}": paths.compact(t) for t in params.prune.targets})
+    sources.update({f"baseline-{m}": paths.baseline(m) for m in params.baselines.methods})
+    for name in params.baselines.ablations:
+        sources[f"ablation-{name}"] = Paths(paths.root, f"ablation-{name}").compact(params.baselines.target)
+    return sources
+
+
+def method_of(name: str) -> str:
+    """teacher | cofi | baseline-<method> | ablation-<name>."""
+    return "cofi" if name.startswith("cofi-") else name
+
+
+def count_nonzero_prunable(model) -> int:
+    return sum(int(getattr(layer, n).weight.count_nonzero()) for layer in model.layers for n in PRUNABLE_LINEARS)
+
+
+def add_speedups(models: dict) -> None:
+    """Per timing: speedup over the teacher's timing of the same configuration, the
+    FLOP-ratio speedup at that sequence length, and efficiency = speedup / FLOP ratio."""
+    teacher = {t["key"]: t for t in models["teacher"]["timings"]}
+    for entry in models.values():
         for t in entry["timings"]:
-            key = f"{t['precision']}_b{t['batch_size']}_s{t['sequence_length']}"
-            row[f"latency_ms_{key}"] = t["median_ms"]
-            row[f"speedup_{key}"] = t["speedup"]
-        out[name] = row
+            length = str(t["sequence_length"])
+            t["speedup"] = teacher[t["key"]]["median_ms"] / t["median_ms"]
+            t["flop_speedup"] = models["teacher"]["flops"][length] / entry["flops"][length]
+            t["efficiency"] = t["speedup"] / t["flop_speedup"]
+
+
+def flat_metrics(entry: dict, primary_metric: str) -> dict:
+    """One model's results as flat key → number, for `dvc metrics` and MLflow."""
+    out = {primary_metric: entry[primary_metric], "sparsity": entry["sparsity"], "parameters": entry["parameters"],
+           "prunable_parameters": entry["prunable_parameters"],
+           "nonzero_prunable_parameters": entry["nonzero_prunable_parameters"]}
+    out.update({f"flops_s{s}": n for s, n in entry["flops"].items()})
+    if "onnx" in entry:
+        out["onnx_max_abs_logit_difference"] = entry["onnx"]["max_abs_logit_difference"]
+    for t in entry["timings"]:
+        out.update({f"latency_ms_{t['key']}": t["median_ms"], f"iqr_ms_{t['key']}": t["iqr_ms"],
+                    f"speedup_{t['key']}": t["speedup"], f"efficiency_{t['key']}": t["efficiency"]})
     return out

@@ -16,28 +16,28 @@ import mlflow
 import torch
 from transformers import AutoTokenizer
 
-from cofi.compact import load_model, save_model
+from cofi.compact import save_model
 from cofi.sparsity import count_prunable_parameters, model_sparsity
 from cofi.trainer import predict
 from pipeline import lineage, tracking
 from pipeline.params import Params
-from pipeline.paths import Paths, target_name
+from pipeline.paths import Paths
 from pipeline.runtime import collator, mlflow_run, setup, task_spec_of, write_json
 from pipeline.training import load_stage_data
 
 STAGE = "compact"
 
 
-def run(params: Params, target: float, root: Path = Path(".")) -> dict:
+def run(params: Params, target: float, root: Path = Path("."), variant: str | None = None) -> dict:
     setup(params)
-    paths = Paths(root)
+    paths = Paths(root, variant)
     data = load_stage_data(paths)
     spec = task_spec_of(params)
     finetuned_manifest = lineage.read_manifest(paths.finetuned(target))
-    model = load_model(paths.finetuned(target))
+    model = lineage.load_verified(paths.finetuned(target))
     tokenizer = AutoTokenizer.from_pretrained(paths.teacher)
     prune_metrics = json.loads(paths.metrics("prune", target).read_text())
-    name = f"{STAGE}@{target_name(target)}"
+    name = paths.run_name(STAGE, target)
 
     with mlflow_run(name, params, paths.root, tags=lineage.lineage_tags(finetuned_manifest)) as run:
         def extra(directory: Path) -> None:
@@ -48,7 +48,7 @@ def run(params: Params, target: float, root: Path = Path(".")) -> dict:
             )
 
         out = save_model(model, paths.compact(target), extra=extra)
-        shipped = load_model(out)
+        shipped = lineage.load_verified(out)
         preds, labels = predict(shipped, data.validation, collator(data.meta["pad_token_id"]), bf16=False)
         metrics = {
             **spec.metric_fn(preds, labels),
@@ -64,6 +64,6 @@ def run(params: Params, target: float, root: Path = Path(".")) -> dict:
         mlflow.set_tags(tags)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         if params.mlflow.register_models:
-            tracking.register_model(out, name=f"cofi-{params.data.task}-{target_name(target)}", tags=tags)
+            tracking.register_model(out, name=f"cofi-{params.data.task}-{paths.model_name(target)}", tags=tags)
         write_json(paths.metrics(STAGE, target), metrics)
     return metrics

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 
 from cofi.convert import load_tokenizer
@@ -76,4 +77,5 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         write_json(paths.data_meta, meta)
         metrics = {split: {"rows": m["rows"], "mean_tokens": m["mean_tokens"]} for split, m in meta["splits"].items()}
         write_json(paths.metrics(STAGE), metrics)
+        mlflow.log_metrics({f"{split}.{k}": float(v) for split, m in metrics.items() for k, v in m.items()})
     return meta

@@ -13,10 +13,10 @@ from pathlib import Path
 import mlflow
 from safetensors.torch import load_file
 
-from cofi.compact import compact, load_model, save_model
+from cofi.compact import compact, save_model
 from pipeline import lineage
 from pipeline.params import Params
-from pipeline.paths import Paths, target_name
+from pipeline.paths import Paths
 from pipeline.runtime import distillation, mlflow_run, setup, train_config, write_json
 from pipeline.training import finish, load_stage_data, train
 from stages.prune import LAYER_MAP_FILE, MASKS_FILE
@@ -24,25 +24,28 @@ from stages.prune import LAYER_MAP_FILE, MASKS_FILE
 STAGE = "finetune"
 
 
-def run(params: Params, target: float, root: Path = Path(".")) -> dict:
+def run(params: Params, target: float, root: Path = Path("."), variant: str | None = None) -> dict:
     setup(params)
-    paths = Paths(root)
+    paths = Paths(root, variant)
     data = load_stage_data(paths)
     pruned_dir = paths.pruned(target)
     pruned_manifest = lineage.read_manifest(pruned_dir)
     masks = load_file(pruned_dir / MASKS_FILE)
-    student = compact(load_model(pruned_dir), masks)
-    teacher = load_model(paths.teacher)
+    student = compact(lineage.load_verified(pruned_dir), masks)
+    teacher = lineage.load_verified(paths.teacher)
     distill = distillation(params, teacher.config.hidden_size, teacher.config.num_hidden_layers)
-    distill.load_state_dict(load_file(pruned_dir / LAYER_MAP_FILE))
-    if distill.layer is not None and "hidden" in masks:  # the map now reads only the kept hidden dims
-        distill.layer = distill.layer.restrict_input(masks["hidden"] != 0)
+    if distill is None:  # gold labels only
+        teacher = None
+    else:
+        distill.load_state_dict(load_file(pruned_dir / LAYER_MAP_FILE))
+        if distill.layer is not None and "hidden" in masks:  # the map now reads only the kept hidden dims
+            distill.layer = distill.layer.restrict_input(masks["hidden"] != 0)
     config = train_config(params, params.finetune, params.finetune.evals_per_epoch, len(data.train))
-    name = f"{STAGE}@{target_name(target)}"
+    name = paths.run_name(STAGE, target)
 
     with mlflow_run(name, params, paths.root, tags=lineage.lineage_tags(pruned_manifest)) as run:
         trainer, result = train(
-            STAGE + target_name(target), params, paths, data, student, config,
+            name, params, paths, data, student, config,
             pruned_manifest["weights_sha256"], paths.curve(STAGE, target),
             teacher=teacher, distill=distill,
         )

@@ -11,10 +11,10 @@ from pathlib import Path
 import mlflow
 from safetensors.torch import save_file
 
-from cofi.compact import compact, load_model, save_model
+from cofi.compact import compact, save_model
 from pipeline import lineage, tracking
 from pipeline.params import Params
-from pipeline.paths import Paths, target_name
+from pipeline.paths import Paths
 from pipeline.runtime import distillation, mlflow_run, prune_config, setup, train_config, write_json
 from pipeline.training import finish, load_stage_data, train
 
@@ -22,20 +22,20 @@ STAGE = "prune"
 MASKS_FILE, GATES_FILE, LAYER_MAP_FILE = "masks.safetensors", "gates.safetensors", "layer_map.safetensors"
 
 
-def run(params: Params, target: float, root: Path = Path(".")) -> dict:
+def run(params: Params, target: float, root: Path = Path("."), variant: str | None = None) -> dict:
     setup(params)
-    paths = Paths(root)
+    paths = Paths(root, variant)
     data = load_stage_data(paths)
     teacher_manifest = lineage.read_manifest(paths.teacher)
-    teacher = load_model(paths.teacher)
-    student = load_model(paths.teacher)  # CoFi starts from the fine-tuned teacher
-    distill = distillation(params, teacher.config.hidden_size, teacher.config.num_hidden_layers)
+    student = lineage.load_verified(paths.teacher)  # CoFi starts from the fine-tuned teacher
+    distill = distillation(params, student.config.hidden_size, student.config.num_hidden_layers)
+    teacher = lineage.load_verified(paths.teacher) if distill is not None else None
     config = train_config(params, params.prune, params.prune.evals_per_epoch, len(data.train))
-    name = f"{STAGE}@{target_name(target)}"
+    name = paths.run_name(STAGE, target)
 
     with mlflow_run(name, params, paths.root, tags=lineage.lineage_tags(teacher_manifest)) as run:
         trainer, result = train(
-            STAGE + target_name(target), params, paths, data, student, config,
+            name, params, paths, data, student, config,
             teacher_manifest["weights_sha256"], paths.curve(STAGE, target),
             teacher=teacher, distill=distill, prune=prune_config(params, target),
         )
@@ -44,7 +44,9 @@ def run(params: Params, target: float, root: Path = Path(".")) -> dict:
         def extra(directory: Path) -> None:
             save_file(masks, directory / MASKS_FILE)
             save_file({k: v.detach().cpu().contiguous() for k, v in trainer.gates.log_alpha.items()}, directory / GATES_FILE)
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainer.distill.state_dict().items()}, directory / LAYER_MAP_FILE)
+            if trainer.distill is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in trainer.distill.state_dict().items()},
+                          directory / LAYER_MAP_FILE)
             lineage.write_manifest(
                 directory, kind="pruned", parent_dir=paths.teacher, base_model=None,
                 data={"digest": data.meta["digest"]}, params={"target": target, **params.prune.model_dump()},
@@ -56,7 +58,7 @@ def run(params: Params, target: float, root: Path = Path(".")) -> dict:
         structure = compact(trainer.model, masks).config
         tracking.log_structure(
             structure.layer_num_heads, structure.layer_intermediate_size,
-            structure.num_attention_heads, structure.intermediate_size, name=f"structure-{target_name(target)}",
+            structure.num_attention_heads, structure.intermediate_size, name=f"structure-{paths.model_name(target)}",
         )
         metrics = {
             **{k: v for k, v in result.best_metrics.items() if k != "step"},

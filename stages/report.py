@@ -16,33 +16,92 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from cofi.compact import load_model  # noqa: E402
 from pipeline import lineage, tracking  # noqa: E402
 from pipeline.params import Params  # noqa: E402
 from pipeline.paths import Paths, target_name  # noqa: E402
 from pipeline.runtime import mlflow_run, task_spec_of, write_curve  # noqa: E402
 
 STAGE = "report"
-REFERENCE_CONFIG = ("fp32", 32, 128)  # the configuration the sweep plot and headline use, when measured
+HEADLINE = "torch_fp32_b32_s128"  # the configuration of the sweep plot, when measured
+CURVES = {  # report/curves/<name>/<target>.csv, drawn by the top-level plots of dvc.yaml
+    "sparsity": ["expected_sparsity", "target_sparsity"],
+    "multipliers": ["lambda_1", "lambda_2"],
+    "losses": ["loss", "pred", "layer", "lagrangian"],
+}
 
 
 def headline_timing(timings: list[dict]) -> dict:
-    """The reference configuration if measured, else the first one."""
-    for t in timings:
-        if (t["precision"], t["batch_size"], t["sequence_length"]) == REFERENCE_CONFIG:
-            return t
-    return timings[0]
+    """The headline configuration if measured, else the first one."""
+    return next((t for t in timings if t["key"] == HEADLINE), timings[0])
+
+
+SAME_SPEED = 1.10  # models whose headline speedups are within 10% compete at "the same speed"
+STYLES = {  # method → matplotlib marker style for the sweep figure
+    "teacher": dict(color="C1", marker="*", s=120),
+    "cofi": dict(color="C0", marker="o"),
+    "baseline-layer_subset": dict(color="C2", marker="s"),
+    "baseline-magnitude": dict(color="C3", marker="X"),
+}
+ABLATION_STYLE = dict(color="C4", marker="^")
+
+
+def winners(models: dict, metric: str) -> dict[str, str]:
+    """{model: "best at ~k×"} for the most accurate model of each group of similar speed
+    (headline speedups within SAME_SPEED of the group's slowest), where the group holds
+    more than one method. The teacher is not a contender."""
+    speed = {n: headline_timing(e["timings"])["speedup"] for n, e in models.items() if n != "teacher"}
+    groups: list[list[str]] = []
+    for name in sorted(speed, key=speed.get):
+        if groups and speed[name] <= SAME_SPEED * speed[groups[-1][0]]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    marks = {}
+    for group in groups:
+        if len({models[n]["method"] for n in group}) > 1:
+            best = max(group, key=lambda n: models[n][metric])
+            marks[best] = f"best at ~{speed[group[0]]:.1f}×"
+    return marks
+
+
+def results_table(models: dict, metric: str) -> list[str]:
+    """Markdown rows: one per model; speedup and efficiency per timed configuration."""
+    keys = [t["key"] for t in models["teacher"]["timings"]]
+    header = ["model", "method", "sparsity", "parameters", "prunable (nonzero)", metric, "GFLOPs/example"]
+    header += [f"{k}: ms · speedup · eff." for k in keys]
+    header.append("wins")
+    marks = winners(models, metric)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in models.items():
+        by_key = {t["key"]: t for t in entry["timings"]}
+        flops = "/".join(f"{n / 1e9:.2f}" for n in entry["flops"].values())
+        cells = [name, entry["method"], f"{entry['sparsity']:.3f}", f"{entry['parameters']:,}",
+                 f"{entry['prunable_parameters']:,} ({entry['nonzero_prunable_parameters']:,})",
+                 f"{entry[metric]:.4f}", flops]
+        cells += [f"{by_key[k]['median_ms']:.1f} · {by_key[k]['speedup']:.2f}× · {by_key[k]['efficiency']:.2f}"
+                  for k in keys]
+        cells.append(marks.get(name, ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def sweep_figure(rows: list[dict], metric: str) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    labelled = set()
     for row in rows:
-        ax.scatter(row["speedup"], row[metric], color="C1" if row["model"] == "teacher" else "C0")
-        ax.annotate(row["model"], (row["speedup"], row[metric]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("speedup over teacher")
+        method = row["method"]
+        style = STYLES.get(method, ABLATION_STYLE)
+        label = "ablation" if method.startswith("ablation") else method
+        ax.scatter(row["speedup"], row[metric], label=None if label in labelled else label, **style)
+        labelled.add(label)
+        ax.annotate(row["model"], (row["speedup"], row[metric]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    cofi = sorted((r for r in rows if r["method"] == "cofi"), key=lambda r: r["speedup"])
+    ax.plot([r["speedup"] for r in cofi], [r[metric] for r in cofi], color="C0", linewidth=0.8)
+    ax.set_xlabel(f"speedup over teacher ({HEADLINE})")
     ax.set_ylabel(f"dev {metric}")
     ax.set_title("accuracy vs speedup")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -74,28 +133,28 @@ def run(params: Params, root: Path = Path(".")) -> str:
     out = paths.report_dir
     out.mkdir(parents=True, exist_ok=True)
 
-    rows, lines = [], []
+    rows = []
     for name, entry in bench["models"].items():
         t = headline_timing(entry["timings"])
-        rows.append({"model": name, metric: entry[metric], "sparsity": entry["sparsity"], "speedup": t["speedup"]})
+        rows.append({"model": name, "method": entry["method"], metric: entry[metric], "sparsity": entry["sparsity"],
+                     "speedup": t["speedup"]})
     write_curve(out / "sweep.csv", rows)
 
-    config_names = [f"{t['precision']} b{t['batch_size']} s{t['sequence_length']}" for t in bench["models"]["teacher"]["timings"]]
-    lines += [f"# CoFi report: {params.data.task}", "",
-              f"Environment: {bench['environment']['cpu']}, {bench['environment']['threads']} threads, "
-              f"torch {bench['environment']['torch']}, device {bench['environment']['device']}.", "",
-              "| model | target | sparsity | parameters | " + metric + " | " + " | ".join(f"speedup {c}" for c in config_names) + " |",
-              "|---" * (5 + len(config_names)) + "|"]
-    for name, entry in bench["models"].items():
-        target = "-" if name == "teacher" else name.split("-", 1)[1]
-        speedups = " | ".join(f"{t['speedup']:.2f}× ({t['median_ms']:.1f} ms)" for t in entry["timings"])
-        lines.append(f"| {name} | {target} | {entry['sparsity']:.3f} | {entry['parameters']:,} | {entry[metric]:.4f} | {speedups} |")
+    env = bench["environment"]
+    lines = [f"# CoFi report: {params.data.task}", "",
+             f"Measured on {env['device']} ({env['cpu']}{', ' + env['gpu'] if env.get('gpu') else ''}), "
+             f"{env['threads']} threads of {env['cores']} cores; torch {env['torch']}, transformers "
+             f"{env['transformers']}, onnxruntime {env['onnxruntime']}. Latency is the median of "
+             f"{params.benchmark.repeats} forward passes after {params.benchmark.warmup} warm-up passes; "
+             "speedup is over the teacher in the same configuration; efficiency is speedup ÷ FLOP-ratio speedup "
+             "(1.0: the model is as fast as its FLOPs allow).", "",
+             *results_table(bench["models"], metric)]
 
     figures = {"accuracy_vs_speedup.png": sweep_figure(rows, metric)}
     lines += ["", "![accuracy vs speedup](accuracy_vs_speedup.png)", ""]
     for target in params.prune.targets:
         t = target_name(target)
-        config = load_model(paths.compact(target)).config
+        config = lineage.load_verified(paths.compact(target)).config
         figures[f"structure-{t}.png"] = tracking.structure_figure(
             config.layer_num_heads, config.layer_intermediate_size, config.num_attention_heads, config.intermediate_size,
             title=f"structure at target {t}",
@@ -109,6 +168,10 @@ def run(params: Params, root: Path = Path(".")) -> str:
                   f"![structure](structure-{t}.png)", ""]
         curve = pd.read_csv(paths.curve("prune", target))
         figures[f"curves-{t}.png"] = curves_figure(curve, f"prune@{t}")
+        for name, columns in CURVES.items():
+            present = ["step"] + [c for c in columns if c in curve]
+            (out / "curves" / name).mkdir(parents=True, exist_ok=True)
+            curve[present].to_csv(out / "curves" / name / f"{t}.csv", index=False)
         lines += [f"![pruning curves](curves-{t}.png)", ""]
 
     for filename, fig in figures.items():

@@ -276,7 +276,7 @@ PLAN = {1: (2, 0.3), 2: (4, 0.05), 3: (2, 0.01), 4: (6, 0.05)}
 def test_layer_free_finds_known_matches():
     student, teacher = make_states(PLAN, 4)
     mask = make_attention_mask()
-    loss_fn = LayerDistillLoss(C, [2, 4, 6], monotone=False)
+    loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="dynamic")
     loss, matches = loss_fn(student, teacher, mask, torch.ones(4, dtype=torch.bool))
     assert matches == [3, 2, 4]  # 1-based student layers
     assert loss.item() == pytest.approx(ref_layer_loss(loss_fn, student, teacher, mask, matches), rel=1e-5)
@@ -286,28 +286,46 @@ def test_layer_free_finds_known_matches():
 def test_layer_monotone_known_matches():
     student, teacher = make_states(PLAN, 4)
     mask = make_attention_mask()
-    loss_fn = LayerDistillLoss(C, [2, 4, 6], monotone=True)
+    loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="monotone")
     loss, matches = loss_fn(student, teacher, mask, None)
     # t6 -> s4; t4 -> below 4: s2; t2 -> below 2: s1 (the free choice s3 would break the order)
     assert matches == [1, 2, 4]
     assert loss.item() == pytest.approx(ref_layer_loss(loss_fn, student, teacher, mask, matches), rel=1e-5)
 
 
+def test_layer_fixed_matching_ignores_distances():
+    student, teacher = make_states(PLAN, 4)
+    mask = make_attention_mask()
+    # the student has 4 layers; teacher layers 2, 4, 6 always go to student layers 1, 2, 4
+    loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="fixed", student_layers=[1, 2, 4])
+    loss, matches = loss_fn(student, teacher, mask, None)
+    assert matches == [1, 2, 4]
+    assert loss.item() == pytest.approx(ref_layer_loss(loss_fn, student, teacher, mask, matches), rel=1e-5)
+    _, matches = loss_fn(student, teacher, mask, torch.tensor([True, False, True, True]))
+    assert matches == [1, None, 4]  # a removed layer loses its teacher layer; no other takes it
+    default = LayerDistillLoss(C, [2, 4], matching="fixed")  # same index: t2 → s2, t4 → s4
+    assert default(student, teacher, mask, None)[1] == [2, 4]
+    with pytest.raises(ValueError, match="matching='closest'"):
+        LayerDistillLoss(C, [2], matching="closest")
+    with pytest.raises(ValueError, match="need matching='fixed'"):
+        LayerDistillLoss(C, [2, 4], student_layers=[1, 2])
+
+
 def test_layer_skips_removed_best_layer():
     student, teacher = make_states(PLAN, 4)
     mask = make_attention_mask()
-    loss_fn = LayerDistillLoss(C, [2, 4, 6], monotone=False)
+    loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="dynamic")
     exists = torch.tensor([True, True, False, True])  # s3, the best match of t2, is gone
     loss, matches = loss_fn(student, teacher, mask, exists)
     assert matches == [1, 2, 4]
     assert loss.item() == pytest.approx(ref_layer_loss(loss_fn, student, teacher, mask, matches), rel=1e-5)
 
 
-@pytest.mark.parametrize("monotone", [False, True])
-def test_layer_no_match_at_all_is_finite_zero(monotone):
+@pytest.mark.parametrize("matching", ["dynamic", "monotone", "fixed"])
+def test_layer_no_match_at_all_is_finite_zero(matching):
     student, teacher = make_states(PLAN, 4)
     student = [s.requires_grad_(True) for s in student]
-    loss_fn = LayerDistillLoss(C, [2, 4, 6], monotone=monotone)
+    loss_fn = LayerDistillLoss(C, [2, 4, 6], matching=matching)
     loss, matches = loss_fn(student, teacher, make_attention_mask(), torch.zeros(4, dtype=torch.bool))
     assert matches == [None, None, None]
     assert loss.item() == 0.0 and loss.requires_grad
@@ -318,7 +336,7 @@ def test_layer_no_match_at_all_is_finite_zero(monotone):
 def test_layer_monotone_runs_out_of_lower_layers():
     student, teacher = make_states(PLAN, 4)
     mask = make_attention_mask()
-    loss_fn = LayerDistillLoss(C, [2, 4, 6], monotone=True)
+    loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="monotone")
     loss, matches = loss_fn(student, teacher, mask, torch.tensor([False, False, False, True]))
     assert matches == [None, None, 4]
     assert math.isfinite(loss.item())
@@ -328,7 +346,7 @@ def test_layer_monotone_runs_out_of_lower_layers():
 def test_layer_padding_does_not_matter():
     student, teacher = make_states(PLAN, 4)
     mask = make_attention_mask()
-    loss_fn = LayerDistillLoss(C, [2, 4, 6], monotone=False)
+    loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="dynamic")
     loss, matches = loss_fn(student, teacher, mask, None)
     pad = (mask == 0).unsqueeze(-1)
     noisy_s = [s.masked_fill(pad, 1e3) for s in student]
@@ -344,7 +362,7 @@ def test_layer_padding_does_not_matter():
 
 def test_layer_identity_init_equal_states_zero_loss():
     _, teacher = make_states({}, 0)
-    loss_fn = LayerDistillLoss(C, [2, 4, 6], monotone=True)
+    loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="monotone")
     torch.testing.assert_close(loss_fn.transform.weight, torch.eye(C))
     assert torch.count_nonzero(loss_fn.transform.bias) == 0
     loss, matches = loss_fn(teacher, teacher, None, None)
@@ -356,7 +374,7 @@ def test_layer_gradients_reach_matched_layers_and_map_only():
     student, teacher = make_states(PLAN, 4)
     student = [s.clone().requires_grad_(True) for s in student]
     teacher = [t.clone().requires_grad_(True) for t in teacher]
-    loss_fn = LayerDistillLoss(C, [2, 4, 6], monotone=False)
+    loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="dynamic")
     loss, matches = loss_fn(student, teacher, make_attention_mask(), None)
     loss.backward()
     assert matches == [3, 2, 4]
@@ -370,7 +388,7 @@ def test_layer_gradients_reach_matched_layers_and_map_only():
 
 def test_layer_fp32_under_autocast():
     student, teacher = make_states(PLAN, 4)
-    loss_fn = LayerDistillLoss(C, [2, 4, 6], monotone=False)
+    loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="dynamic")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, matches = loss_fn([s.bfloat16() for s in student], [t.bfloat16() for t in teacher], None, None)
     assert loss.dtype == torch.float32 and matches == [3, 2, 4]
@@ -381,7 +399,7 @@ def test_restrict_input_matches_zero_padded_full_states():
     mask = make_attention_mask()
     kept = torch.tensor([True, False, True, True, False, True, False, True])
     student = [s * kept for s in student]  # a masked model: pruned hidden dims are 0
-    loss_fn = LayerDistillLoss(C, [2, 4, 6], monotone=True)
+    loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="monotone")
     with torch.no_grad():  # a trained, non-identity map
         loss_fn.transform.weight.add_(0.1 * torch.randn(C, C))
         loss_fn.transform.bias.add_(0.1 * torch.randn(C))
@@ -401,12 +419,12 @@ def test_restrict_input_matches_zero_padded_full_states():
 
 def test_layer_bad_arguments():
     with pytest.raises(ValueError, match="strictly increasing"):
-        LayerDistillLoss(C, [4, 2], monotone=False)
+        LayerDistillLoss(C, [4, 2], matching="dynamic")
     with pytest.raises(ValueError, match="strictly increasing"):
-        LayerDistillLoss(C, [0, 2], monotone=False)
+        LayerDistillLoss(C, [0, 2], matching="dynamic")
     student, teacher = make_states(PLAN, 4)
     with pytest.raises(ValueError, match="teacher hidden"):
-        LayerDistillLoss(C, [2, 7], monotone=False)(student, teacher, None, None)
+        LayerDistillLoss(C, [2, 7], matching="dynamic")(student, teacher, None, None)
 
 
 def test_default_teacher_layers():
@@ -427,7 +445,7 @@ def test_distillation_weighting():
     student, teacher = make_states(PLAN, 4)
     s_logits, t_logits = torch.randn(B, 3, requires_grad=True), torch.randn(B, 3)
     pred_fn = PredictionDistillLoss(2.0)
-    layer_fn = LayerDistillLoss(C, [2, 4, 6], monotone=False)
+    layer_fn = LayerDistillLoss(C, [2, 4, 6], matching="dynamic")
     total = DistillationLoss(pred_fn, layer_fn, 0.3)
     parts = total(s_logits, t_logits, student, teacher, make_attention_mask())
     assert set(parts) == {"pred", "layer", "distill"}
@@ -474,7 +492,7 @@ def test_end_to_end_with_masked_model():
     s_out = student(ids, mask, masks=masks, output_hidden_states=True)
     with torch.no_grad():
         t_out = teacher(ids, mask, output_hidden_states=True)
-    layer_fn = LayerDistillLoss(16, default_teacher_layers(4), monotone=False)
+    layer_fn = LayerDistillLoss(16, default_teacher_layers(4), matching="dynamic")
     loss_fn = DistillationLoss(PredictionDistillLoss(2.0), layer_fn, 0.5)
     parts = loss_fn(s_out.logits, t_out.logits, s_out.hidden_states, t_out.hidden_states, mask, exists)
     assert all(j in (1, 4) for j in loss_fn.last_matches)

@@ -66,6 +66,33 @@ def test_deterministic_mask_zeros_the_expected_count_of_smallest_log_alpha():
             assert torch.allclose(zrow[kept], torch.sigmoid(row[kept] / BETA))
 
 
+def test_keep_multiple_rounds_the_kept_count_to_a_multiple():
+    torch.manual_seed(1)
+    log_alpha = torch.randn(4, 40) * 3
+    plain, aligned = deterministic_mask(log_alpha), deterministic_mask(log_alpha, keep_multiple=16)
+    for row, p_row, a_row in zip(log_alpha, plain, aligned):
+        kept = int((p_row != 0).sum())
+        expected = kept if kept == 40 else min(40, round(kept / 16) * 16)
+        assert int((a_row != 0).sum()) == expected
+        # the survivors are those of largest log α, with their soft values
+        assert set(torch.nonzero(a_row).flatten().tolist()) == set(row.argsort(descending=True)[:expected].tolist())
+        assert torch.allclose(a_row[a_row != 0], torch.sigmoid(row[a_row != 0] / BETA))
+    everything = deterministic_mask(torch.full((1, 20), 5.0), keep_multiple=16)
+    assert int((everything != 0).sum()) == 20  # a whole group stays whole
+    nearly = deterministic_mask(torch.cat([torch.full((1, 19), 5.0), torch.full((1, 1), -5.0)], 1), keep_multiple=16)
+    assert int((nearly != 0).sum()) == 16  # 19 kept → the nearest multiple
+    shape = ModelShape(num_layers=2, num_heads=2, head_size=4, hidden_size=24, intermediate_size=40)
+    gates = HardConcreteGates(shape, GateConfig(keep_multiple=8))
+    with torch.no_grad():
+        gates.log_alpha["hidden"].copy_(torch.linspace(-5, 5, 24))
+        gates.log_alpha["intermediate"].copy_(torch.linspace(-5, 5, 40).expand(2, 40))
+    masks = gates.deterministic()
+    assert int((masks["hidden"] != 0).sum()) % 8 == 0
+    assert all(int((row != 0).sum()) % 8 == 0 for row in masks["intermediate"])
+    with pytest.raises(ValueError, match="keep_multiple=0"):
+        GateConfig(keep_multiple=0)
+
+
 def test_layer_gate_is_dropped_exactly_when_keep_probability_below_half():
     gates = HardConcreteGates(SHAPE)
     p_half = BETA * math.log(-LIMIT_L / LIMIT_R)  # log α where P(z>0) = 0.5

@@ -35,7 +35,7 @@ def test_prune_compact_roundtrip_on_real_teacher_and_data(tmp_path):
     teacher = load_pretrained(base, num_labels=2, seed=0)
     student = load_pretrained(base, num_labels=2, seed=0)
     distill = DistillationLoss(
-        PredictionDistillLoss(2.0), LayerDistillLoss(384, default_teacher_layers(6), monotone=False), 0.5
+        PredictionDistillLoss(2.0), LayerDistillLoss(384, default_teacher_layers(6), matching="dynamic"), 0.5
     )
     trainer = Trainer(
         student, train, dev,

@@ -75,11 +75,21 @@ def test_repro_writes_every_output_and_metric(project):
         assert 0.0 <= compact["accuracy"] <= 1.0
         # the masks' sparsity is the sparsity counted in the compact model's tensors
         assert compact["sparsity_counted"] == pytest.approx(compact["sparsity_masks"], abs=1e-9)
-    bench = json.loads((project / "metrics" / "benchmark.json").read_text())
+    bench = {p.stem: json.loads(p.read_text()) for p in (project / "metrics" / "benchmark").glob("*.json")}
     assert set(bench) == {"teacher", "cofi-0.3", "cofi-0.5"}
-    assert bench["teacher"]["speedup_fp32_b1_s16"] == pytest.approx(1.0)
+    assert bench["teacher"]["speedup_torch_fp32_b1_s16"] == pytest.approx(1.0)
+    assert bench["teacher"]["efficiency_onnxruntime_fp32_b1_s16"] == pytest.approx(1.0)
+    for name in ("cofi-0.3", "cofi-0.5"):
+        assert bench[name]["onnx_max_abs_logit_difference"] <= 1e-4
+        assert bench[name]["flops_s16"] < bench["teacher"]["flops_s16"]
+        assert (project / "outputs" / "onnx" / f"{name}.onnx").exists()
     assert (project / "report" / "report.md").exists()
     assert (project / "report" / "accuracy_vs_speedup.png").exists()
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)
+    assert not plots.get("errors"), plots["errors"]
+    rendered = set(plots["data"])
+    assert "accuracy vs speedup" in rendered
+    assert {f"report/curves/{kind}/{t}.csv" for kind in ("sparsity", "multipliers", "losses") for t in ("0.3", "0.5")} <= rendered
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     expected = {"data", "teacher", "benchmark", "report"} | {f"{s}@{t}" for s in ("prune", "finetune", "compact") for t in ("0.3", "0.5")}
     assert set(lock["stages"]) == expected
@@ -117,6 +127,28 @@ def test_one_mlflow_run_per_stage_with_lineage_tags(project):
     teacher_sha = json.loads((project / "outputs" / "teacher" / "manifest.json").read_text())["weights_sha256"]
     compact_runs = [r for r in runs if r.data.tags["cofi.stage"].startswith("compact")]
     assert all(r.data.tags["cofi.lineage.teacher_sha256"] == teacher_sha for r in compact_runs)
+
+
+def test_exp_run_with_a_param_override_shows_in_exp_show_and_metrics_diff(project):
+    """The user's experiment loop: commit a baseline, `dvc exp run -S`, compare."""
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    run([*git, "add", "-A"], project)
+    run([*git, "commit", "-qm", "baseline results"], project)
+    out = run(["dvc", "exp", "run", "-S", "prune.temperature=4", "--name", "t4"], project)
+    rerun = {line.split("'")[1] for line in (out.stdout + out.stderr).splitlines() if line.startswith("Running stage")}
+    assert rerun == {f"{s}@{t}" for s in ("prune", "finetune", "compact") for t in ("0.3", "0.5")} | {"benchmark", "report"}
+
+    params_diff = json.loads(run(["dvc", "params", "diff", "--json"], project).stdout)
+    assert params_diff["params.yaml"]["prune.temperature"] == {"old": 2.0, "new": 4}
+    metrics_diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
+    changed = {key for name, diffs in metrics_diff.items() if "prune-" in name for key in diffs}
+    assert "expected_sparsity" in changed, metrics_diff
+
+    show = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    experiments = [exp for baseline in show for entry in baseline.get("experiments") or [] for exp in entry["revs"]]
+    (t4,) = [e for e in experiments if e.get("name") == "t4"]
+    assert t4["data"]["params"]["params.yaml"]["data"]["prune"]["temperature"] == 4
+    assert "metrics/prune-0.3.json" in t4["data"]["metrics"]
 
 
 def test_lineage_verifies_then_detects_a_corrupt_weight_file(project):

@@ -494,3 +494,35 @@ def test_two_processes_share_a_fresh_sqlite_store(tmp_path):
     versions = client.search_model_versions("name = 'concurrent-model'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert {v.run_id for v in versions} == set(run_ids.values())
+
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+
+@pytest.mark.skipif(not DATA_DIR.exists(), reason=f"no GLUE data at {DATA_DIR}")
+def test_a_real_stage_logs_to_the_server(server, tmp_path):
+    """`cofi data` as DVC runs it, with MLFLOW_TRACKING_URI pointing at the loopback server."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(source=str(DATA_DIR), train_limit=24)
+    params["mlflow"]["experiment"] = "stage-against-server"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server}
+    result = subprocess.run([sys.executable, "-m", "cofi.cli", "data"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the embedded store
+
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name("stage-against-server")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["cofi.stage"] == "data"
+    assert run.data.params["data.train_limit"] == "24"
+    assert run.data.metrics["train.rows"] == 24
+    meta = json.loads((tmp_path / "outputs" / "data" / "meta.json").read_text())
+    inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert inputs == {"sst2-train": meta["splits"]["train"]["digest"][:36],
+                      "sst2-validation": meta["splits"]["validation"]["digest"][:36]}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from cofi.checkpoint import load_checkpoint, read_manifest
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss
 from cofi.metrics import accuracy
 from cofi.sparsity import ModelShape, mask_sparsity
-from cofi.trainer import NonFiniteLossError, PruneConfig, TrainConfig, Trainer, TrainerCallback
+from cofi.trainer import NonFiniteLossError, PruneConfig, TrainConfig, Trainer, TrainerCallback, TrainingInterrupted
 from tests.conftest import synthetic_task, tiny_model
 
 
@@ -24,7 +26,7 @@ def make_trainer(task, *, prune=None, teacher=True, checkpoint_dir=None, callbac
     kwargs = {}
     if teacher:
         kwargs["teacher"] = tiny_model(seed=0)
-        kwargs["distill"] = DistillationLoss(PredictionDistillLoss(2.0), LayerDistillLoss(16, [1, 2], monotone=False), 0.5)
+        kwargs["distill"] = DistillationLoss(PredictionDistillLoss(2.0), LayerDistillLoss(16, [1, 2], matching="dynamic"), 0.5)
     return Trainer(
         student, train_data, eval_data, TrainConfig(**settings),
         metric_fn=accuracy, primary_metric="accuracy", collate=Collator(0),
@@ -96,6 +98,32 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(task, tmp_pat
         assert torch.equal(a, b), name
 
 
+class SignalAt(TrainerCallback):
+    def __init__(self, step, signum):
+        self.step, self.signum = step, signum
+
+    def on_step(self, step, logs):
+        if step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_a_checkpoint_mid_epoch_and_resume_matches(task, tmp_path, signum):
+    prune = PruneConfig(target_sparsity=0.4, distill_epochs=0.5, sparsity_warmup_epochs=1, reg_learning_rate=0.1)
+    expected = make_trainer(task, prune=prune, epochs=3).fit()
+
+    stopped = make_trainer(task, prune=prune, checkpoint_dir=tmp_path, epochs=3, callbacks=[SignalAt(17, signum)])
+    with pytest.raises(TrainingInterrupted, match=rf"{signal.Signals(signum).name} received: checkpoint saved at step 17"):
+        stopped.fit()
+    assert read_manifest(tmp_path)["step"] == 17  # not the last evaluation (12): the step the signal came in
+    assert signal.getsignal(signum) is not None and signal.getsignal(signum) == {
+        signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}[signum]  # handlers restored
+    result = make_trainer(task, prune=prune, checkpoint_dir=tmp_path, epochs=3).fit()
+    assert result.evaluations == expected.evaluations
+    for family in expected.masks:
+        assert torch.equal(result.masks[family], expected.masks[family])
+
+
 class PoisonAt(TrainerCallback):
     def __init__(self, trainer, step):
         self.trainer, self.step = trainer, step
@@ -136,6 +164,15 @@ def test_bf16_autocast_trains(task):
 def test_bad_settings_name_the_value_and_the_allowed_range(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_an_unreachable_target_is_refused_before_training(task):
+    from cofi.gates import GateConfig
+
+    # attention only: the FFN's 2CF of the 4CHD + 2CF weights (2·16·32 of 4·16·16 + 2·16·32) always stay
+    prune = PruneConfig(target_sparsity=0.6, gates=GateConfig(families=("head", "mha")))
+    with pytest.raises(ValueError, match=r"target_sparsity=0.6 cannot be reached by pruning only head, mha: at most 0.5000"):
+        make_trainer(task, prune=prune)
 
 
 def test_warmup_longer_than_training_is_refused(task):

@@ -1,0 +1,59 @@
+"""ONNX export of a compact classifier, checked against PyTorch and timed with ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class _LogitsOnly(nn.Module):
+    """The classifier as a plain (input_ids, attention_mask, token_type_ids) → logits function."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(input_ids, attention_mask, token_type_ids).logits
+
+
+def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
+    """Export with dynamic batch and sequence axes (fp32, on CPU); returns ``path``."""
+    model = model.float().cpu().eval()
+    example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in INPUT_NAMES)
+    axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        _LogitsOnly(model), example, str(path), input_names=list(INPUT_NAMES), output_names=["logits"],
+        dynamic_axes={**axes, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
+    )
+    return path
+
+
+def onnx_session(path: Path, threads: int = 0):
+    """An ONNX Runtime CPU session; ``threads`` 0 lets ORT choose."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(session, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    feed = {name: inputs[name].cpu().numpy() for name in INPUT_NAMES}
+    return session.run(["logits"], feed)[0]
+
+
+@torch.inference_mode()
+def max_logit_difference(model: nn.Module, session, inputs: dict[str, torch.Tensor]) -> float:
+    """max |logits(ONNX Runtime) − logits(PyTorch fp32)| on ``inputs``."""
+    model = model.float().cpu().eval()
+    reference = model(**{k: v.cpu() for k, v in inputs.items()}).logits.numpy()
+    return float(np.abs(onnx_logits(session, inputs) - reference).max())

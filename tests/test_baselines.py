@@ -1,0 +1,201 @@
+"""Baselines and ablations: the library pieces against hand checks, then every baseline
+and ablation switch end to end on a tiny random model, through the benchmark and
+the report (the stage functions DVC runs, without DVC)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import synthetic_task, tiny_model
+from cofi.baselines import (
+    iterative_magnitude_pruning,
+    layer_subset,
+    magnitude_masks,
+    prunable_weights,
+    size_matching_flops,
+    subset_student,
+)
+from cofi.compact import save_model
+from cofi.flops import forward_flops
+from pipeline import lineage
+from pipeline.params import ABLATIONS, load_params
+from pipeline.paths import Paths
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def inputs(seed: int = 0) -> dict:
+    ids = torch.randint(2, 50, (3, 9), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+def test_layer_subset_copies_the_chosen_layers():
+    model = tiny_model(num_hidden_layers=3).eval()
+    whole = layer_subset(model, [1, 2, 3]).eval()
+    assert torch.equal(whole(**inputs()).logits, model(**inputs()).logits)
+    top = layer_subset(model, [3])
+    assert top.config.num_hidden_layers == 1
+    assert torch.equal(top.layers[0].ffn_up.weight, model.layers[2].ffn_up.weight)
+    assert torch.equal(top.pooler.weight, model.pooler.weight)
+    with pytest.raises(ValueError, match=r"increasing 1-based layers of 1..3"):
+        layer_subset(model, [3, 1])
+
+
+def test_size_matching_flops_picks_the_closest_candidate_and_builds_it():
+    model = tiny_model(num_hidden_layers=4)
+    half = forward_flops(layer_subset(model, [2, 4]), 16)
+    size = size_matching_flops(model, half, 16)
+    # 4 layers at half width cost exactly what 2 full layers cost; the tie goes to more layers
+    assert (size.layers, size.head_fraction, size.ffn_fraction, size.flops) == ((1, 2, 3, 4), 0.5, 0.5, half)
+    quarter = size_matching_flops(model, forward_flops(layer_subset(model, [4]), 16), 16)
+    assert quarter.flops == forward_flops(layer_subset(model, [4]), 16)
+    narrow = size_matching_flops(model, int(half * 0.6), 16)
+    student = subset_student(model, narrow)
+    assert forward_flops(student, 16) == narrow.flops  # the search's count is the built model's
+
+
+def test_magnitude_masks_drop_exactly_the_smallest_weights_and_stay_nested():
+    model = tiny_model()
+    weights = torch.cat([w.detach().abs().flatten() for w in prunable_weights(model).values()])
+    masks = magnitude_masks(model, 0.3)
+    kept = torch.cat([m.flatten() for m in masks.values()]).bool()
+    assert int((~kept).sum()) == round(0.3 * weights.numel())
+    assert weights[~kept].max() <= weights[kept].min()
+    with torch.no_grad():  # even if a pruned weight grew back, it stays pruned
+        for w in prunable_weights(model).values():
+            w.add_(1.0)
+    more = magnitude_masks(model, 0.5, masks)
+    more_kept = torch.cat([m.flatten() for m in more.values()]).bool()
+    assert not (more_kept & ~kept).any()
+    assert int((~more_kept).sum()) == round(0.5 * weights.numel())
+
+
+def test_iterative_magnitude_pruning_rewinds_and_keeps_zeros():
+    teacher = tiny_model(seed=1)
+    seen = []
+
+    def train(model, keep_pruned, r):
+        with torch.no_grad():  # a "training step" that touches every weight
+            for w in prunable_weights(model).values():
+                w.add_(0.01)
+        keep_pruned.on_step(1, {})
+        seen.append(r)
+        return None
+
+    model, masks, _ = iterative_magnitude_pruning(teacher, 0.6, 3, train)
+    assert seen == [1, 2, 3]
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int((m == 0).sum()) for m in masks.values()) == round(0.6 * total)
+    for name, w in prunable_weights(model).items():
+        assert torch.all(w[masks[name] == 0] == 0)
+        teacher_w = prunable_weights(teacher)[name]
+        kept = masks[name] != 0
+        assert torch.allclose(w[kept], teacher_w[kept] + 0.01)  # rewound to the teacher, then trained once
+
+
+# ---------------------------------------------------------------------------------------
+# end to end on a tiny random model
+
+
+TARGET = 0.5
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A project directory with tiny data and a tiny random teacher, then every stage function."""
+    import os
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    root = tmp_path_factory.mktemp("tiny-project")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prune"].update(targets=[TARGET], epochs=2, distill_epochs=0.25, sparsity_warmup_epochs=0.75,
+                           batch_size=8, reg_learning_rate=0.5, evals_per_epoch=1)
+    params["finetune"].update(epochs=1, batch_size=8, evals_per_epoch=1)
+    params["compute"]["bf16"] = False
+    params["benchmark"].update(batch_sizes=[1], sequence_lengths=[16], precisions=["fp32"], warmup=1, repeats=2)
+    params["baselines"].update(methods=["layer_subset", "magnitude"], ablations=list(ABLATIONS), target=TARGET,
+                               magnitude_rounds=2)
+    params["mlflow"]["register_models"] = False
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    paths = Paths(root)
+    paths.data_dir.mkdir(parents=True)
+    for split, (n, seed) in {"train": (48, 1), "validation": (24, 2)}.items():
+        rows = synthetic_task(n, seed)
+        pd.DataFrame({"input_ids": [r["input_ids"] for r in rows], "label": [r["label"] for r in rows]}
+                     ).to_parquet(paths.data_split(split))
+    paths.data_meta.write_text(json.dumps({"pad_token_id": 0, "digest": "tiny", "splits": {}}))
+
+    from cofi.convert import load_tokenizer
+    from pipeline.runtime import base_model_path
+
+    tokenizer = load_tokenizer(base_model_path("all-MiniLM-L6-v2"))
+
+    def teacher_extra(directory: Path) -> None:
+        tokenizer.save_pretrained(directory)
+        lineage.write_manifest(directory, kind="teacher", parent_dir=None, base_model={"name": "tiny"},
+                               data={"digest": "tiny"}, params={}, mlflow_run_id=None)
+
+    save_model(tiny_model(seed=4, num_hidden_layers=4), paths.teacher, extra=teacher_extra)
+
+    from stages import ablation, baseline, benchmark, compact, finetune, prune, report
+
+    p = load_params(root / "params.yaml")
+    prune.run(p, TARGET, root)
+    finetune.run(p, TARGET, root)
+    compact.run(p, TARGET, root)
+    for method in p.baselines.methods:
+        baseline.run(p, method, root)
+    for name in p.baselines.ablations:
+        ablation.run(p, name, root)
+    benchmark.run(p, root)
+    report.run(p, root)
+    return root
+
+
+def test_every_baseline_and_ablation_is_benchmarked_and_reported(project):
+    bench = json.loads((project / "outputs" / "benchmark.json").read_text())["models"]
+    expected = {"teacher", "cofi-0.5", "baseline-layer_subset", "baseline-magnitude"} | {f"ablation-{a}" for a in ABLATIONS}
+    assert set(bench) == expected
+    report = (project / "report" / "report.md").read_text()
+    for name in expected:
+        assert f"| {name} |" in report
+        assert (project / "metrics" / "benchmark" / f"{name}.json").exists()
+    sweep = pd.read_csv(project / "report" / "sweep.csv")
+    assert set(sweep["model"]) == expected  # every method is placed on the accuracy-vs-speedup plot
+
+
+def test_the_baselines_are_what_they_claim(project):
+    bench = json.loads((project / "outputs" / "benchmark.json").read_text())["models"]
+    magnitude = bench["baseline-magnitude"]
+    assert magnitude["prunable_parameters"] == bench["teacher"]["prunable_parameters"]  # dense tensors
+    assert magnitude["sparsity"] == pytest.approx(TARGET, abs=1e-3)  # zeros
+    assert magnitude["flops"] == bench["teacher"]["flops"]
+    subset = json.loads((project / "metrics" / "baseline-layer_subset.json").read_text())
+    cofi_flops = bench["cofi-0.5"]["flops"]["16"]
+    assert subset["flops_s16"] == bench["baseline-layer_subset"]["flops"]["16"]
+    assert subset["cofi_flops_s16"] == cofi_flops
+
+
+def test_each_ablation_switch_changed_what_it_names(project):
+    def pruned(name: str) -> dict:
+        return json.loads((project / "metrics" / f"prune-ablation-{name}-0.5.json").read_text())
+
+    assert pruned("no_hidden_masks")["hidden_size"] == 16  # the hidden dimension is never pruned
+    masks = {name: load_file(project / "outputs" / "pruned" / f"ablation-{name}-0.5" / "masks.safetensors")
+             for name in ABLATIONS}
+    assert "hidden" not in masks["no_hidden_masks"]
+    assert "mha" not in masks["no_layer_masks"] and "ffn" not in masks["no_layer_masks"]
+    no_distill = pd.read_csv(project / "plots" / "prune-ablation-no_distill-0.5.csv")
+    assert "ce" in no_distill and "pred" not in no_distill  # gold labels only
+    no_layer = pd.read_csv(project / "plots" / "prune-ablation-no_layer_distill-0.5.csv")
+    assert no_layer["pred"].gt(0).all() and no_layer["layer"].eq(0).all()
+    for name in ABLATIONS:
+        compact = json.loads((project / "metrics" / f"compact-ablation-{name}-0.5.json").read_text())
+        assert 0 <= compact["accuracy"] <= 1

@@ -1,0 +1,74 @@
+"""Latency harness, FLOP and parameter counts, and ONNX export of compact models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from cofi.benchmark import environment, time_forward, time_onnx
+from cofi.compact import compact
+from cofi.flops import forward_flops
+from cofi.sparsity import count_prunable_parameters
+
+ort = pytest.importorskip("onnxruntime")
+from cofi.onnx_export import export_onnx, max_logit_difference, onnx_session  # noqa: E402
+
+
+@pytest.fixture
+def heterogeneous():
+    """A compact model with 3 heads in layer 0, none in layer 1, FFN widths 5 and 32, hidden 16 → 12."""
+    model = tiny_model(seed=3).eval()
+    masks = {
+        "head": torch.tensor([[1.0, 0.7, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]),
+        "intermediate": torch.cat([torch.tensor([[0.9] * 5 + [0.0] * 27]), torch.full((1, 32), 0.8)]),
+        "hidden": torch.tensor([1.0] * 12 + [0.0] * 4),
+        "ffn": torch.tensor([1.0, 0.6]),
+    }
+    return compact(model, masks)
+
+
+def test_timing_is_well_formed_and_the_environment_recorded():
+    model = tiny_model()
+    for precision in ("fp32", "bf16"):
+        t = time_forward(model, batch_size=2, sequence_length=8, precision=precision, warmup=1, repeats=5)
+        assert (t.runtime, t.batch_size, t.sequence_length, t.precision, t.device, t.repeats) == (
+            "torch", 2, 8, precision, "cpu", 5)
+        assert 0 < t.q1_ms <= t.median_ms <= t.q3_ms
+        assert t.iqr_ms == pytest.approx(t.q3_ms - t.q1_ms)
+        assert t.threads == torch.get_num_threads()
+        assert t.as_dict()["key"] == f"torch_{precision}_b2_s8"
+    env = environment()
+    for key in ("cpu", "cores", "threads", "torch", "transformers", "onnxruntime", "python"):
+        assert env[key], key
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        time_forward(model, 1, 8, precision="fp16")
+
+
+def test_flops_and_parameters_equal_a_hand_count(heterogeneous):
+    config = heterogeneous.config
+    assert config.layer_num_heads == [3, 0] and config.layer_intermediate_size == [5, 32]
+    C, D, T = 12, 4, 10  # kept hidden size, head size, tokens
+    layer0 = 3 * 2 * T * C * (3 * D) + 2 * 2 * T * T * (3 * D) + 2 * T * (3 * D) * C + 2 * 2 * T * C * 5
+    layer1 = 2 * 2 * T * C * 32  # no attention left
+    head = 2 * C * 16 + 2 * 16 * 2  # pooler C → 16 (its output width is not pruned), classifier 16 → 2
+    assert forward_flops(heterogeneous, T) == layer0 + layer1 + head
+    # prunable weights: Q, K, V, O and FFN up, down
+    assert count_prunable_parameters(heterogeneous) == 4 * C * 3 * D + 2 * C * 5 + 2 * C * 32
+    full = tiny_model()
+    assert forward_flops(full, T) == 2 * (3 * 2 * T * 16 * 16 + 2 * 2 * T * T * 16 + 2 * T * 16 * 16
+                                          + 2 * 2 * T * 16 * 32) + 2 * 16 * 16 + 2 * 16 * 2
+
+
+def test_onnx_export_of_a_heterogeneous_model_matches_pytorch(heterogeneous, tmp_path):
+    path = export_onnx(heterogeneous, tmp_path / "model.onnx")
+    session = onnx_session(path, threads=1)
+    generator = torch.Generator().manual_seed(0)
+    for batch, length in ((1, 5), (3, 17)):  # dynamic batch and sequence axes
+        ids = torch.randint(2, 50, (batch, length), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[0, length // 2:] = 0  # padding
+        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        assert max_logit_difference(heterogeneous, session, inputs) <= 1e-5
+    t = time_onnx(session, vocab_size=50, batch_size=2, sequence_length=8, threads=1, warmup=1, repeats=3)
+    assert t.runtime == "onnxruntime" and t.key == "onnxruntime_fp32_b2_s8" and t.median_ms > 0

@@ -1,0 +1,100 @@
+"""The report stage renders every table and figure from a small fixed set of inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_model
+from cofi.compact import compact, save_model
+from pipeline import lineage
+from pipeline.params import load_params
+from pipeline.paths import Paths
+from stages import report
+from stages.benchmark import add_speedups
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = [0.5, 0.8]
+
+
+def timing(key_runtime: str, precision: str, ms: float) -> dict:
+    return {"runtime": key_runtime, "batch_size": 32, "sequence_length": 128, "precision": precision, "device": "cpu",
+            "threads": 2, "repeats": 10, "median_ms": ms, "q1_ms": ms * 0.95, "q3_ms": ms * 1.05, "iqr_ms": ms * 0.1,
+            "key": f"{key_runtime}_{precision}_b32_s128"}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prune"]["targets"] = TARGETS
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    paths = Paths(tmp_path)
+
+    teacher = tiny_model(seed=1)
+    save_model(teacher, paths.teacher, extra=lambda d: lineage.write_manifest(
+        d, kind="teacher", parent_dir=None, base_model={"name": "tiny"}, data={"digest": "d"}, params={},
+        mlflow_run_id=None))
+    models = {"teacher": {"method": "teacher", "accuracy": 0.9, "sparsity": 0.0, "parameters": 10_000,
+                          "prunable_parameters": 6_000, "nonzero_prunable_parameters": 6_000,
+                          "flops": {"128": 4_000_000}, "timings": [timing("torch", "fp32", 40.0),
+                                                                    timing("onnxruntime", "fp32", 30.0)]}}
+    for i, t in enumerate(TARGETS):
+        heads = torch.ones(2, 4)
+        heads[1, : 2 + i] = 0
+        save_model(compact(teacher.eval(), {"head": heads}), paths.compact(t), extra=lambda d: lineage.write_manifest(
+            d, kind="compact", parent_dir=paths.teacher, base_model=None, data=None, params={}, mlflow_run_id=None))
+        models[f"cofi-{t:g}"] = {"method": "cofi", "accuracy": 0.88 - 0.05 * i, "sparsity": t,
+                                 "parameters": 8_000 - 1000 * i, "prunable_parameters": 3_000 - 1000 * i,
+                                 "nonzero_prunable_parameters": 3_000 - 1000 * i, "flops": {"128": 2_000_000 - 800_000 * i},
+                                 "timings": [timing("torch", "fp32", 25.0 - 10 * i), timing("onnxruntime", "fp32", 20.0 - 8 * i)]}
+        paths.metrics("prune", t).parent.mkdir(parents=True, exist_ok=True)
+        paths.metrics("prune", t).write_text(json.dumps({"target_reached": i == 0, "accuracy": 0.8}))
+        paths.metrics("compact", t).write_text(json.dumps(
+            {"sparsity_expected": t, "sparsity_masks": t - 0.01, "sparsity_counted": t - 0.01}))
+        paths.curve("prune", t).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"step": [1, 2, 3], "loss": [1.0, 0.8, 0.7], "pred": [0.5, 0.4, 0.3], "layer": [0.5, 0.4, 0.4],
+                      "lagrangian": [0.0, 0.01, 0.02], "expected_sparsity": [0.0, 0.2, t],
+                      "target_sparsity": [0.0, 0.25, t], "lambda_1": [0.0, -0.1, -0.2], "lambda_2": [0.0, 0.1, 0.3]}
+                     ).to_csv(paths.curve("prune", t), index=False)
+    # a layer-subset baseline as fast as cofi-0.5 (24 vs 25 ms: within 10%) but less accurate
+    models["baseline-layer_subset"] = {"method": "baseline-layer_subset", "accuracy": 0.86, "sparsity": 0.5,
+                                       "parameters": 7_000, "prunable_parameters": 3_000,
+                                       "nonzero_prunable_parameters": 3_000, "flops": {"128": 2_000_000},
+                                       "timings": [timing("torch", "fp32", 24.0), timing("onnxruntime", "fp32", 19.0)]}
+    add_speedups(models)
+    paths.benchmark.write_text(json.dumps({"environment": {"device": "cpu", "cpu": "test CPU", "gpu": None, "cores": 2,
+                                                           "threads": 2, "torch": "x", "transformers": "y",
+                                                           "onnxruntime": "z"}, "models": models}))
+    return tmp_path
+
+
+def test_report_renders_every_table_and_figure(project):
+    text = report.run(load_params(project / "params.yaml"), project)
+    out = project / "report"
+    assert (out / "report.md").read_text() == text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| model | method | sparsity | parameters | prunable (nonzero) | accuracy | GFLOPs/example")
+    assert "torch_fp32_b32_s128: ms · speedup · eff." in table[0] and "onnxruntime_fp32_b32_s128" in table[0]
+    # teacher 40 ms, cofi-0.5 25 ms → 1.60×; FLOP ratio 4.0/2.0 → efficiency 0.80
+    row = next(line for line in table if line.startswith("| cofi-0.5 "))
+    assert "25.0 · 1.60× · 0.80" in row
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| teacher", "| cofi-0.5", "| cofi-0.8", "| baseline-layer_subset"]
+    assert row.endswith("| best at ~1.6× |")  # beats the baseline of the same speed
+    assert next(line for line in table if line.startswith("| baseline-")).endswith("|  |")
+    assert "target not reached" in text  # target 0.8 is marked
+    for name in ["accuracy_vs_speedup.png", "structure-0.5.png", "structure-0.8.png", "curves-0.5.png", "curves-0.8.png"]:
+        assert (out / name).stat().st_size > 1000, name
+        assert f"({name})" in text
+    sweep = pd.read_csv(out / "sweep.csv")
+    assert list(sweep["model"]) == ["teacher", "cofi-0.5", "cofi-0.8", "baseline-layer_subset"]
+    assert sweep["speedup"].tolist() == pytest.approx([1.0, 1.6, 40 / 15, 40 / 24])
+    for name, columns in report.CURVES.items():
+        curve = pd.read_csv(out / "curves" / name / "0.8.csv")
+        assert list(curve.columns) == ["step", *columns]
