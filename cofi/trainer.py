@@ -13,6 +13,10 @@ fine-tuning with a fixed structure.
 The loop is seeded and resumable: the example order of an epoch is a function of
 (seed, epoch), and a checkpoint holds every piece of state (weights, gates, λ,
 optimizers, schedule, RNG) so a resumed run continues as if never stopped.
+SIGINT and SIGTERM are deferred to the end of the current step, which is then
+checkpointed. Under torchrun / accelerate launch (cofi.distributed) each of N
+processes takes every N-th example of the global batch; gradients are summed
+across processes before one identical update, so replicas never diverge.
 The library logs nothing itself; pass callbacks to record metrics.
 """
 
@@ -34,6 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cofi.batching import Collator, Example, batches, epoch_order, steps_per_epoch
+from cofi.distributed import Processes
 from cofi.checkpoint import load_checkpoint, save_checkpoint
 from cofi.distill import DistillationLoss, existing_layers, existing_layers_of_structure
 from cofi.gates import GateConfig, HardConcreteGates
@@ -52,6 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0  # fraction of steps with a linearly rising learning rate
     group_by_length: bool = True  # batches of similar length: far less padding (see batching.epoch_order)
+    accumulation_steps: int = 1  # micro-batches per process per step; batch_size stays the effective batch
     max_grad_norm: float = 1.0
     bf16: bool = False  # autocast to bfloat16 (CPU with AMX/AVX-512, or CUDA)
     seed: int = 42
@@ -66,6 +72,7 @@ class TrainConfig:
         _check_range("learning_rate", self.learning_rate, 0.0, math.inf, low_open=True)
         _check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         _check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True)
+        _check_range("accumulation_steps", self.accumulation_steps, 1, math.inf)
 
 
 @dataclass
@@ -91,6 +98,9 @@ def _check_range(name: str, value: float, low: float, high: float, low_open: boo
     if below or above or (isinstance(value, float) and math.isnan(value)):
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
         raise ValueError(f"{name}={value!r} is out of range; allowed: {interval}")
+
+
+PER_EXAMPLE_PARTS = ("data", "ce", "pred", "layer", "distill")  # means over examples; the rest are global
 
 
 class NonFiniteLossError(RuntimeError):
@@ -156,7 +166,10 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """To the device; on CUDA through pinned memory, so the copy does not block the host."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return dict(batch)
 
 
 @torch.no_grad()
@@ -220,9 +233,15 @@ class Trainer:
         self.metric_fn, self.primary_metric, self.collate = metric_fn, primary_metric, collate
         self.callbacks = list(callbacks)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.device = resolve_device(config.device)
+        self.processes = Processes.from_environment(cpu=config.device == "cpu")
+        self.device = self.processes.device if self.processes.world_size > 1 and config.device == "auto" else resolve_device(config.device)
+        if config.batch_size < self.processes.world_size * config.accumulation_steps:
+            raise ValueError(
+                f"batch_size={config.batch_size} is smaller than processes ({self.processes.world_size}) × "
+                f"accumulation_steps ({config.accumulation_steps}): some micro-batches would be empty"
+            )
 
-        torch.manual_seed(config.seed)  # gates' initial log α and any fresh weights
+        torch.manual_seed(config.seed)  # gates' initial log α and any fresh weights: the same on every process
         self.model = model.to(self.device)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         self.distill = distill.to(self.device) if distill is not None else None
@@ -272,6 +291,10 @@ class Trainer:
         self.evaluations: list[dict[str, float]] = []
         self.history: list[dict[str, float]] = []
         self.best: dict[str, Any] | None = None  # {"step", "metrics", "state"}
+        self._signals: list[int] = []  # stop signals received (filled during fit)
+        self._stop = False
+        if self.processes.world_size > 1:  # same weights everywhere; different dropout and mask draws per process
+            torch.manual_seed(config.seed + 1_000_003 * self.processes.rank)
 
     # ----------------------------------------------------------------- one step
     def _pruning(self, step: int) -> bool:
@@ -284,7 +307,8 @@ class Trainer:
         return existing_layers_of_structure(config.layer_num_heads, config.layer_intermediate_size)
 
     def _losses(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
-        """Every loss part of one step; "loss" is what is minimised."""
+        """Every loss part of one micro-batch: "data" (the per-example loss, a mean over
+        the micro-batch) and, while pruning, the "lagrangian" (a global term)."""
         pruning = self._pruning(step)
         masks = self.gates.sample() if pruning else self.fixed_masks
         layer_distill = self.distill is not None and self.distill.layer is not None
@@ -295,14 +319,13 @@ class Trainer:
                 with torch.no_grad():
                     teacher = self.teacher(*inputs, output_hidden_states=layer_distill)
         if self.distill is None:
-            parts = {"ce": student.loss}
-            loss = student.loss
+            parts = {"ce": student.loss, "data": student.loss}
         else:
             parts = self.distill(
                 student.logits, teacher.logits, student.hidden_states, teacher.hidden_states,
                 batch["attention_mask"], self._existing_layers(masks),
             )
-            loss = parts["distill"]
+            parts["data"] = parts["distill"]
         if pruning:
             expected = self.gates.expected_sparsity()
             target = target_sparsity(step, self.prune.target_sparsity, self.prune_start, self.sparsity_warmup)
@@ -311,17 +334,23 @@ class Trainer:
             parts["target_sparsity"] = torch.tensor(target)
             parts["lambda_1"] = self.lagrangian.lambda_1.detach()
             parts["lambda_2"] = self.lagrangian.lambda_2.detach()
-            loss = loss + parts["lagrangian"]
-        parts["loss"] = loss
         return parts
 
-    def _optimise(self, loss: Tensor, step: int) -> float:
+    def _optimizers(self, step: int) -> list[torch.optim.Optimizer]:
         optimizers = [self.optimizer]
         if self._pruning(step):
             optimizers += [self.gate_optimizer, self.lagrangian_optimizer]
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
+        return optimizers
+
+    def _trained_parameters(self, step: int) -> list[nn.Parameter]:
+        return [p for opt in self._optimizers(step) for g in opt.param_groups for p in g["params"]]
+
+    def _optimise(self, step: int) -> float:
+        """Gradients of every process summed (each already weighted by its share of the
+        global batch), then one identical update everywhere: weights, gates and λ stay
+        the same on every process by construction."""
+        if self.processes.world_size > 1:
+            self.processes.sum_gradients(self._trained_parameters(step))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
         if not math.isfinite(grad_norm):
@@ -329,7 +358,7 @@ class Trainer:
                 f"non-finite gradient norm at step {step}; lower the learning rate or turn bf16 off. "
                 "The last good checkpoint is unchanged."
             )
-        for opt in optimizers:
+        for opt in self._optimizers(step):
             opt.step()
         self.scheduler.step()
         if self._pruning(step):
@@ -345,10 +374,26 @@ class Trainer:
             masks = self.gates.deterministic()
             metrics["sparsity"] = mask_sparsity(self.shape, masks)
             metrics["expected_sparsity"] = float(self.gates.expected_sparsity())
-        preds, labels = predict(self.model, self.eval_data, self.collate, masks, self.config.eval_batch_size, self.config.bf16)
+        preds, labels = self._predict(masks)
         metrics.update(self.metric_fn(preds, labels))
         metrics["step"] = self.step
         return metrics
+
+    def _predict(self, masks: Mapping[str, Tensor] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Every process predicts its share (examples rank, rank + N, ...); the shares are
+        gathered back into dataset order, so each example counts exactly once."""
+        n, world = len(self.eval_data), self.processes.world_size
+        if world == 1:
+            return predict(self.model, self.eval_data, self.collate, masks, self.config.eval_batch_size, self.config.bf16)
+        mine = list(range(self.processes.rank, n, world))
+        preds, _ = predict(self.model, [self.eval_data[i] for i in mine], self.collate, masks,
+                           self.config.eval_batch_size, self.config.bf16)
+        gathered = self.processes.gather(list(zip(mine, preds.tolist())))
+        ordered = sorted(gathered)
+        if [i for i, _ in ordered] != list(range(n)):
+            raise RuntimeError(f"evaluation gathered {len(ordered)} predictions for {n} examples")
+        labels = np.array([self.eval_data[i]["label"] for i in range(n)])
+        return np.array([p for _, p in ordered]), labels
 
     def _is_candidate(self, metrics: Mapping[str, float]) -> bool:
         if self.prune is None:
@@ -419,8 +464,10 @@ class Trainer:
             self.lagrangian_optimizer.load_state_dict(state["lagrangian_optimizer"])
 
     def save_checkpoint(self) -> None:
-        if self.checkpoint_dir is not None:
+        """Written by the main process only (every process holds the same state)."""
+        if self.checkpoint_dir is not None and self.processes.is_main:
             save_checkpoint(self.checkpoint_dir, self._state(), self.step)
+        self.processes.barrier()
 
     # --------------------------------------------------------------------- fit
     def fit(self, resume: bool = True) -> TrainResult:
@@ -429,37 +476,76 @@ class Trainer:
             if state is not None:
                 self._restore(state)
                 log.info("resumed from step %d of %d", self.step, self.total_steps)
+                if self.processes.world_size > 1:  # the checkpoint holds the main process's random state
+                    torch.manual_seed(self.config.seed + 1_000_003 * self.processes.rank + self.step)
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.config.progress, desc="train", dynamic_ncols=True)
-        with _deferred_stop_signals() as received:
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.config.progress and self.processes.is_main))
+        with _deferred_stop_signals() as self._signals:
             while self.step < self.total_steps:
                 epoch, done = divmod(self.step, self.steps_per_epoch)
                 order = epoch_order(len(self.train_data), epoch, self.config.seed, self.lengths, self.config.batch_size)
-                for batch in batches(self.train_data, self.config.batch_size, self.collate, order, skip=done):
-                    self._train_step(_to(batch, self.device), bar)
+                for start in range(done * self.config.batch_size, len(order), self.config.batch_size):
+                    self._train_step(order[start : start + self.config.batch_size].tolist(), bar)
                     if self.step % self.eval_steps == 0 or self.step == self.total_steps:
                         self._record_evaluation(self.evaluate())
                         self.save_checkpoint()
-                    if received:  # between steps, so the checkpoint is a consistent state
+                    # between steps, so the checkpoint is a consistent state; several processes
+                    # stop together after the step whose all-reduce first carried a signal
+                    if self._stop if self.processes.world_size > 1 else self._signals:
                         bar.close()
                         self.save_checkpoint()
-                        raise TrainingInterrupted(received[0], self.step, self.checkpoint_dir is not None)
+                        signum = self._signals[0] if self._signals else signal.SIGTERM  # another process's
+                        raise TrainingInterrupted(signum, self.step, self.checkpoint_dir is not None)
                     if self.step == self.total_steps:
                         break
         bar.close()
         return self._finish()
 
-    def _train_step(self, batch: dict[str, Tensor], bar: tqdm) -> None:
+    def _micro_batches(self, indices: list[int]) -> list[list[int]]:
+        """This process's share of a global batch (every N-th example from its rank),
+        cut into ``accumulation_steps`` micro-batches."""
+        mine = indices[self.processes.rank :: self.processes.world_size]
+        steps = self.config.accumulation_steps
+        size = -(-len(mine) // steps)
+        return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+    def _train_step(self, indices: list[int], bar: tqdm) -> None:
+        """One optimizer step on the global batch ``indices``. Each micro-batch's mean loss
+        is weighted by its share of the global batch, and the Lagrangian (a global term)
+        by 1 / (number of micro-batches of all processes), so the summed gradients are
+        those of the global batch: the same effective batch for any process count."""
         step = self.step
-        parts = self._losses(batch, step)
-        values = {k: float(v.detach()) for k, v in parts.items()}
+        micro = self._micro_batches(indices)
+        share = 1.0 / (self.processes.world_size * len(micro))
+        for opt in self._optimizers(step):
+            opt.zero_grad(set_to_none=True)
+        logged: dict[str, Tensor] = {}
+        for examples in micro:
+            batch = _to(self.collate([self.train_data[i] for i in examples]), self.device)
+            parts = self._losses(batch, step)
+            weight = len(examples) / len(indices)
+            lagrangian = parts.get("lagrangian")
+            loss = parts["data"] * weight + (lagrangian * share if lagrangian is not None else 0.0)
+            loss.backward()
+            for k, v in parts.items():  # per-example parts summed by weight, global ones averaged
+                scale = weight if k in PER_EXAMPLE_PARTS else share
+                logged[k] = logged.get(k, 0.0) + v.detach().float() * scale
+        stop = torch.tensor(float(bool(self._signals)), device=self.device)
+        if self.processes.world_size > 1:  # one small all-reduce: logged values, and whether any process was signalled
+            keys = sorted(logged)
+            summed = self.processes.sum(torch.stack([*(logged[k] for k in keys), stop]))
+            logged, stop = dict(zip(keys, summed[:-1])), summed[-1]
+        self._stop = bool(stop > 0)  # every process stops after the same step
+        logged["loss"] = logged["data"] + logged.get("lagrangian", 0.0)
+        values = {k: float(v) for k, v in logged.items() if k != "data"}
         if not all(math.isfinite(values[k]) for k in values if k not in ("lambda_1", "lambda_2")):
             raise NonFiniteLossError(
                 f"non-finite loss at step {step}: "
                 + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
                 + ". Lower the learning rate or turn bf16 off. The last good checkpoint is unchanged."
             )
-        values["grad_norm"] = self._optimise(parts["loss"], step)
+        values["grad_norm"] = self._optimise(step)
         values["learning_rate"] = self.scheduler.get_last_lr()[0]
         self.step += 1
         self.history.append({"step": self.step, **values})

@@ -119,6 +119,8 @@ class Compute(_Section):
     device: Literal["auto", "cpu", "cuda"]
     bf16: bool
     group_by_length: bool
+    processes: Count
+    accumulation_steps: Count
     threads: Threads
 
 

@@ -8,7 +8,9 @@ import subprocess
 from contextlib import contextmanager
 import io
 import json
+import os
 import random
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -89,6 +91,7 @@ def train_config(params: Params, section, evals_per_epoch: int, num_examples: in
         warmup_ratio=getattr(section, "warmup_ratio", 0.0),
         bf16=params.compute.bf16,
         group_by_length=params.compute.group_by_length,
+        accumulation_steps=params.compute.accumulation_steps,
         seed=params.seed,
         eval_steps=max(1, steps_per_epoch // evals_per_epoch),
         device=params.compute.device,
@@ -158,9 +161,19 @@ def group_id(params: Params, root: Path) -> str:
     return fingerprint(params.model_dump(), git_commit(root))
 
 
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a multi-process launch (torchrun, accelerate):
+    only the main process writes outputs and logs to MLflow."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextmanager
 def mlflow_run(stage: str, params: Params, root: Path, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """One MLflow run for one stage execution, grouped with its pipeline execution."""
+    """One MLflow run for one stage execution, grouped with its pipeline execution
+    (on other ranks than the main one: no run, and ``run.info.run_id`` is None)."""
+    if not is_main_process():
+        yield SimpleNamespace(info=SimpleNamespace(run_id=None))
+        return
     with tracking.stage_run(
         stage, params=params.model_dump(), group=group_id(params, root), tags=dict(tags or {}),
         project_dir=root, experiment=params.mlflow.experiment,

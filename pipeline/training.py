@@ -15,7 +15,7 @@ from cofi.trainer import TrainConfig, Trainer, TrainerCallback, TrainResult
 from pipeline import tracking
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.runtime import collator, fingerprint, load_examples, task_spec_of, write_curve
+from pipeline.runtime import collator, fingerprint, is_main_process, load_examples, task_spec_of, write_curve
 
 
 @dataclass
@@ -51,16 +51,18 @@ def train(
     """
     spec = task_spec_of(params)
     checkpoint_dir = paths.checkpoints(stage, fingerprint(stage, repr(config), repr(trainer_kwargs.get("prune")), inputs_digest))
-    mlflow_callback = tracking.MlflowCallback()
+    main = is_main_process()
+    mlflow_callback = tracking.MlflowCallback() if main else None
     trainer = Trainer(
         model, data.train, data.validation, config,
         metric_fn=spec.metric_fn, primary_metric=spec.primary_metric,
-        collate=collator(data.meta["pad_token_id"]), callbacks=[*callbacks, mlflow_callback],
+        collate=collator(data.meta["pad_token_id"]), callbacks=[*callbacks, *([mlflow_callback] if main else [])],
         checkpoint_dir=checkpoint_dir, **trainer_kwargs,
     )
     result = trainer.fit()
-    mlflow_callback.flush()
-    write_curve(curve, result.history)
+    if main:
+        mlflow_callback.flush()
+        write_curve(curve, result.history)
     return trainer, result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.params import ABLATIONS, Params, validate_params
+from pipeline.runtime import is_main_process
 from stages import compact, finetune, prune
 
 
@@ -31,4 +32,6 @@ def run(params: Params, name: str, root: Path = Path(".")) -> dict:
     target = params.baselines.target
     prune.run(changed, target, root, variant(name))
     finetune.run(changed, target, root, variant(name))
+    if not is_main_process():  # training is shared; exporting is the main process's
+        return {}
     return compact.run(changed, target, root, variant(name))

@@ -26,7 +26,7 @@ from cofi.sparsity import count_prunable_parameters
 from pipeline import lineage
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.runtime import distillation, mlflow_run, setup, train_config, write_json
+from pipeline.runtime import distillation, is_main_process, mlflow_run, setup, train_config, write_json
 from pipeline.training import finish, load_stage_data, train
 
 STAGE = "baseline"
@@ -82,6 +82,8 @@ def run(params: Params, method: str, root: Path = Path(".")) -> dict:
         else:
             raise ValueError(f"unknown baseline method {method!r}")
 
+        if not is_main_process():  # the main process writes the outputs
+            return {}
         tokenizer = AutoTokenizer.from_pretrained(paths.teacher)
 
         def extra(directory: Path) -> None:

@@ -17,7 +17,7 @@ from cofi.compact import compact, save_model
 from pipeline import lineage
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.runtime import distillation, mlflow_run, setup, train_config, write_json
+from pipeline.runtime import distillation, is_main_process, mlflow_run, setup, train_config, write_json
 from pipeline.training import finish, load_stage_data, train
 from stages.prune import LAYER_MAP_FILE, MASKS_FILE
 
@@ -49,6 +49,8 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
             pruned_manifest["weights_sha256"], paths.curve(STAGE, target),
             teacher=teacher, distill=distill,
         )
+        if not is_main_process():  # the main process writes the outputs
+            return {}
 
         def extra(directory: Path) -> None:
             lineage.write_manifest(

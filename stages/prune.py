@@ -15,7 +15,7 @@ from cofi.compact import compact, save_model
 from pipeline import lineage, tracking
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.runtime import distillation, mlflow_run, prune_config, setup, train_config, write_json
+from pipeline.runtime import distillation, is_main_process, mlflow_run, prune_config, setup, train_config, write_json
 from pipeline.training import finish, load_stage_data, train
 
 STAGE = "prune"
@@ -39,6 +39,8 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
             teacher_manifest["weights_sha256"], paths.curve(STAGE, target),
             teacher=teacher, distill=distill, prune=prune_config(params, target),
         )
+        if not is_main_process():  # the main process writes the outputs
+            return {}
         masks = {k: v.contiguous().cpu() for k, v in result.masks.items()}
 
         def extra(directory: Path) -> None:

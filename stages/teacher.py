@@ -14,7 +14,7 @@ from cofi.convert import load_pretrained, load_tokenizer
 from pipeline import lineage
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.runtime import base_model_path, mlflow_run, setup, task_spec_of, train_config, write_json
+from pipeline.runtime import base_model_path, is_main_process, mlflow_run, setup, task_spec_of, train_config, write_json
 from pipeline.training import finish, load_stage_data, train
 
 STAGE = "teacher"
@@ -32,6 +32,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 
     with mlflow_run(STAGE, params, paths.root) as run:
         trainer, result = train(STAGE, params, paths, data, model, config, data.meta["digest"], paths.curve(STAGE))
+        if not is_main_process():  # the main process writes the outputs
+            return {}
 
         def extra(directory: Path) -> None:
             tokenizer.save_pretrained(directory)

@@ -121,8 +121,8 @@ BAD = [
         "warm-up longer than training",
         {"prune.sparsity_warmup_epochs": 3.5},
         [
-            "sparsity warm-up longer than training: prune.distill_epochs (0.25) + "
-            "prune.sparsity_warmup_epochs (3.5) must be < prune.epochs (1.5)"
+            "sparsity warm-up longer than training: prune.distill_epochs (0.15) + "
+            "prune.sparsity_warmup_epochs (3.5) must be < prune.epochs (1.75)"
         ],
     ),
     ("custom task without data.custom", {"data.task": "custom"}, ["data.task 'custom' requires data.custom"]),
