@@ -134,7 +134,9 @@ def run(params: Params, root: Path = Path(".")) -> str:
     out.mkdir(parents=True, exist_ok=True)
 
     rows = []
-    for name, entry in bench["models"].items():
+    # the teacher first, then the file's order (JSON files here are written with sorted keys)
+    models = {"teacher": bench["models"]["teacher"], **{k: v for k, v in bench["models"].items() if k != "teacher"}}
+    for name, entry in models.items():
         t = headline_timing(entry["timings"])
         rows.append({"model": name, "method": entry["method"], metric: entry[metric], "sparsity": entry["sparsity"],
                      "speedup": t["speedup"]})
@@ -148,7 +150,7 @@ def run(params: Params, root: Path = Path(".")) -> str:
              f"{params.benchmark.repeats} forward passes after {params.benchmark.warmup} warm-up passes; "
              "speedup is over the teacher in the same configuration; efficiency is speedup ÷ FLOP-ratio speedup "
              "(1.0: the model is as fast as its FLOPs allow).", "",
-             *results_table(bench["models"], metric)]
+             *results_table(models, metric)]
 
     figures = {"accuracy_vs_speedup.png": sweep_figure(rows, metric)}
     lines += ["", "![accuracy vs speedup](accuracy_vs_speedup.png)", ""]

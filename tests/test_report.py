@@ -69,7 +69,7 @@ def project(tmp_path, monkeypatch) -> Path:
                                        "nonzero_prunable_parameters": 3_000, "flops": {"128": 2_000_000},
                                        "timings": [timing("torch", "fp32", 24.0), timing("onnxruntime", "fp32", 19.0)]}
     add_speedups(models)
-    paths.benchmark.write_text(json.dumps({"environment": {"device": "cpu", "cpu": "test CPU", "gpu": None, "cores": 2,
+    paths.benchmark.write_text(json.dumps(sort_keys=True, obj={"environment": {"device": "cpu", "cpu": "test CPU", "gpu": None, "cores": 2,
                                                            "threads": 2, "torch": "x", "transformers": "y",
                                                            "onnxruntime": "z"}, "models": models}))
     return tmp_path
@@ -85,7 +85,7 @@ def test_report_renders_every_table_and_figure(project):
     # teacher 40 ms, cofi-0.5 25 ms → 1.60×; FLOP ratio 4.0/2.0 → efficiency 0.80
     row = next(line for line in table if line.startswith("| cofi-0.5 "))
     assert "25.0 · 1.60× · 0.80" in row
-    assert [line.split(" | ")[0] for line in table[1:]] == ["| teacher", "| cofi-0.5", "| cofi-0.8", "| baseline-layer_subset"]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| teacher", "| baseline-layer_subset", "| cofi-0.5", "| cofi-0.8"]
     assert row.endswith("| best at ~1.6× |")  # beats the baseline of the same speed
     assert next(line for line in table if line.startswith("| baseline-")).endswith("|  |")
     assert "target not reached" in text  # target 0.8 is marked
@@ -93,8 +93,8 @@ def test_report_renders_every_table_and_figure(project):
         assert (out / name).stat().st_size > 1000, name
         assert f"({name})" in text
     sweep = pd.read_csv(out / "sweep.csv")
-    assert list(sweep["model"]) == ["teacher", "cofi-0.5", "cofi-0.8", "baseline-layer_subset"]
-    assert sweep["speedup"].tolist() == pytest.approx([1.0, 1.6, 40 / 15, 40 / 24])
+    assert list(sweep["model"]) == ["teacher", "baseline-layer_subset", "cofi-0.5", "cofi-0.8"]  # teacher first
+    assert sweep["speedup"].tolist() == pytest.approx([1.0, 40 / 24, 1.6, 40 / 15])
     for name, columns in report.CURVES.items():
         curve = pd.read_csv(out / "curves" / name / "0.8.csv")
         assert list(curve.columns) == ["step", *columns]
