@@ -28,11 +28,16 @@ def _params(path: Path):
         raise typer.Exit(2) from None
 
 
-def _target(params, target: float) -> float:
-    if target not in params.prune.targets:
-        typer.echo(f"error: --target {target} is not in prune.targets {params.prune.targets}", err=True)
+def _one_of(value, allowed: list, what: str):
+    """``value`` if the params allow it, else exit 2 naming the params key."""
+    if value not in allowed:
+        typer.echo(f"error: {value!r} is not in {what} {allowed}", err=True)
         raise typer.Exit(2)
-    return target
+    return value
+
+
+def _target(params, target: float) -> float:
+    return _one_of(target, params.prune.targets, "prune.targets")
 
 
 @app.command()
@@ -87,10 +92,7 @@ def baseline(
     from stages import baseline as stage
 
     p = _params(params)
-    if method not in p.baselines.methods:
-        typer.echo(f"error: {method!r} is not in baselines.methods {p.baselines.methods}", err=True)
-        raise typer.Exit(2)
-    stage.run(p, method, params.parent)
+    stage.run(p, _one_of(method, p.baselines.methods, "baselines.methods"), params.parent)
 
 
 @app.command()
@@ -102,10 +104,7 @@ def ablation(
     from stages import ablation as stage
 
     p = _params(params)
-    if name not in p.baselines.ablations:
-        typer.echo(f"error: {name!r} is not in baselines.ablations {p.baselines.ablations}", err=True)
-        raise typer.Exit(2)
-    stage.run(p, name, params.parent)
+    stage.run(p, _one_of(name, p.baselines.ablations, "baselines.ablations"), params.parent)
 
 
 @app.command()

@@ -42,6 +42,7 @@ def run(params: Params, method: str, root: Path = Path(".")) -> dict:
     section = params.prune.model_copy(update={"epochs": params.prune.epochs + params.finetune.epochs})
     sequence_length = max(params.benchmark.sequence_lengths)
 
+    trainers = []  # their checkpoints are dropped once the outputs are written
     with mlflow_run(name, params, paths.root, tags=lineage.lineage_tags(teacher_manifest)) as run:
         if method == "layer_subset":
             cofi_model = lineage.load_verified(paths.compact(params.baselines.target))
@@ -56,6 +57,7 @@ def run(params: Params, method: str, root: Path = Path(".")) -> dict:
             config = train_config(params, section, params.prune.evals_per_epoch, len(data.train))
             trainer, result = train(name, params, paths, data, student, config, teacher_manifest["weights_sha256"],
                                     paths.curve(STAGE + "-" + method), teacher=teacher, distill=distill)
+            trainers.append(trainer)
             model = trainer.model
             details = {"layers": list(size.layers), "head_fraction": size.head_fraction,
                        "ffn_fraction": size.ffn_fraction, f"flops_s{sequence_length}": size.flops,
@@ -64,7 +66,6 @@ def run(params: Params, method: str, root: Path = Path(".")) -> dict:
             rounds = params.baselines.magnitude_rounds
             round_section = section.model_copy(update={"epochs": section.epochs / rounds})
             config = train_config(params, round_section, params.prune.evals_per_epoch, len(data.train))
-            trainers = []
 
             def train_round(model, keep_pruned, r):
                 distill = distillation(params, teacher.config.hidden_size, teacher.config.num_hidden_layers)
@@ -100,6 +101,6 @@ def run(params: Params, method: str, root: Path = Path(".")) -> dict:
                    "prunable_parameters": count_prunable_parameters(model), **details}
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         write_json(paths.metrics(f"{STAGE}-{method}"), metrics)
-    for trainer in [trainer] if method == "layer_subset" else trainers:
+    for trainer in trainers:
         finish(trainer)
     return metrics

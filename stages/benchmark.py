@@ -13,6 +13,7 @@ metrics/benchmark/<model>.json (flat, for `dvc metrics`); logs both to MLflow.""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import mlflow
@@ -71,7 +72,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                 "timings": [],
             }
             if bench.onnx:  # exported from a fresh fp32 CPU copy: the timed model stays where it is
-                cpu_model = lineage.load_verified(sources[name])
+                cpu_model = copy.deepcopy(model).float().cpu()
                 path = export_onnx(cpu_model, paths.onnx(name))
                 sessions[name] = onnx_session(path, threads)
                 difference = max_logit_difference(cpu_model, sessions[name], check_inputs)

@@ -31,12 +31,11 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
     pruned_dir = paths.pruned(target)
     pruned_manifest = lineage.read_manifest(pruned_dir)
     masks = load_file(pruned_dir / MASKS_FILE)
-    student = compact(lineage.load_verified(pruned_dir), masks)
-    teacher = lineage.load_verified(paths.teacher)
-    distill = distillation(params, teacher.config.hidden_size, teacher.config.num_hidden_layers)
-    if distill is None:  # gold labels only
-        teacher = None
-    else:
+    pruned = lineage.load_verified(pruned_dir)  # full size: the teacher's shape
+    distill = distillation(params, pruned.config.hidden_size, pruned.config.num_hidden_layers)
+    student = compact(pruned, masks)
+    teacher = lineage.load_verified(paths.teacher) if distill is not None else None  # None: gold labels only
+    if distill is not None:
         distill.load_state_dict(load_file(pruned_dir / LAYER_MAP_FILE))
         if distill.layer is not None and "hidden" in masks:  # the map now reads only the kept hidden dims
             distill.layer = distill.layer.restrict_input(masks["hidden"] != 0)

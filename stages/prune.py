@@ -6,6 +6,7 @@ map, manifest.json), metrics/prune-<target>.json and plots/prune-<target>.csv.""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import mlflow
@@ -29,7 +30,7 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
     teacher_manifest = lineage.read_manifest(paths.teacher)
     student = lineage.load_verified(paths.teacher)  # CoFi starts from the fine-tuned teacher
     distill = distillation(params, student.config.hidden_size, student.config.num_hidden_layers)
-    teacher = lineage.load_verified(paths.teacher) if distill is not None else None
+    teacher = copy.deepcopy(student) if distill is not None else None  # frozen by the Trainer
     config = train_config(params, params.prune, params.prune.evals_per_epoch, len(data.train))
     name = paths.run_name(STAGE, target)
 
