@@ -96,8 +96,10 @@ def _per_layer_masks(
     """Validate ``masks`` and fill missing families with ones.
 
     Returns the hidden mask (C,) and, per layer, its "head_z" (H_l,), "mha_z" (),
-    "int_z" (F_l,), "ffn_z" (). Masks are detached, moved to the model's device
-    and kept in at least fp32 so that folding adds no rounding of its own.
+    "int_z" (F_l,), "ffn_z" (). Masks are detached, copied to the host (which
+    units survive sets the new shapes: a host decision, made once per mask) and
+    kept in at least fp32 so that folding adds no rounding of its own; each
+    index and scale goes to the weights' device where it is used.
     """
     unknown = set(masks) - {"hidden", "head", "mha", "intermediate", "ffn"}
     if unknown:
@@ -110,13 +112,13 @@ def _per_layer_masks(
     def get(family: str, shape: tuple[int, ...]) -> Tensor:
         value = masks.get(family)
         if value is None:
-            return torch.ones(shape, dtype=dtype, device=weight.device)
+            return torch.ones(shape, dtype=dtype)
         if tuple(value.shape) != shape:
             raise ValueError(f"mask {family!r} has shape {tuple(value.shape)}, expected {shape}")
-        return value.detach().to(device=weight.device, dtype=dtype)
+        return value.detach().to(device="cpu", dtype=dtype)
 
     def ones(n: int) -> Tensor:
-        return torch.ones(n, dtype=dtype, device=weight.device)
+        return torch.ones(n, dtype=dtype)
 
     # An (L, H) or (L, F) mask needs every layer at one size (a full-size model);
     # a compact model can still be compacted again with the other families.
@@ -154,26 +156,30 @@ def _fold_linear(
     w = w.to(torch.promote_types(dtype, torch.float32))
     b = b.to(w.dtype)
     if rows is not None:
+        rows = rows.to(w.device)
         w, b = w[rows], b[rows]
     if cols is not None:
-        w = w[:, cols]
+        w = w[:, cols.to(w.device)]
     if col_scale is not None:
-        w = w * col_scale
+        w = w * col_scale.to(w.device)
     if row_scale is not None:
+        row_scale = row_scale.to(w.device)
         w, b = w * row_scale[:, None], b * row_scale
     return w.to(dtype).contiguous().clone(), b.to(dtype).contiguous().clone()
 
 
 def _fold_norm(norm: nn.LayerNorm, keep: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     """LayerNorm over the kept dims (C',) whose output is scaled by the hidden mask z (C',)."""
+    keep, z = keep.to(norm.weight.device), z.to(norm.weight.device)
     w = norm.weight[keep].to(z.dtype) * z
     b = norm.bias[keep].to(z.dtype) * z
     return w.to(norm.weight.dtype).contiguous(), b.to(norm.bias.dtype).contiguous()
 
 
 def _embeddings_state(embeddings: nn.Module, keep: Tensor, z: Tensor) -> dict[str, Tensor]:
+    cols = keep.to(embeddings.word_embeddings.weight.device)
     state = {
-        f"embeddings.{name}.weight": getattr(embeddings, name).weight[:, keep].contiguous()  # (V, C')
+        f"embeddings.{name}.weight": getattr(embeddings, name).weight[:, cols].contiguous()  # (V, C')
         for name in ("word_embeddings", "position_embeddings", "token_type_embeddings")
     }
     w, b = _fold_norm(embeddings.LayerNorm, keep, z)

@@ -24,6 +24,7 @@ match (None) instead of an index past the end.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -37,7 +38,9 @@ __all__ = [
     "PredictionDistillLoss",
     "existing_layers",
     "existing_layers_of_structure",
+    "match_columns",
     "match_layers",
+    "as_match_list",
     "default_teacher_layers",
     "LayerDistillLoss",
     "DistillationLoss",
@@ -50,7 +53,10 @@ def _is_real(x: object) -> bool:
 
 
 def _fp32(device: torch.device):
-    """A context with autocast off, so that what runs inside stays in fp32."""
+    """A context with autocast off, so that what runs inside stays in fp32 (a device
+    without autocast, such as meta, needs none)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
 
@@ -141,21 +147,20 @@ def existing_layers(masks: Mapping[str, Tensor | None] | None, num_layers: int) 
 
 
 def existing_layers_of_structure(
-    layer_num_heads: Sequence[int], layer_intermediate_size: Sequence[int]
+    layer_num_heads: Sequence[int], layer_intermediate_size: Sequence[int], device: torch.device | str = "cpu"
 ) -> Tensor:
     """Bool (L,) for a compacted model: a layer exists iff it has a head or an FFN unit.
 
-    Takes ``config.layer_num_heads`` and ``config.layer_intermediate_size``;
-    agrees with ``existing_layers`` on the masks the model was compacted from.
+    Takes ``config.layer_num_heads`` and ``config.layer_intermediate_size``
+    (host lists; the result is made on ``device``); agrees with ``existing_layers`` on the masks the model was compacted from.
     """
     if len(layer_num_heads) != len(layer_intermediate_size):
         raise ValueError(
             f"layer_num_heads has {len(layer_num_heads)} entries, "
             f"layer_intermediate_size has {len(layer_intermediate_size)}"
         )
-    heads = torch.tensor(list(layer_num_heads), dtype=torch.long)
-    width = torch.tensor(list(layer_intermediate_size), dtype=torch.long)
-    return (heads > 0) | (width > 0)
+    exists = [h > 0 or f > 0 for h, f in zip(layer_num_heads, layer_intermediate_size)]
+    return torch.tensor(exists, dtype=torch.bool, device=device)
 
 
 # --------------------------------------------------------------------------- #
@@ -163,7 +168,10 @@ def existing_layers_of_structure(
 # --------------------------------------------------------------------------- #
 
 
-def match_layers(distances: Tensor, exists: Tensor | None, monotone: bool) -> list[int | None]:
+NO_MATCH = -1  # a teacher layer with no qualifying student layer
+
+
+def match_columns(distances: Tensor, exists: Tensor | None, monotone: bool) -> Tensor:
     """For each teacher layer (row), the closest existing student layer (column).
 
     Args:
@@ -175,51 +183,62 @@ def match_layers(distances: Tensor, exists: Tensor | None, monotone: bool) -> li
             column than the row above it (the top row: any existing layer).
 
     Returns:
-        N_t entries, each a 0-based column index or None when no column
-        qualifies (no existing layer at all, or, monotone, none below the
-        match of the row above; a row without a match leaves that bound
-        unchanged). Ties go to the lower layer; NaN distances lose to any
-        finite one. Moves the small matrix to the host (one sync).
+        (N_t,) long on the distances' device: a 0-based column, or NO_MATCH when
+        no column qualifies (no existing layer at all, or, monotone, none below
+        the match of the row above; a row without a match leaves that bound
+        unchanged). Ties go to the lower layer; NaN distances lose to any finite
+        one. Everything stays on the device: no host sync in a training step.
     """
     if distances.dim() != 2:
         raise ValueError(f"distances must be (N_t, L_s), got shape {tuple(distances.shape)}")
     n_teacher, n_student = distances.shape
-    d = distances.detach().float().cpu()
-    d = torch.where(torch.isnan(d), torch.full_like(d, math.inf), d)
-    if exists is None:
-        allowed = torch.ones(n_student, dtype=torch.bool)
-    else:
-        allowed = exists.detach().cpu().bool()
-        if allowed.shape != (n_student,):
-            raise ValueError(f"exists must have shape ({n_student},), got {tuple(allowed.shape)}")
-    columns = torch.arange(n_student)
-
-    def closest(row: int, candidates: Tensor) -> int | None:
-        idx = columns[candidates]  # layer indices, not sorted positions
-        if idx.numel() == 0:
-            return None
-        return int(idx[d[row, idx].argmin()])
-
+    d = distances.detach().float()
+    largest = torch.finfo(d.dtype).max
+    d = torch.nan_to_num(d, nan=largest, posinf=largest)  # below +inf, which marks non-candidates
+    allowed = _allowed(exists, n_student, d.device)
     if not monotone:
-        return [closest(i, allowed) for i in range(n_teacher)]
+        closest = torch.where(allowed, d, math.inf).argmin(-1)  # (N_t,): argmin takes the first of ties
+        return torch.where(allowed.any(), closest, NO_MATCH)
 
-    matches: list[int | None] = [None] * n_teacher
-    bound = n_student  # exclusive upper limit for the next (lower) teacher layer
+    columns = torch.arange(n_student, device=d.device)
+    bound = torch.full((), n_student, device=d.device)  # exclusive upper limit for the next (lower) row
+    matches = []
     for i in range(n_teacher - 1, -1, -1):
-        j = closest(i, allowed & (columns < bound))
-        matches[i] = j
-        if j is not None:
-            bound = j
-    return matches
+        candidates = allowed & (columns < bound)  # (L_s,)
+        closest = torch.where(candidates, d[i], math.inf).argmin()
+        found = candidates.any()
+        matches.append(torch.where(found, closest, NO_MATCH))
+        bound = torch.where(found, closest, bound)
+    return torch.stack(matches[::-1])
+
+
+def _allowed(exists: Tensor | None, n_student: int, device: torch.device) -> Tensor:
+    if exists is None:
+        return torch.ones(n_student, dtype=torch.bool, device=device)
+    if tuple(exists.shape) != (n_student,):
+        raise ValueError(f"exists must have shape ({n_student},), got {tuple(exists.shape)}")
+    return exists.detach().to(device=device, dtype=torch.bool)
+
+
+def match_layers(distances: Tensor, exists: Tensor | None, monotone: bool) -> list[int | None]:
+    """``match_columns`` as a host list: 0-based columns, None for no match (one sync)."""
+    return as_match_list(match_columns(distances, exists, monotone))
+
+
+def as_match_list(columns: Tensor, base: int = 0) -> list[int | None]:
+    """Match columns (NO_MATCH for none) as a list of ``base``-based layers and None."""
+    return [None if j == NO_MATCH else j + base for j in columns.tolist()]
 
 
 MATCHINGS = ("dynamic", "monotone", "fixed")
 
 
-def fixed_matches(student_layers: Sequence[int], exists: Tensor | None, num_student_layers: int) -> list[int | None]:
-    """0-based columns of a fixed matching: each 1-based student layer if it exists, else None."""
-    alive = [True] * num_student_layers if exists is None else exists.detach().cpu().bool().tolist()
-    return [j - 1 if 1 <= j <= num_student_layers and alive[j - 1] else None for j in student_layers]
+def fixed_columns(student_columns: Tensor, exists: Tensor | None, num_student_layers: int) -> Tensor:
+    """Columns of a fixed matching: each 0-based student column if that layer exists, else NO_MATCH."""
+    in_range = (student_columns >= 0) & (student_columns < num_student_layers)
+    alive = _allowed(exists, num_student_layers, student_columns.device)
+    alive = alive[student_columns.clamp(0, num_student_layers - 1)] & in_range
+    return torch.where(alive, student_columns, NO_MATCH)
 
 
 def default_teacher_layers(num_teacher_layers: int, count: int | None = None) -> list[int]:
@@ -268,15 +287,16 @@ class LayerDistillLoss(nn.Module):
         teacher_hidden: L_t + 1 tensors (B, T, C), detached inside
         attention_mask: (B, T), non-zero for real tokens, or None (all real)
         exists: (L_s,) bool (``existing_layers``), or None (all exist)
-        returns: (loss, matches) — a scalar fp32 tensor, and for each teacher
-            layer the matched 1-based student layer (an index into
-            ``student_hidden``) or None.
+        returns: (loss, columns) — a scalar fp32 tensor, and (N_t,) long on the
+            device: for each teacher layer the matched 0-based student layer,
+            or NO_MATCH (``as_match_list(columns, base=1)`` gives indices into
+            ``student_hidden`` and None, at the cost of one host sync).
 
     Distance: mean over real tokens and the C output channels of the squared
     difference, fp32. All N_t × L_s distances are computed without gradient to
     choose the matches; the loss is then recomputed with gradient for the
     matched pairs only. No match at all gives a zero loss still attached to
-    W_layer, so ``backward`` works.
+    W_layer, so ``backward`` works. Nothing here waits for the device.
     """
 
     def __init__(
@@ -302,6 +322,8 @@ class LayerDistillLoss(nn.Module):
         self.teacher_layers = layers
         self.matching = matching
         self.student_layers = [int(j) for j in (student_layers or layers)]
+        # 0-based columns of the fixed matching, a buffer so that it follows the module's device
+        self.register_buffer("student_columns", torch.tensor(self.student_layers) - 1, persistent=False)
         self.transform = nn.Linear(hidden_size, hidden_size)
         with torch.no_grad():
             self.transform.weight.copy_(torch.eye(hidden_size))
@@ -372,22 +394,20 @@ class LayerDistillLoss(nn.Module):
             denom = weights.sum().clamp_min(1.0) * C
 
             if self.matching == "fixed":
-                matches = fixed_matches(self.student_layers, exists, mapped.shape[0])
+                columns = fixed_columns(self.student_columns, exists, mapped.shape[0])
             else:
                 with torch.no_grad():  # the choice: N_t × L_s distances, one teacher layer at a time
                     target = mapped.detach()
                     distances = torch.stack(
                         [((target - t).square().sum(-1) * weights).sum((1, 2)) / denom for t in teacher]
                     )  # (N_t, L_s)
-                matches = match_layers(distances, exists, monotone=self.matching == "monotone")
+                columns = match_columns(distances, exists, monotone=self.matching == "monotone")
 
-            rows = [i for i, j in enumerate(matches) if j is not None]
-            if not rows:
-                return self.transform.weight.sum() * 0.0, [None] * len(matches)
-            cols = torch.tensor([matches[i] for i in rows], device=device)
-            diff = mapped.index_select(0, cols) - teacher[rows]  # (N_m, B, T, C)
-            loss = (diff.square().sum(-1) * weights).sum() / denom
-        return loss, [None if j is None else j + 1 for j in matches]
+            found = columns != NO_MATCH  # (N_t,)
+            diff = mapped.index_select(0, columns.clamp_min(0)) - teacher  # (N_t, B, T, C)
+            per_layer = (diff.square().sum(-1) * weights).sum((1, 2))  # (N_t,)
+            loss = torch.where(found, per_layer, 0.0).sum() / denom
+        return loss, columns
 
     def extra_repr(self) -> str:
         return f"teacher_layers={self.teacher_layers}, matching={self.matching}"
@@ -412,8 +432,9 @@ class DistillationLoss(nn.Module):
         student_hidden, teacher_hidden: hidden-state tuples (needed with a layer loss)
         attention_mask: (B, T) or None; exists: (L_s,) bool or None
         returns: {"pred": L_pred, "layer": L_layer, "distill": total}, scalar
-            tensors; the layer matches of the last call are kept in
-            ``last_matches`` (1-based student layers, None for no match).
+            tensors; the layer matches of the last call are read from
+            ``last_matches`` (1-based student layers, None for no match; a
+            host sync, so read it at logging time only).
 
     The Lagrangian sparsity term is not part of this loss; add it outside.
     """
@@ -431,7 +452,11 @@ class DistillationLoss(nn.Module):
         self.prediction = prediction
         self.layer = layer
         self.prediction_weight = float(w)
-        self.last_matches: list[int | None] | None = None
+        self._last_columns: Tensor | None = None
+
+    @property
+    def last_matches(self) -> list[int | None] | None:
+        return None if self._last_columns is None else as_match_list(self._last_columns, base=1)
 
     def forward(
         self,
@@ -444,13 +469,13 @@ class DistillationLoss(nn.Module):
     ) -> dict[str, Tensor]:
         pred = self.prediction(student_logits, teacher_logits)
         if self.layer is None:
-            self.last_matches = None
+            self._last_columns = None
             return {"pred": pred, "layer": torch.zeros_like(pred.detach()), "distill": pred}
         if student_hidden is None or teacher_hidden is None:
             raise ValueError(
                 "a layer loss needs student_hidden and teacher_hidden (output_hidden_states=True)"
             )
-        layer, self.last_matches = self.layer(student_hidden, teacher_hidden, attention_mask, exists)
+        layer, self._last_columns = self.layer(student_hidden, teacher_hidden, attention_mask, exists)
         w = self.prediction_weight
         return {"pred": pred, "layer": layer, "distill": w * pred + (1.0 - w) * layer}
 

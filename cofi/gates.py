@@ -91,7 +91,7 @@ def deterministic_mask(log_alpha: Tensor, keep_multiple: int = 1) -> Tensor:
     num_zeros = size - num_keep
     order = groups.argsort(dim=-1)  # ascending log α
     rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(groups.shape[-1]).expand_as(order))
+    rank.scatter_(-1, order, torch.arange(size, device=order.device).expand_as(order))
     z = torch.where(rank < num_zeros.unsqueeze(-1), torch.zeros_like(z), z)
     return z.reshape(log_alpha.shape)
 

@@ -66,9 +66,12 @@ def remaining_size(shape: ModelShape, keep: Mapping[str, Tensor]) -> Tensor:
     everything.
     """
 
-    def get(family: str) -> Tensor:
+    given = next((v for v in keep.values() if v is not None), None)
+    like = {"dtype": torch.float64} if given is None else {"dtype": given.dtype, "device": given.device}
+
+    def get(family: str) -> Tensor:  # a family switched off keeps everything: ones beside the others
         value = keep.get(family)
-        return torch.ones(shape.mask_shape(family), dtype=torch.float64) if value is None else value
+        return torch.ones(shape.mask_shape(family), **like) if value is None else value
 
     hidden = get("hidden").sum()
     heads = (get("mha").unsqueeze(-1) * get("head")).sum()

@@ -18,6 +18,12 @@ checkpointed. Under torchrun / accelerate launch (cofi.distributed) each of N
 processes takes every N-th example of the global batch; gradients are summed
 across processes before one identical update, so replicas never diverge.
 The library logs nothing itself; pass callbacks to record metrics.
+
+A training step never waits for the device: its logged values (losses, ŝ, λ,
+gradient norm) stay device tensors until the host reads them all at once every
+``log_steps`` steps, before every evaluation and checkpoint, and at the end.
+That read is where a non-finite value is caught (naming its step), where the
+processes agree on a stop signal, and where callbacks see each step.
 """
 
 from __future__ import annotations
@@ -59,12 +65,15 @@ class TrainConfig:
     group_by_length: bool = True  # batches of similar length: far less padding (see batching.epoch_order)
     accumulation_steps: int = 1  # micro-batches per process per step; batch_size stays the effective batch
     max_grad_norm: float = 1.0
-    bf16: bool = False  # autocast to bfloat16 (CPU with AMX/AVX-512, or CUDA)
+    bf16: bool = False  # autocast to bfloat16 where the device has it (CPU; CUDA from Ampere); else fp32
     seed: int = 42
     eval_steps: int = 0  # evaluate (and checkpoint) every this many steps; 0: once per epoch
     eval_batch_size: int = 128
     device: str = "auto"  # "auto": CUDA when available, else CPU
     progress: bool = True
+    # The host reads the logged values every this many steps: each read waits for
+    # the device, so on a GPU a read per step would stall its queue every step.
+    log_steps: int = 10
 
     def __post_init__(self) -> None:
         _check_range("epochs", self.epochs, 0.0, math.inf, low_open=True)
@@ -73,6 +82,7 @@ class TrainConfig:
         _check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         _check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True)
         _check_range("accumulation_steps", self.accumulation_steps, 1, math.inf)
+        _check_range("log_steps", self.log_steps, 1, math.inf)
 
 
 @dataclass
@@ -118,7 +128,11 @@ class TrainingInterrupted(RuntimeError):
 
 
 class TrainerCallback:
-    """Hooks through which a caller records progress (the library logs nowhere)."""
+    """Hooks through which a caller records progress (the library logs nowhere).
+
+    ``on_step`` comes for every step, in order, when the host reads the logged
+    values (every ``log_steps`` steps, and before evaluations and checkpoints).
+    """
 
     def on_step(self, step: int, logs: Mapping[str, float]) -> None: ...
 
@@ -161,6 +175,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def supports_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast runs on ``device``: CPUs (natively with AVX-512 or AMX), CUDA from Ampere."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu"
+
+
+def use_tf32(device: torch.device) -> None:
+    """fp32 matrix products on TF32 tensor cores (Ampere and newer): ~6x the fp32 rate on
+    an A100/H100 for a 10-bit mantissa in the products, with fp32 accumulation."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
@@ -169,7 +198,7 @@ def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     """To the device; on CUDA through pinned memory, so the copy does not block the host."""
     if device.type == "cuda":
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    return dict(batch)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -188,14 +217,15 @@ def predict(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    bf16 = bf16 and supports_bf16(device)
     order = torch.tensor(sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"])))
     outputs = []
     for batch in batches(dataset, batch_size, collate, order):
         batch = _to(batch, device)
         with autocast(device, bf16):
             logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], masks=masks).logits
-        outputs.append(logits.float().cpu())
-    logits = torch.cat(outputs)[order.argsort()]
+        outputs.append(logits.float())
+    logits = torch.cat(outputs).cpu()[order.argsort()]  # one read of the device, at the end
     model.train(was_training)
     preds = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
     labels = torch.tensor([dataset[i]["label"] for i in range(len(dataset))])
@@ -235,6 +265,13 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.processes = Processes.from_environment(cpu=config.device == "cpu")
         self.device = self.processes.device if self.processes.world_size > 1 and config.device == "auto" else resolve_device(config.device)
+        self.bf16 = config.bf16 and supports_bf16(self.device)
+        if config.bf16 and not self.bf16:
+            # fp32 rather than fp16 with a gradient scaler: a scaler skips steps on overflow
+            # while the learning-rate schedule and the sparsity warm-up advance by step count;
+            # the GPUs without bf16 (before Ampere: V100, T4) train correctly in fp32
+            log.warning("%s has no native bf16: training in fp32", torch.cuda.get_device_name(self.device))
+        use_tf32(self.device)
         if config.batch_size < self.processes.world_size * config.accumulation_steps:
             raise ValueError(
                 f"batch_size={config.batch_size} is smaller than processes ({self.processes.world_size}) × "
@@ -254,9 +291,10 @@ class Trainer:
 
         trainable = list(self.model.parameters()) + (list(self.distill.parameters()) if self.distill else [])
         # fused: one kernel per step instead of ~10 full passes over the weights;
-        # on CPU that is ~4x faster for all-MiniLM-L6-v2 (memory-bound update)
+        # on CPU that is ~4x faster for all-MiniLM-L6-v2 (memory-bound update).
+        # The meta device (shape-only test runs) has no fused kernel.
         self.optimizer = torch.optim.AdamW(
-            trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
+            trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=self.device.type != "meta"
         )
         warmup = round(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -290,8 +328,11 @@ class Trainer:
         self.step = 0
         self.evaluations: list[dict[str, float]] = []
         self.history: list[dict[str, float]] = []
+        self._unread: list[tuple[int, dict[str, Tensor], float]] = []  # (step, device values, lr) not yet read
+        self._structure_exists: Tensor | None = None  # existing layers of a compacted student (fixed)
         self.best: dict[str, Any] | None = None  # {"step", "metrics", "state"}
         self._signals: list[int] = []  # stop signals received (filled during fit)
+        self._bar = tqdm(disable=True)  # the progress bar of fit
         self._stop = False
         if self.processes.world_size > 1:  # same weights everywhere; different dropout and mask draws per process
             torch.manual_seed(config.seed + 1_000_003 * self.processes.rank)
@@ -304,7 +345,10 @@ class Trainer:
         config = self.model.config
         if masks:
             return existing_layers(masks, config.num_hidden_layers)
-        return existing_layers_of_structure(config.layer_num_heads, config.layer_intermediate_size)
+        if self._structure_exists is None:
+            self._structure_exists = existing_layers_of_structure(
+                config.layer_num_heads, config.layer_intermediate_size, self.device)
+        return self._structure_exists
 
     def _losses(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         """Every loss part of one micro-batch: "data" (the per-example loss, a mean over
@@ -313,7 +357,7 @@ class Trainer:
         masks = self.gates.sample() if pruning else self.fixed_masks
         layer_distill = self.distill is not None and self.distill.layer is not None
         inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        with autocast(self.device, self.config.bf16):
+        with autocast(self.device, self.bf16):
             student = self.model(*inputs, labels=batch.get("labels"), masks=masks, output_hidden_states=layer_distill)
             if self.teacher is not None:
                 with torch.no_grad():
@@ -331,7 +375,7 @@ class Trainer:
             target = target_sparsity(step, self.prune.target_sparsity, self.prune_start, self.sparsity_warmup)
             parts["lagrangian"] = self.lagrangian(expected, target)
             parts["expected_sparsity"] = expected.detach()
-            parts["target_sparsity"] = torch.tensor(target)
+            parts["target_sparsity"] = torch.full((), target, device=self.device)  # a fill, not a host copy
             parts["lambda_1"] = self.lagrangian.lambda_1.detach()
             parts["lambda_2"] = self.lagrangian.lambda_2.detach()
         return parts
@@ -345,19 +389,15 @@ class Trainer:
     def _trained_parameters(self, step: int) -> list[nn.Parameter]:
         return [p for opt in self._optimizers(step) for g in opt.param_groups for p in g["params"]]
 
-    def _optimise(self, step: int) -> float:
+    def _optimise(self, step: int) -> Tensor:
         """Gradients of every process summed (each already weighted by its share of the
         global batch), then one identical update everywhere: weights, gates and λ stay
-        the same on every process by construction."""
+        the same on every process by construction. Returns the gradient norm, on the
+        device (a non-finite one is caught when the host reads it)."""
         if self.processes.world_size > 1:
             self.processes.sum_gradients(self._trained_parameters(step))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(
-                f"non-finite gradient norm at step {step}; lower the learning rate or turn bf16 off. "
-                "The last good checkpoint is unchanged."
-            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         for opt in self._optimizers(step):
             opt.step()
         self.scheduler.step()
@@ -370,6 +410,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         masks = self.fixed_masks
         metrics: dict[str, float] = {}
+        self._read_logged()
         if self._pruning(self.step - 1):
             masks = self.gates.deterministic()
             metrics["sparsity"] = mask_sparsity(self.shape, masks)
@@ -384,10 +425,10 @@ class Trainer:
         gathered back into dataset order, so each example counts exactly once."""
         n, world = len(self.eval_data), self.processes.world_size
         if world == 1:
-            return predict(self.model, self.eval_data, self.collate, masks, self.config.eval_batch_size, self.config.bf16)
+            return predict(self.model, self.eval_data, self.collate, masks, self.config.eval_batch_size, self.bf16)
         mine = list(range(self.processes.rank, n, world))
         preds, _ = predict(self.model, [self.eval_data[i] for i in mine], self.collate, masks,
-                           self.config.eval_batch_size, self.config.bf16)
+                           self.config.eval_batch_size, self.bf16)
         gathered = self.processes.gather(list(zip(mine, preds.tolist())))
         ordered = sorted(gathered)
         if [i for i, _ in ordered] != list(range(n)):
@@ -465,6 +506,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Written by the main process only (every process holds the same state)."""
+        self._read_logged()  # a non-finite step raises here, before the last good checkpoint is replaced
         if self.checkpoint_dir is not None and self.processes.is_main:
             save_checkpoint(self.checkpoint_dir, self._state(), self.step)
         self.processes.barrier()
@@ -479,27 +521,30 @@ class Trainer:
                 if self.processes.world_size > 1:  # the checkpoint holds the main process's random state
                     torch.manual_seed(self.config.seed + 1_000_003 * self.processes.rank + self.step)
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=not (self.config.progress and self.processes.is_main))
+        self._bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                         disable=not (self.config.progress and self.processes.is_main))
         with _deferred_stop_signals() as self._signals:
             while self.step < self.total_steps:
                 epoch, done = divmod(self.step, self.steps_per_epoch)
                 order = epoch_order(len(self.train_data), epoch, self.config.seed, self.lengths, self.config.batch_size)
                 for start in range(done * self.config.batch_size, len(order), self.config.batch_size):
-                    self._train_step(order[start : start + self.config.batch_size].tolist(), bar)
+                    self._train_step(order[start : start + self.config.batch_size].tolist())
+                    if self.step % self.config.log_steps == 0:
+                        self._read_logged()
                     if self.step % self.eval_steps == 0 or self.step == self.total_steps:
                         self._record_evaluation(self.evaluate())
                         self.save_checkpoint()
                     # between steps, so the checkpoint is a consistent state; several processes
-                    # stop together after the step whose all-reduce first carried a signal
+                    # agree on a stop when they read the logged values together
                     if self._stop if self.processes.world_size > 1 else self._signals:
-                        bar.close()
+                        self._bar.close()
                         self.save_checkpoint()
                         signum = self._signals[0] if self._signals else signal.SIGTERM  # another process's
                         raise TrainingInterrupted(signum, self.step, self.checkpoint_dir is not None)
                     if self.step == self.total_steps:
                         break
-        bar.close()
+        self._read_logged()
+        self._bar.close()
         return self._finish()
 
     def _micro_batches(self, indices: list[int]) -> list[list[int]]:
@@ -510,11 +555,12 @@ class Trainer:
         size = -(-len(mine) // steps)
         return [mine[i : i + size] for i in range(0, len(mine), size)]
 
-    def _train_step(self, indices: list[int], bar: tqdm) -> None:
+    def _train_step(self, indices: list[int]) -> None:
         """One optimizer step on the global batch ``indices``. Each micro-batch's mean loss
         is weighted by its share of the global batch, and the Lagrangian (a global term)
         by 1 / (number of micro-batches of all processes), so the summed gradients are
-        those of the global batch: the same effective batch for any process count."""
+        those of the global batch: the same effective batch for any process count.
+        Nothing here waits for the device: the logged values are kept as device tensors."""
         step = self.step
         micro = self._micro_batches(indices)
         share = 1.0 / (self.processes.world_size * len(micro))
@@ -531,29 +577,42 @@ class Trainer:
             for k, v in parts.items():  # per-example parts summed by weight, global ones averaged
                 scale = weight if k in PER_EXAMPLE_PARTS else share
                 logged[k] = logged.get(k, 0.0) + v.detach().float() * scale
-        stop = torch.tensor(float(bool(self._signals)), device=self.device)
-        if self.processes.world_size > 1:  # one small all-reduce: logged values, and whether any process was signalled
-            keys = sorted(logged)
-            summed = self.processes.sum(torch.stack([*(logged[k] for k in keys), stop]))
-            logged, stop = dict(zip(keys, summed[:-1])), summed[-1]
-        self._stop = bool(stop > 0)  # every process stops after the same step
-        logged["loss"] = logged["data"] + logged.get("lagrangian", 0.0)
-        values = {k: float(v) for k, v in logged.items() if k != "data"}
-        if not all(math.isfinite(values[k]) for k in values if k not in ("lambda_1", "lambda_2")):
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step}: "
-                + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                + ". Lower the learning rate or turn bf16 off. The last good checkpoint is unchanged."
-            )
-        values["grad_norm"] = self._optimise(step)
-        values["learning_rate"] = self.scheduler.get_last_lr()[0]
+        logged["grad_norm"] = self._optimise(step).float()
+        self._unread.append((step, logged, self.scheduler.get_last_lr()[0]))
         self.step += 1
-        self.history.append({"step": self.step, **values})
-        for cb in self.callbacks:
-            cb.on_step(self.step, values)
-        shown = {k: values[k] for k in ("loss", "pred", "layer", "lagrangian", "expected_sparsity", "target_sparsity") if k in values}
-        bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
-        bar.update(1)
+        self._bar.update(1)
+
+    def _read_logged(self) -> None:
+        """Read every unread step's values from the device in one transfer (summed over
+        processes in one all-reduce, with the processes' stop flags), check them, and
+        hand them to the history and the callbacks in step order."""
+        if not self._unread:
+            return
+        flat = torch.cat([torch.stack(list(values.values())) for _, values, _ in self._unread])
+        if self.processes.world_size > 1:
+            stop = torch.full((1,), float(bool(self._signals)), device=flat.device)
+            flat = self.processes.sum(torch.cat([flat, stop]))
+            self._stop = bool(flat[-1] > 0)
+            flat = flat[:-1]
+        numbers = iter(flat.tolist())  # the one host read
+        unread, self._unread = self._unread, []
+        for step, values, learning_rate in unread:
+            read = {k: next(numbers) for k in values}
+            read["loss"] = read.pop("data") + read.get("lagrangian", 0.0)
+            read["learning_rate"] = learning_rate
+            bad = {k: v for k, v in read.items() if not math.isfinite(v) and k not in ("lambda_1", "lambda_2")}
+            if bad:
+                what = "gradient norm" if set(bad) == {"grad_norm"} else "loss"
+                raise NonFiniteLossError(
+                    f"non-finite {what} at step {step}: "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in read.items())
+                    + ". Lower the learning rate or turn bf16 off. The last good checkpoint is unchanged."
+                )
+            self.history.append({"step": step + 1, **read})
+            for cb in self.callbacks:
+                cb.on_step(step + 1, read)
+        shown = {k: read[k] for k in ("loss", "pred", "layer", "lagrangian", "expected_sparsity", "target_sparsity") if k in read}
+        self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
 
     def _finish(self) -> TrainResult:
         target_reached = self.best is not None

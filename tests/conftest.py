@@ -40,6 +40,15 @@ def synthetic_task(n: int, seed: int) -> list[dict]:
     return data
 
 
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def task() -> tuple[list[dict], list[dict]]:
     return synthetic_task(96, seed=1), synthetic_task(48, seed=2)

@@ -15,6 +15,7 @@ from cofi.distill import (
     default_teacher_layers,
     existing_layers,
     existing_layers_of_structure,
+    as_match_list,
     match_layers,
 )
 
@@ -260,6 +261,12 @@ def make_states(plan: dict[int, tuple[int | None, float]], n_student: int, seed:
     return student, teacher
 
 
+def run_layer(loss_fn: LayerDistillLoss, *args):
+    """The loss and its matches as a list: 1-based student layers, None for no match."""
+    loss, columns = loss_fn(*args)
+    return loss, as_match_list(columns, base=1)
+
+
 def ref_layer_loss(loss_fn: LayerDistillLoss, student, teacher, mask, matches) -> float:
     total = 0.0
     with torch.no_grad():
@@ -277,7 +284,7 @@ def test_layer_free_finds_known_matches():
     student, teacher = make_states(PLAN, 4)
     mask = make_attention_mask()
     loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="dynamic")
-    loss, matches = loss_fn(student, teacher, mask, torch.ones(4, dtype=torch.bool))
+    loss, matches = run_layer(loss_fn, student, teacher, mask, torch.ones(4, dtype=torch.bool))
     assert matches == [3, 2, 4]  # 1-based student layers
     assert loss.item() == pytest.approx(ref_layer_loss(loss_fn, student, teacher, mask, matches), rel=1e-5)
     assert 0 < loss.item() < 0.01
@@ -287,7 +294,7 @@ def test_layer_monotone_known_matches():
     student, teacher = make_states(PLAN, 4)
     mask = make_attention_mask()
     loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="monotone")
-    loss, matches = loss_fn(student, teacher, mask, None)
+    loss, matches = run_layer(loss_fn, student, teacher, mask, None)
     # t6 -> s4; t4 -> below 4: s2; t2 -> below 2: s1 (the free choice s3 would break the order)
     assert matches == [1, 2, 4]
     assert loss.item() == pytest.approx(ref_layer_loss(loss_fn, student, teacher, mask, matches), rel=1e-5)
@@ -298,13 +305,13 @@ def test_layer_fixed_matching_ignores_distances():
     mask = make_attention_mask()
     # the student has 4 layers; teacher layers 2, 4, 6 always go to student layers 1, 2, 4
     loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="fixed", student_layers=[1, 2, 4])
-    loss, matches = loss_fn(student, teacher, mask, None)
+    loss, matches = run_layer(loss_fn, student, teacher, mask, None)
     assert matches == [1, 2, 4]
     assert loss.item() == pytest.approx(ref_layer_loss(loss_fn, student, teacher, mask, matches), rel=1e-5)
-    _, matches = loss_fn(student, teacher, mask, torch.tensor([True, False, True, True]))
+    _, matches = run_layer(loss_fn, student, teacher, mask, torch.tensor([True, False, True, True]))
     assert matches == [1, None, 4]  # a removed layer loses its teacher layer; no other takes it
     default = LayerDistillLoss(C, [2, 4], matching="fixed")  # same index: t2 → s2, t4 → s4
-    assert default(student, teacher, mask, None)[1] == [2, 4]
+    assert run_layer(default, student, teacher, mask, None)[1] == [2, 4]
     with pytest.raises(ValueError, match="matching='closest'"):
         LayerDistillLoss(C, [2], matching="closest")
     with pytest.raises(ValueError, match="need matching='fixed'"):
@@ -316,7 +323,7 @@ def test_layer_skips_removed_best_layer():
     mask = make_attention_mask()
     loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="dynamic")
     exists = torch.tensor([True, True, False, True])  # s3, the best match of t2, is gone
-    loss, matches = loss_fn(student, teacher, mask, exists)
+    loss, matches = run_layer(loss_fn, student, teacher, mask, exists)
     assert matches == [1, 2, 4]
     assert loss.item() == pytest.approx(ref_layer_loss(loss_fn, student, teacher, mask, matches), rel=1e-5)
 
@@ -326,7 +333,7 @@ def test_layer_no_match_at_all_is_finite_zero(matching):
     student, teacher = make_states(PLAN, 4)
     student = [s.requires_grad_(True) for s in student]
     loss_fn = LayerDistillLoss(C, [2, 4, 6], matching=matching)
-    loss, matches = loss_fn(student, teacher, make_attention_mask(), torch.zeros(4, dtype=torch.bool))
+    loss, matches = run_layer(loss_fn, student, teacher, make_attention_mask(), torch.zeros(4, dtype=torch.bool))
     assert matches == [None, None, None]
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
@@ -337,7 +344,7 @@ def test_layer_monotone_runs_out_of_lower_layers():
     student, teacher = make_states(PLAN, 4)
     mask = make_attention_mask()
     loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="monotone")
-    loss, matches = loss_fn(student, teacher, mask, torch.tensor([False, False, False, True]))
+    loss, matches = run_layer(loss_fn, student, teacher, mask, torch.tensor([False, False, False, True]))
     assert matches == [None, None, 4]
     assert math.isfinite(loss.item())
     assert loss.item() == pytest.approx(ref_distance(student[4], teacher[6], mask), rel=1e-5)
@@ -347,11 +354,11 @@ def test_layer_padding_does_not_matter():
     student, teacher = make_states(PLAN, 4)
     mask = make_attention_mask()
     loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="dynamic")
-    loss, matches = loss_fn(student, teacher, mask, None)
+    loss, matches = run_layer(loss_fn, student, teacher, mask, None)
     pad = (mask == 0).unsqueeze(-1)
     noisy_s = [s.masked_fill(pad, 1e3) for s in student]
     noisy_t = [t.masked_fill(pad, -1e3) for t in teacher]
-    loss2, matches2 = loss_fn(noisy_s, noisy_t, mask, None)
+    loss2, matches2 = run_layer(loss_fn, noisy_s, noisy_t, mask, None)
     assert matches2 == matches
     assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)
     # one unpadded example alone: same as the padded batch restricted to its real tokens
@@ -365,7 +372,7 @@ def test_layer_identity_init_equal_states_zero_loss():
     loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="monotone")
     torch.testing.assert_close(loss_fn.transform.weight, torch.eye(C))
     assert torch.count_nonzero(loss_fn.transform.bias) == 0
-    loss, matches = loss_fn(teacher, teacher, None, None)
+    loss, matches = run_layer(loss_fn, teacher, teacher, None, None)
     assert matches == [2, 4, 6]
     assert loss.item() == 0.0
 
@@ -375,7 +382,7 @@ def test_layer_gradients_reach_matched_layers_and_map_only():
     student = [s.clone().requires_grad_(True) for s in student]
     teacher = [t.clone().requires_grad_(True) for t in teacher]
     loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="dynamic")
-    loss, matches = loss_fn(student, teacher, make_attention_mask(), None)
+    loss, matches = run_layer(loss_fn, student, teacher, make_attention_mask(), None)
     loss.backward()
     assert matches == [3, 2, 4]
     for j in range(5):
@@ -390,7 +397,7 @@ def test_layer_fp32_under_autocast():
     student, teacher = make_states(PLAN, 4)
     loss_fn = LayerDistillLoss(C, [2, 4, 6], matching="dynamic")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, matches = loss_fn([s.bfloat16() for s in student], [t.bfloat16() for t in teacher], None, None)
+        loss, matches = run_layer(loss_fn, [s.bfloat16() for s in student], [t.bfloat16() for t in teacher], None, None)
     assert loss.dtype == torch.float32 and matches == [3, 2, 4]
 
 
@@ -404,12 +411,12 @@ def test_restrict_input_matches_zero_padded_full_states():
         loss_fn.transform.weight.add_(0.1 * torch.randn(C, C))
         loss_fn.transform.bias.add_(0.1 * torch.randn(C))
     before = loss_fn.transform.weight.clone()
-    full, full_matches = loss_fn(student, teacher, mask, None)
+    full, full_matches = run_layer(loss_fn, student, teacher, mask, None)
     compact = [s[..., kept] for s in student]
     for kept_dims in (kept, kept.nonzero().squeeze(1)):
         small = loss_fn.restrict_input(kept_dims)
         assert small.transform.in_features == int(kept.sum()) and small.transform.out_features == C
-        loss, matches = small(compact, teacher, mask, None)
+        loss, matches = run_layer(small, compact, teacher, mask, None)
         assert matches == full_matches
         assert loss.item() == pytest.approx(full.item(), rel=1e-6)
     assert torch.equal(loss_fn.transform.weight, before)  # the original is untouched

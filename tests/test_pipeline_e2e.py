@@ -48,10 +48,8 @@ def merge(base: dict, override: dict) -> dict:
     return {k: merge(base[k], override[k]) if isinstance(override.get(k), dict) else override.get(k, base[k]) for k in base}
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A git + DVC copy of the project with tiny params, after one `dvc repro`."""
-    project = tmp_path_factory.mktemp("project")
+def make_project(project: Path, overrides: dict) -> Path:
+    """A git + DVC copy of the project in ``project`` with ``overrides`` merged into params.yaml."""
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in tracked:
         if name.startswith("tests/") or not (ROOT / name).exists():
@@ -59,10 +57,17 @@ def project(tmp_path_factory) -> Path:
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, project / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (project / "params.yaml").write_text(yaml.safe_dump(merge(params, TINY), sort_keys=False))
+    (project / "params.yaml").write_text(yaml.safe_dump(merge(params, overrides), sort_keys=False))
     run(["git", "init", "-q"], project)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], project)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], project)
+    return project
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A git + DVC copy of the project with tiny params, after one `dvc repro`."""
+    project = make_project(tmp_path_factory.mktemp("project"), TINY)
     run(["dvc", "repro"], project)
     return project
 

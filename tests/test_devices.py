@@ -1,0 +1,185 @@
+"""Device placement: the whole training path on PyTorch's meta device (runs in CI,
+no GPU needed), and the same path on CUDA where a GPU is present (marked `cuda`).
+
+A tensor that ``cofi`` creates on the CPU and then mixes with device tensors
+crashes a CUDA run. The meta device catches most of these without a GPU: a
+non-scalar CPU tensor meeting a meta tensor raises, as it would meeting a CUDA
+tensor. Some ops (``scatter_``'s source, say) are not device-checked on meta, so
+the meta runs also go through ``SameDevice``, a dispatch mode that refuses any op
+whose tensors live on two devices, 0-d CPU scalars excepted (CUDA allows those).
+Nothing is read back to the host on meta (``.item()`` raises there), which also
+proves that a training step never waits for the device.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from cofi.batching import Collator
+from cofi.benchmark import time_forward
+from cofi.compact import compact
+from cofi.flops import forward_flops
+from cofi.gates import HardConcreteGates
+from cofi.metrics import accuracy
+from cofi.sparsity import ModelShape, expected_sparsity
+from cofi.trainer import PruneConfig, TrainConfig, Trainer
+from pipeline.params import ABLATIONS, validate_params
+from pipeline.runtime import distillation, prune_config
+from tests.conftest import synthetic_task, tiny_model
+from tests.test_pipeline_e2e import DATA_DIR, ROOT, TINY, make_project, merge, run
+
+# Ops that move data between devices on purpose.
+COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default, torch.ops.aten._copy_from.default}
+
+
+class SameDevice(TorchDispatchMode):
+    """Raises on any op whose tensor arguments sit on more than one device."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in COPIES:
+            tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            devices = {t.device for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
+            if len(devices) > 1:
+                raise RuntimeError(f"{func} mixes devices {sorted(map(str, devices))}")
+        return func(*args, **kwargs)
+
+
+def settings() -> dict[str, dict]:
+    """The default CoFi setting and every ablation of the ablation table."""
+    return {"cofi": {}, **ABLATIONS}
+
+
+def params_with(prune_override: dict):
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["prune"].update(prune_override)
+    data["prune"]["keep_multiple"] = 4  # the tiny model's widths are 16 and 32
+    return validate_params(data)
+
+
+def build_trainer(name: str, device: str, **train) -> Trainer:
+    """A pruning trainer for ablation ``name`` (as the prune stage builds it), pruning from step 0."""
+    params = params_with(settings()[name])
+    student, teacher = tiny_model(seed=0), tiny_model(seed=0)
+    loss = distillation(params, student.config.hidden_size, student.config.num_hidden_layers)
+    prune = prune_config(params, target=0.5)
+    prune.distill_epochs, prune.sparsity_warmup_epochs = 0.0, 1.0
+    config = TrainConfig(**{"epochs": 2, "batch_size": 8, "progress": False, "device": device, **train})
+    return Trainer(
+        student, synthetic_task(32, seed=1), synthetic_task(16, seed=2), config,
+        metric_fn=accuracy, primary_metric="accuracy", collate=Collator(0), prune=prune,
+        teacher=teacher if loss is not None else None, distill=loss,
+    )
+
+
+def on(device: str, module: torch.nn.Module) -> bool:
+    return all(t.device.type == device for t in [*module.parameters(), *module.buffers()])
+
+
+@pytest.mark.parametrize("name", settings())
+def test_the_training_path_runs_on_the_meta_device(name):
+    with SameDevice():
+        trainer = build_trainer(name, "meta")
+        assert on("meta", trainer.model) and on("meta", trainer.gates) and on("meta", trainer.lagrangian)
+        if trainer.distill is not None:
+            assert on("meta", trainer.distill)
+        before = copy.deepcopy(dict(trainer.gates.log_alpha))
+
+        # a pruning step: sampled masks, forward, every loss part, the Lagrangian,
+        # backward, the three optimisers; twice, so the optimiser states are used
+        trainer._train_step(list(range(8)))
+        trainer._train_step(list(range(8, 16)))
+        step, logged, _ = trainer._unread[-1]
+        assert step == 1 and {"lagrangian", "expected_sparsity", "target_sparsity", "grad_norm"} <= set(logged)
+        assert {t.device.type for t in logged.values()} == {"meta"}  # nothing was read back
+        assert all(a.grad is not None for a in trainer.gates.log_alpha.values())
+        assert all(a is not before[f] for f, a in trainer.gates.log_alpha.items())
+
+        # evaluation with deterministic masks (keep_multiple and the layer rule included)
+        masks = trainer.gates.deterministic()
+        assert {m.device.type for m in masks.values()} == {"meta"}
+        shape = ModelShape.from_config(trainer.model.config)
+        assert expected_sparsity(shape, {f: (m != 0).double() for f, m in masks.items()}).device.type == "meta"
+        batch = {k: v.to("meta") for k, v in Collator(0)(synthetic_task(4, seed=3)).items() if k != "labels"}
+        trainer.model.eval()
+        assert trainer.model(**batch, masks=masks).logits.shape == (4, 2)
+
+    # Compaction: which units survive sets the new shapes, a host decision, so the
+    # masks come from the host (here: gates on the CPU) while the weights stay on meta.
+    gates = HardConcreteGates(shape, trainer.prune.gates)
+    with torch.no_grad():
+        for a in gates.log_alpha.values():
+            a.normal_(generator=torch.Generator().manual_seed(0))
+    host_masks = gates.deterministic()
+    reference = compact(trainer.model.to_empty(device="cpu").eval(), host_masks)
+    with SameDevice():
+        small = compact(trainer.model.to("meta"), host_masks)
+        assert on("meta", small)
+        assert {k: v.shape for k, v in small.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+        assert forward_flops(small, 16) == forward_flops(reference, 16)
+        assert small(**batch).logits.shape == (4, 2)
+
+
+cuda = pytest.mark.cuda
+
+
+@cuda
+def test_cuda_pruning_reaches_its_target():
+    trainer = build_trainer("cofi", "cuda", epochs=25, learning_rate=1e-3, eval_steps=12)
+    trainer.prune.reg_learning_rate = 0.1
+    trainer.gate_optimizer.param_groups[0]["lr"] = trainer.lagrangian_optimizer.param_groups[0]["lr"] = 0.1
+    result = trainer.fit()
+    assert {p.device.type for p in trainer.model.parameters()} == {"cuda"}
+    assert abs(trainer.history[-1]["expected_sparsity"] - 0.5) <= 0.02
+    assert result.target_reached and abs(result.best_metrics["sparsity"] - 0.5) <= trainer.prune.sparsity_tolerance
+
+
+@cuda
+def test_cuda_compaction_is_exact_in_fp32():
+    model = tiny_model(seed=0).cuda().eval()
+    gates = HardConcreteGates(ModelShape.from_config(model.config)).cuda()
+    with torch.no_grad():
+        for a in gates.log_alpha.values():
+            a.normal_(0.0, 2.0)
+    masks = gates.deterministic()
+    batch = {k: v.cuda() for k, v in Collator(0)(synthetic_task(8, seed=3)).items() if k != "labels"}
+    torch.backends.cuda.matmul.allow_tf32 = False  # exactness is an fp32 property
+    masked = model(**batch, masks=masks).logits
+    small = compact(model, masks)
+    assert on("cuda", small)
+    assert (small(**batch).logits - masked).abs().max().item() <= 1e-4
+
+
+@cuda
+def test_cuda_bf16_autocast_training_steps():
+    trainer = build_trainer("cofi", "cuda", bf16=True, epochs=1, log_steps=1)
+    assert trainer.bf16 == torch.cuda.is_bf16_supported(including_emulation=False)
+    result = trainer.fit()
+    assert len(trainer.history) == trainer.total_steps
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.history)
+    assert 0.0 <= result.best_metrics["accuracy"] <= 1.0
+
+
+@cuda
+def test_cuda_benchmark_harness_times_with_cuda_events():
+    timing = time_forward(tiny_model(seed=0).cuda(), batch_size=4, sequence_length=16, warmup=1, repeats=3)
+    assert timing.device == "cuda" and 0.0 < timing.q1_ms <= timing.median_ms <= timing.q3_ms
+
+
+@cuda
+@pytest.mark.integration
+@pytest.mark.skipif(not DATA_DIR.exists() or shutil.which("dvc") is None, reason="needs the GLUE data and dvc")
+def test_cuda_dvc_repro_of_the_pipeline(tmp_path):
+    project = make_project(tmp_path, merge(TINY, {"compute": {"device": "cuda"}, "prune": {"targets": [0.5]}}))
+    run(["dvc", "repro"], project)
+    metrics = json.loads((project / "metrics" / "compact-0.5.json").read_text())
+    assert metrics["sparsity_counted"] == pytest.approx(metrics["sparsity_masks"], abs=1e-9)
+    assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
