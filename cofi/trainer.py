@@ -410,7 +410,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         masks = self.fixed_masks
         metrics: dict[str, float] = {}
-        self._read_logged()
+        self.read_logged()
         if self._pruning(self.step - 1):
             masks = self.gates.deterministic()
             metrics["sparsity"] = mask_sparsity(self.shape, masks)
@@ -506,7 +506,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Written by the main process only (every process holds the same state)."""
-        self._read_logged()  # a non-finite step raises here, before the last good checkpoint is replaced
+        self.read_logged()  # a non-finite step raises here, before the last good checkpoint is replaced
         if self.checkpoint_dir is not None and self.processes.is_main:
             save_checkpoint(self.checkpoint_dir, self._state(), self.step)
         self.processes.barrier()
@@ -528,9 +528,9 @@ class Trainer:
                 epoch, done = divmod(self.step, self.steps_per_epoch)
                 order = epoch_order(len(self.train_data), epoch, self.config.seed, self.lengths, self.config.batch_size)
                 for start in range(done * self.config.batch_size, len(order), self.config.batch_size):
-                    self._train_step(order[start : start + self.config.batch_size].tolist())
+                    self.train_step(order[start : start + self.config.batch_size].tolist())
                     if self.step % self.config.log_steps == 0:
-                        self._read_logged()
+                        self.read_logged()
                     if self.step % self.eval_steps == 0 or self.step == self.total_steps:
                         self._record_evaluation(self.evaluate())
                         self.save_checkpoint()
@@ -543,7 +543,7 @@ class Trainer:
                         raise TrainingInterrupted(signum, self.step, self.checkpoint_dir is not None)
                     if self.step == self.total_steps:
                         break
-        self._read_logged()
+        self.read_logged()
         self._bar.close()
         return self._finish()
 
@@ -555,7 +555,7 @@ class Trainer:
         size = -(-len(mine) // steps)
         return [mine[i : i + size] for i in range(0, len(mine), size)]
 
-    def _train_step(self, indices: list[int]) -> None:
+    def train_step(self, indices: list[int]) -> None:
         """One optimizer step on the global batch ``indices``. Each micro-batch's mean loss
         is weighted by its share of the global batch, and the Lagrangian (a global term)
         by 1 / (number of micro-batches of all processes), so the summed gradients are
@@ -582,7 +582,7 @@ class Trainer:
         self.step += 1
         self._bar.update(1)
 
-    def _read_logged(self) -> None:
+    def read_logged(self) -> None:
         """Read every unread step's values from the device in one transfer (summed over
         processes in one all-reduce, with the processes' stop flags), check them, and
         hand them to the history and the callbacks in step order."""

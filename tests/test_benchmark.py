@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +13,8 @@ from cofi.benchmark import environment, time_forward, time_onnx
 from cofi.compact import compact
 from cofi.flops import forward_flops
 from cofi.sparsity import count_prunable_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ort = pytest.importorskip("onnxruntime")
 from cofi.onnx_export import export_onnx, max_logit_difference, onnx_session  # noqa: E402
@@ -72,3 +77,21 @@ def test_onnx_export_of_a_heterogeneous_model_matches_pytorch(heterogeneous, tmp
         assert max_logit_difference(heterogeneous, session, inputs) <= 1e-5
     t = time_onnx(session, vocab_size=50, batch_size=2, sequence_length=8, threads=1, warmup=1, repeats=3)
     assert t.runtime == "onnxruntime" and t.key == "onnxruntime_fp32_b2_s8" and t.median_ms > 0
+
+
+def test_the_prune_step_benchmark_runs_at_a_tiny_size(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_prune_step", ROOT / "benchmarks" / "bench_prune_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--shape", "tiny", "--device", "cpu", "--batch-size", "4", "--seq-len", "8", "--repeats", "1",
+                       "--warmup", "0", "--read-steps", "2", "--eval-batch", "2", "--eval-seq", "8",
+                       "--keep-multiple", "4", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert {"distill/fp32", "prune/fp32", "prune_over_distill/bf16"} <= set(results["steps"])
+    assert set(results["host_reads"]) == {"log_steps_1/bf16_ms_per_step", "log_steps_10/bf16_ms_per_step"}
+    for target in ("0.6", "0.95"):
+        r = results["compact"][f"sparsity_{target}"]
+        assert abs(r["sparsity"] - float(target)) <= 0.1 and r["flop_speedup"] > 1.0

@@ -95,8 +95,8 @@ def test_the_training_path_runs_on_the_meta_device(name):
 
         # a pruning step: sampled masks, forward, every loss part, the Lagrangian,
         # backward, the three optimisers; twice, so the optimiser states are used
-        trainer._train_step(list(range(8)))
-        trainer._train_step(list(range(8, 16)))
+        trainer.train_step(list(range(8)))
+        trainer.train_step(list(range(8, 16)))
         step, logged, _ = trainer._unread[-1]
         assert step == 1 and {"lagrangian", "expected_sparsity", "target_sparsity", "grad_norm"} <= set(logged)
         assert {t.device.type for t in logged.values()} == {"meta"}  # nothing was read back
