@@ -43,7 +43,8 @@ class CofiConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-12,
         pad_token_id: int = 0,
         position_style: str = "absolute",  # "absolute" (BERT) or "padding_offset" (RoBERTa)
-        pooler_input_dropout: bool = False,  # RoBERTa's head also drops out the pooler's input
+        pooler_input_dropout: bool = False,  # RoBERTa's and ELECTRA's heads also drop out the pooler's input
+        pooler_activation: str = "tanh",  # BERT, RoBERTa: tanh; DistilBERT: relu; ELECTRA: gelu
         source_model_type: str = "bert",
         full_hidden_size: int | None = None,
         **kwargs,
@@ -77,6 +78,7 @@ class CofiConfig(PretrainedConfig):
             )
         self.position_style = position_style
         self.pooler_input_dropout = pooler_input_dropout
+        self.pooler_activation = pooler_activation
         self.source_model_type = source_model_type
         # The residual width before pruning: with num_attention_heads and
         # intermediate_size it names the full shape, so a compact model alone

@@ -5,10 +5,11 @@ The weights are read directly from the checkpoint files (safetensors or torch
 transformers' BERT/RoBERTa modeling code is used, so the conversion does not
 depend on how transformers lays out its own modules.
 
-Supported sources: ``BertForSequenceClassification``, ``RobertaForSequenceClassification``
-(and the XLM-R / CamemBERT variants, which share RoBERTa's layout), and bare
-encoders (``BertModel``, ``RobertaModel``, sentence-transformers models such as
-all-MiniLM-L6-v2, pre-training checkpoints such as ``BertForMaskedLM``). A
+Supported sources: the sequence classifiers of BERT, RoBERTa (and the XLM-R /
+CamemBERT variants, which share RoBERTa's layout), DistilBERT and ELECTRA (the
+discriminator), and their bare encoders (``BertModel``, ``DistilBertModel``,
+sentence-transformers models such as all-MiniLM-L6-v2, pre-training checkpoints
+such as ``BertForMaskedLM`` or ``ElectraForPreTraining``). A
 pooler or classifier the checkpoint lacks is freshly initialised and reported;
 any other key that does not map is an error, so no weight is ever dropped
 silently.
@@ -54,15 +55,39 @@ class ModelFamily:
     position_style: ``CofiConfig.position_style`` for this family.
     head_rules: (regex on the un-prefixed key, replacement) for pooler and
         classifier weights.
+    encoder_rules: the same for embeddings and layers.
     ignored: regexes on the un-prefixed key for weights that are deliberately
         not used (pre-training heads); they are listed in the ``LoadReport``.
+    pooler_activation, pooler_input_dropout: how the head computes (CofiConfig).
+    config_names: CofiConfig field -> the HF config's attribute, where they differ.
+    token_types: False for a family without token type embeddings (DistilBERT):
+        a zero embedding of one type stands in, which adds nothing.
     """
 
     prefix: str
     position_style: str
     head_rules: tuple[tuple[str, str], ...]
+    encoder_rules: tuple[tuple[str, str], ...]
     ignored: tuple[str, ...] = ()
+    pooler_activation: str = "tanh"
+    pooler_input_dropout: bool = False
+    config_names: Mapping[str, str] = field(default_factory=dict)
+    token_types: bool = True
 
+
+# Encoder keys (after the prefix is stripped) of BERT, RoBERTa and ELECTRA.
+_ENCODER_RULES: tuple[tuple[str, str], ...] = (
+    (
+        r"embeddings\.(word_embeddings|position_embeddings|token_type_embeddings|LayerNorm)\.(weight|bias)",
+        r"embeddings.\1.\2",
+    ),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)", r"layers.\1.\2.\3"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"layers.\1.attn_out.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)", r"layers.\1.attn_norm.\2"),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"layers.\1.ffn_up.\2"),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"layers.\1.ffn_down.\2"),
+    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias)", r"layers.\1.ffn_norm.\2"),
+)
 
 _BERT = ModelFamily(
     prefix="bert",
@@ -72,6 +97,7 @@ _BERT = ModelFamily(
         (r"classifier\.(weight|bias)", r"classifier.\1"),
     ),
     ignored=(r"cls\..*",),  # MLM / NSP heads of BertForPreTraining / BertForMaskedLM
+    encoder_rules=_ENCODER_RULES,
 )
 
 _ROBERTA = ModelFamily(
@@ -90,6 +116,48 @@ _ROBERTA = ModelFamily(
         # ship it untrained, so we follow transformers and leave it out.
         r"pooler\.dense\.(weight|bias)",
     ),
+    encoder_rules=_ENCODER_RULES,
+    pooler_input_dropout=True,
+)
+
+_DISTILBERT = ModelFamily(
+    prefix="distilbert",
+    position_style="absolute",
+    # DistilBertForSequenceClassification: pre_classifier + ReLU on the first token, then the classifier.
+    head_rules=(
+        (r"pre_classifier\.(weight|bias)", r"pooler.\1"),
+        (r"classifier\.(weight|bias)", r"classifier.\1"),
+    ),
+    ignored=(r"vocab_(transform|layer_norm|projector)\..*",),  # DistilBertForMaskedLM
+    encoder_rules=(
+        (r"embeddings\.(word_embeddings|position_embeddings|LayerNorm)\.(weight|bias)", r"embeddings.\1.\2"),
+        (r"transformer\.layer\.(\d+)\.attention\.q_lin\.(weight|bias)", r"layers.\1.query.\2"),
+        (r"transformer\.layer\.(\d+)\.attention\.k_lin\.(weight|bias)", r"layers.\1.key.\2"),
+        (r"transformer\.layer\.(\d+)\.attention\.v_lin\.(weight|bias)", r"layers.\1.value.\2"),
+        (r"transformer\.layer\.(\d+)\.attention\.out_lin\.(weight|bias)", r"layers.\1.attn_out.\2"),
+        (r"transformer\.layer\.(\d+)\.sa_layer_norm\.(weight|bias)", r"layers.\1.attn_norm.\2"),
+        (r"transformer\.layer\.(\d+)\.ffn\.lin1\.(weight|bias)", r"layers.\1.ffn_up.\2"),
+        (r"transformer\.layer\.(\d+)\.ffn\.lin2\.(weight|bias)", r"layers.\1.ffn_down.\2"),
+        (r"transformer\.layer\.(\d+)\.output_layer_norm\.(weight|bias)", r"layers.\1.ffn_norm.\2"),
+    ),
+    pooler_activation="relu",
+    config_names={"intermediate_size": "hidden_dim", "hidden_act": "activation", "hidden_dropout_prob": "dropout",
+                  "attention_probs_dropout_prob": "attention_dropout", "classifier_dropout": "seq_classif_dropout"},
+    token_types=False,
+)
+
+_ELECTRA = ModelFamily(
+    prefix="electra",
+    position_style="absolute",
+    # ElectraClassificationHead: dropout, dense, gelu, dropout, out_proj on the first token.
+    head_rules=(
+        (r"classifier\.dense\.(weight|bias)", r"pooler.\1"),
+        (r"classifier\.out_proj\.(weight|bias)", r"classifier.\1"),
+    ),
+    ignored=(r"discriminator_predictions\..*",),  # ElectraForPreTraining's replaced-token head
+    encoder_rules=_ENCODER_RULES,
+    pooler_activation="gelu",
+    pooler_input_dropout=True,
 )
 
 # HF ``model_type`` -> how to convert it. XLM-R and CamemBERT are RoBERTa with
@@ -99,21 +167,9 @@ SUPPORTED_MODEL_TYPES: dict[str, ModelFamily] = {
     "roberta": _ROBERTA,
     "xlm-roberta": _ROBERTA,
     "camembert": _ROBERTA,
+    "distilbert": _DISTILBERT,
+    "electra": _ELECTRA,
 }
-
-# Encoder keys (after the prefix is stripped), shared by every family.
-_ENCODER_RULES: tuple[tuple[str, str], ...] = (
-    (
-        r"embeddings\.(word_embeddings|position_embeddings|token_type_embeddings|LayerNorm)\.(weight|bias)",
-        r"embeddings.\1.\2",
-    ),
-    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)", r"layers.\1.\2.\3"),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"layers.\1.attn_out.\2"),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)", r"layers.\1.attn_norm.\2"),
-    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"layers.\1.ffn_up.\2"),
-    (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"layers.\1.ffn_down.\2"),
-    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias)", r"layers.\1.ffn_norm.\2"),
-)
 
 # Buffers some transformers versions saved; they carry no learned weights.
 _BUFFERS = (r"embeddings\.position_ids", r"embeddings\.token_type_ids")
@@ -186,30 +242,39 @@ def cofi_config_from_hf(hf_config: PretrainedConfig, num_labels: int, **override
     """
     family = _family(hf_config)
     hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
+
+    def hf(name: str, default=None):
+        return getattr(hf_config, family.config_names.get(name, name), default)
+
     if hidden % heads:
         raise _unsupported(hf_config, f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
-    if not isinstance(hf_config.hidden_act, str):
-        raise _unsupported(hf_config, f"hidden_act={hf_config.hidden_act!r} is not a named activation")
+    if not isinstance(hf("hidden_act"), str):
+        raise _unsupported(hf_config, f"hidden_act={hf('hidden_act')!r} is not a named activation")
     if family.position_style == "padding_offset" and hf_config.pad_token_id is None:
         raise _unsupported(hf_config, "RoBERTa-style positions need pad_token_id")
+    embedding_size = getattr(hf_config, "embedding_size", hidden)
+    if embedding_size != hidden:
+        raise _unsupported(hf_config, f"embedding_size={embedding_size} differs from hidden_size={hidden} "
+                                      "(factorised embeddings with a projection, as in ELECTRA-small)")
     kwargs = dict(
         vocab_size=hf_config.vocab_size,
         hidden_size=hidden,
         num_hidden_layers=hf_config.num_hidden_layers,
         num_attention_heads=heads,
-        intermediate_size=hf_config.intermediate_size,
-        hidden_act=hf_config.hidden_act,
-        hidden_dropout_prob=hf_config.hidden_dropout_prob,
-        attention_probs_dropout_prob=hf_config.attention_probs_dropout_prob,
-        classifier_dropout=getattr(hf_config, "classifier_dropout", None),
+        intermediate_size=hf("intermediate_size"),
+        hidden_act=hf("hidden_act"),
+        hidden_dropout_prob=hf("hidden_dropout_prob"),
+        attention_probs_dropout_prob=hf("attention_probs_dropout_prob"),
+        classifier_dropout=hf("classifier_dropout"),
         max_position_embeddings=hf_config.max_position_embeddings,
-        type_vocab_size=hf_config.type_vocab_size,
-        layer_norm_eps=hf_config.layer_norm_eps,
+        type_vocab_size=hf_config.type_vocab_size if family.token_types else 1,
+        layer_norm_eps=hf("layer_norm_eps", 1e-12),  # DistilBERT's LayerNorms: 1e-12, not in its config
         pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
         position_style=family.position_style,
-        pooler_input_dropout=family.position_style == "padding_offset",  # RoBERTa's classification head
+        pooler_input_dropout=family.pooler_input_dropout,
+        pooler_activation=family.pooler_activation,
         source_model_type=hf_config.model_type,
-        initializer_range=getattr(hf_config, "initializer_range", 0.02),
+        initializer_range=hf("initializer_range", 0.02),
         num_labels=num_labels,
     )
     id2label = getattr(hf_config, "id2label", None)
@@ -240,7 +305,7 @@ def convert_state_dict(
     pre-training head or buffer.
     """
     family = SUPPORTED_MODEL_TYPES[model_type]
-    rules = _ENCODER_RULES + family.head_rules
+    rules = family.encoder_rules + family.head_rules
     converted: dict[str, Tensor] = {}
     ignored: list[str] = []
     unexpected: list[str] = []
@@ -265,6 +330,9 @@ def convert_state_dict(
             f"Checkpoint keys with no place in CofiForSequenceClassification "
             f"(model_type={model_type!r}): {', '.join(unexpected)}"
         )
+    words = converted.get("embeddings.word_embeddings.weight")
+    if not family.token_types and words is not None:  # one token type whose embedding adds nothing
+        converted["embeddings.token_type_embeddings.weight"] = torch.zeros(1, words.shape[1], dtype=words.dtype)
     return converted, ignored
 
 

@@ -187,10 +187,11 @@ class CofiPreTrainedModel(PreTrainedModel):
 
 
 class CofiForSequenceClassification(CofiPreTrainedModel):
-    """Encoder, pooler (dense + tanh on the first token) and a linear classifier.
+    """Encoder, pooler (dense + activation on the first token) and a linear classifier.
 
-    BERT's pooler and RoBERTa's classification head have the same shape and both
-    map onto ``pooler`` + ``classifier`` here.
+    BERT's pooler (tanh), RoBERTa's and ELECTRA's classification heads (tanh,
+    gelu) and DistilBERT's pre_classifier (relu) have the same shape and all map
+    onto ``pooler`` + ``classifier`` here.
     """
 
     def __init__(self, config: CofiConfig):
@@ -198,6 +199,7 @@ class CofiForSequenceClassification(CofiPreTrainedModel):
         self.embeddings = CofiEmbeddings(config)
         self.layers = nn.ModuleList(CofiLayer(config, i) for i in range(config.num_hidden_layers))
         self.pooler = nn.Linear(config.hidden_size, config.classifier_hidden_size)
+        self.pooler_act = ACT2FN[config.pooler_activation]
         dropout = config.classifier_dropout
         self.classifier_dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
         self.classifier = nn.Linear(config.classifier_hidden_size, config.num_labels)
@@ -231,7 +233,7 @@ class CofiForSequenceClassification(CofiPreTrainedModel):
         first = x[:, 0]  # (B, C)
         if self.config.pooler_input_dropout:
             first = self.classifier_dropout(first)
-        pooled = torch.tanh(self.pooler(first))  # (B, C_cls)
+        pooled = self.pooler_act(self.pooler(first))  # (B, C_cls)
         logits = self.classifier(self.classifier_dropout(pooled))  # (B, num_labels)
 
         loss = None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from cofi.checkpoint import atomic_write_text
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -22,8 +25,16 @@ class _LogitsOnly(nn.Module):
         return self.model(input_ids, attention_mask, token_type_ids).logits
 
 
+def labels_path(path: Path) -> Path:
+    """Where the label names of an exported model sit: ``model.onnx`` → ``model.labels.json``."""
+    return path.with_suffix(".labels.json")
+
+
 def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
-    """Export with dynamic batch and sequence axes (fp32, on CPU); returns ``path``."""
+    """Export with dynamic batch and sequence axes (fp32, on CPU); returns ``path``.
+
+    The graph's output is the logits; the class names of its columns (the model's
+    ``id2label`` and ``label2id``) are written beside it, see ``labels_path``."""
     model = model.float().cpu().eval()
     example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in INPUT_NAMES)
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
@@ -32,6 +43,9 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
         _LogitsOnly(model), example, str(path), input_names=list(INPUT_NAMES), output_names=["logits"],
         dynamic_axes={**axes, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
     )
+    id2label = {int(i): name for i, name in model.config.id2label.items()}
+    labels = {"id2label": {str(i): id2label[i] for i in sorted(id2label)}, "label2id": {n: i for i, n in id2label.items()}}
+    atomic_write_text(labels_path(path), json.dumps(labels, indent=2) + "\n")
     return path
 
 

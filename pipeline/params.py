@@ -74,27 +74,29 @@ class _Section(BaseModel):
 
 
 class CustomData(_Section):
-    train: Text  # a file path, relative to the project root
+    dataset: Text | None = None  # data.source "hub": a Hub dataset id (or a local dataset directory)
+    dataset_config: Text | None = None  # the Hub dataset's config (subset), if it has several
+    train: Text  # a file in data.source, or a split name of the Hub dataset
     validation: Text
     text_columns: _unique_list(Text, max_length=2)  # one sentence, or a pair
     label_column: Text
-    num_labels: Count  # 1: regression
+    labels: Annotated[list[Text], Field(min_length=2), AfterValidator(_unique)] | None = None  # class names in id order
     metric: Metric
 
     @model_validator(mode="after")
-    def _regression_metric(self) -> CustomData:
-        if (self.num_labels == 1) != (self.metric == "pearson_spearman"):
+    def _labels_for_classification(self) -> CustomData:
+        if self.labels is not None and self.metric == "pearson_spearman":
             raise PydanticCustomError(
                 "conflict",
-                f"data.custom.metric {self.metric!r} does not fit data.custom.num_labels {self.num_labels}: "
-                "'pearson_spearman' is for regression (num_labels 1), the others for classification (num_labels >= 2)",
+                "data.custom.labels is set but data.custom.metric is 'pearson_spearman' (regression, one number "
+                "per example); set data.custom.labels: null, or a classification metric",
             )
         return self
 
 
 class Data(_Section):
     task: Task
-    source: Text  # "hub", or a directory in the Hub's nyu-mll/glue layout
+    source: Text  # "hub", or a directory: a GLUE copy in the Hub's nyu-mll/glue layout, or your files
     custom: CustomData | None
     max_length: Annotated[int, Field(ge=8, le=512)]
     train_limit: Count | None
@@ -104,14 +106,39 @@ class Data(_Section):
         if self.task == "custom" and self.custom is None:
             raise PydanticCustomError(
                 "conflict",
-                "data.task 'custom' requires data.custom (train, validation, text_columns, label_column, "
-                "num_labels, metric), but data.custom is null",
+                "data.task 'custom' requires data.custom (train, validation, text_columns, label_column, metric), "
+                "but data.custom is null",
             )
         if self.task != "custom" and self.custom is not None:
             raise PydanticCustomError(
                 "conflict",
                 f"data.custom is set but data.task is {self.task!r}; set data.custom: null, or data.task: custom",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _custom_source(self) -> Data:
+        if self.custom is None:
+            return self
+        hub = self.source == "hub"
+        if hub and self.custom.dataset is None:
+            raise PydanticCustomError(
+                "conflict", "data.source 'hub' reads data.custom.dataset, but data.custom.dataset is null"
+            )
+        if not hub and self.custom.dataset is not None:
+            raise PydanticCustomError(
+                "conflict",
+                f"data.custom.dataset is set but data.source is {self.source!r}, a directory; "
+                "set data.source: hub to read the dataset, or data.custom.dataset: null to read files",
+            )
+        for split in ("train", "validation") if not hub else ():
+            path = Path(getattr(self.custom, split))
+            if path.is_absolute() or ".." in path.parts:
+                raise PydanticCustomError(
+                    "conflict",
+                    f"data.custom.{split} = {str(path)!r}: must be a file inside data.source ({self.source!r}, the "
+                    "data stage's DVC dependency), named relative to it without '..'",
+                )
         return self
 
 
@@ -126,6 +153,7 @@ class Compute(_Section):
 
 class Teacher(_Section):
     base_model: Text
+    fine_tuned: bool  # true: base_model is already a classifier for this task, the teacher as it is
     epochs: Positive
     batch_size: Count
     learning_rate: Positive

@@ -57,9 +57,9 @@ def task_spec_of(params: Params) -> TaskSpec:
     custom = params.data.custom
     return TaskSpec(
         text_columns=tuple(custom.text_columns),
-        num_labels=custom.num_labels,
         metric=custom.metric,
         primary_metric=PRIMARY_METRIC[custom.metric],
+        labels=tuple(custom.labels) if custom.labels else None,
     )
 
 

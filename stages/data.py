@@ -1,6 +1,7 @@
-"""Stage `data`: read a GLUE task (local copy or Hub) or a user's files, shuffle and
-limit the training split, tokenise with the base model's tokenizer, and write
-parquet splits plus meta.json (source digests, counts) for every later stage."""
+"""Stage `data`: read a GLUE task (local copy or Hub), a user's files or any Hub dataset;
+check text cells and labels (class ids in the order of cofi.labels); shuffle and limit
+the training split, tokenise with the base model's tokenizer, and write parquet splits
+plus meta.json (label names, source digests, counts) for every later stage."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import mlflow
 import pandas as pd
 
 from cofi.convert import load_tokenizer
-from cofi.data import load_glue_split, load_table, tokenize
+from cofi.data import (TaskSpec, check_columns, check_text, data_error, hub_source, load_glue_split, load_hub_split,
+                       read_table, tokenize)
+from cofi.labels import LabelSet
 from pipeline import tracking
 from pipeline.params import Params, resolve_source
 from pipeline.paths import Paths
@@ -27,29 +30,52 @@ def frame_digest(frame: pd.DataFrame) -> str:
 
 
 def read_splits(params: Params, root: Path) -> dict[str, tuple[pd.DataFrame, str]]:
-    """{"train"|"validation": (frame, source description)}"""
+    """{"train"|"validation": (frame with the text columns and a "label" column, source description)}"""
     spec = task_spec_of(params)
-    if params.data.task == "custom":
-        custom = params.data.custom
-        return {
-            split: (load_table(root / path, spec, custom.label_column), str(path))
-            for split, path in (("train", custom.train), ("validation", custom.validation))
-        }
-    source = resolve_source(params, root)
-    where = "hub" if source is None else str(source)
-    return {
-        "train": (load_glue_split(params.data.task, "train", source), f"{where}:{params.data.task}/train"),
-        "validation": (
-            load_glue_split(params.data.task, spec.eval_split, source),
-            f"{where}:{params.data.task}/{spec.eval_split}",
-        ),
-    }
+    custom, source = params.data.custom, resolve_source(params, root)
+    if custom is None:
+        where = "hub" if source is None else str(source)
+        return {split: (load_glue_split(params.data.task, name, source), f"{where}:{params.data.task}/{name}")
+                for split, name in (("train", "train"), ("validation", spec.eval_split))}
+    splits = {}
+    for split in ("train", "validation"):
+        name = getattr(custom, split)
+        if source is None:
+            frame, where = load_hub_split(custom.dataset, name, custom.dataset_config), hub_source(
+                custom.dataset, name, custom.dataset_config)
+        else:
+            where = str(Path(params.data.source) / name)
+            frame = read_table(source / name, where)
+        check_columns(frame, (*spec.text_columns, custom.label_column), where)
+        splits[split] = (frame.rename(columns={custom.label_column: "label"}), where)
+    return splits
+
+
+def check_and_encode(splits: dict[str, tuple[pd.DataFrame, str]], spec: TaskSpec, label_column: str) -> list[str] | None:
+    """Check text cells and labels of every split, replace labels by class ids (classification);
+    returns the class names in id order, or None for regression."""
+    for frame, where in splits.values():
+        check_text(frame, spec.text_columns, where)
+    if spec.regression:
+        for frame, where in splits.values():
+            numbers = pd.to_numeric(frame["label"], errors="coerce")
+            if numbers.isna().any():
+                row = int(numbers.isna().to_numpy().argmax())
+                raise data_error(where, f"{frame['label'].iloc[row]!r} is not a number (a regression task)", row, label_column)
+            frame["label"] = numbers.astype(float)
+        return None
+    train, train_where = splits["train"]
+    label_set = LabelSet.from_train(train["label"], train_where, label_column, spec.labels)
+    for frame, where in splits.values():
+        frame["label"] = label_set.encode(frame["label"], where, label_column)
+    return list(label_set.names)
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
     paths = Paths(root)
     spec = task_spec_of(params)
     splits = read_splits(params, paths.root)  # fails on bad data before anything is written
+    labels = check_and_encode(splits, spec, params.data.custom.label_column if params.data.custom else "label")
     train, train_source = splits["train"]
     train = train.sample(frac=1.0, random_state=params.seed).reset_index(drop=True)
     if params.data.train_limit:
@@ -57,7 +83,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     splits["train"] = (train, train_source)
 
     tokenizer = load_tokenizer(base_model_path(params.teacher.base_model))
-    meta = {"task": params.data.task, "text_columns": list(spec.text_columns), "num_labels": spec.num_labels,
+    meta = {"task": params.data.task, "text_columns": list(spec.text_columns), "labels": labels,
+            "num_labels": len(labels) if labels else 1,
             "max_length": params.data.max_length, "tokenizer": params.teacher.base_model,
             "pad_token_id": tokenizer.pad_token_id, "splits": {}}
     with mlflow_run(STAGE, params, paths.root):
@@ -73,7 +100,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             meta["splits"][split] = {"source": source, "rows": len(frame), "digest": digest,
                                      "mean_tokens": float(lengths.mean()), "truncated": int((lengths >= params.data.max_length).sum())}
             tracking.log_dataset(frame, name=f"{params.data.task}-{split}", digest=digest, source=source, context=split)
-        meta["digest"] = fingerprint(meta["splits"]["train"]["digest"], meta["splits"]["validation"]["digest"])
+        meta["digest"] = fingerprint(meta["splits"]["train"]["digest"], meta["splits"]["validation"]["digest"], labels)
         write_json(paths.data_meta, meta)
         metrics = {split: {"rows": m["rows"], "mean_tokens": m["mean_tokens"]} for split, m in meta["splits"].items()}
         write_json(paths.metrics(STAGE), metrics)

@@ -1,20 +1,26 @@
-"""Stage `teacher`: fine-tune the base model on the task with gold labels.
+"""Stage `teacher`: fine-tune the base model on the task with gold labels, or, with
+`teacher.fine_tuned`, take an already fine-tuned classifier as the teacher as it is
+(evaluated on the dev split, no training).
 
-Reads outputs/data; writes outputs/teacher (model, tokenizer, manifest.json),
-metrics/teacher.json and plots/teacher.csv."""
+Reads outputs/data; writes outputs/teacher (model with the task's label names,
+tokenizer, manifest.json), metrics/teacher.json and plots/teacher.csv."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import mlflow
+from transformers import AutoConfig
 
 from cofi.compact import save_model
-from cofi.convert import load_pretrained, load_tokenizer
+from cofi.convert import load_pretrained_with_report, load_tokenizer
+from cofi.trainer import predict
 from pipeline import lineage
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.runtime import base_model_path, is_main_process, mlflow_run, setup, task_spec_of, train_config, write_json
+from pipeline.runtime import (base_model_path, collator, is_main_process, mlflow_run, setup, task_spec_of, train_config,
+                              write_curve, write_json)
 from pipeline.training import finish, load_stage_data, train
 
 STAGE = "teacher"
@@ -26,12 +32,31 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     data = load_stage_data(paths)
     spec = task_spec_of(params)
     base = base_model_path(params.teacher.base_model)
-    model = load_pretrained(base, num_labels=spec.num_labels, seed=params.seed)
+    labels = data.meta["labels"]
+    if params.teacher.fine_tuned and labels:
+        check_label_order(params.teacher.base_model, AutoConfig.from_pretrained(base).id2label, labels)
+    model, report = load_pretrained_with_report(
+        base, num_labels=data.meta["num_labels"], seed=params.seed, id2label=dict(enumerate(labels)) if labels else None,
+    )
+    if params.teacher.fine_tuned and report.fresh:
+        raise ValueError(
+            f"teacher.fine_tuned is true, but {params.teacher.base_model} has no classification head "
+            f"({', '.join(report.fresh)} would be freshly initialised); set teacher.fine_tuned: false to train one"
+        )
     tokenizer = load_tokenizer(base)
-    config = train_config(params, params.teacher, evals_per_epoch=1, num_examples=len(data.train))
 
     with mlflow_run(STAGE, params, paths.root) as run:
-        trainer, result = train(STAGE, params, paths, data, model, config, data.meta["digest"], paths.curve(STAGE))
+        if params.teacher.fine_tuned:  # the teacher as it is: evaluated, not trained
+            trainer = None
+            preds, gold = predict(model, data.validation, collator(data.meta["pad_token_id"]), bf16=False)
+            metrics = spec.metric_fn(preds, gold)
+            write_curve(paths.curve(STAGE), [{"step": 0, "loss": float("nan")}])
+            teacher = model
+        else:
+            config = train_config(params, params.teacher, evals_per_epoch=1, num_examples=len(data.train))
+            trainer, result = train(STAGE, params, paths, data, model, config, data.meta["digest"], paths.curve(STAGE))
+            metrics = {**{k: v for k, v in result.best_metrics.items() if k != "step"}, "best_step": result.best_step}
+            teacher = trainer.model
         if not is_main_process():  # the main process writes the outputs
             return {}
 
@@ -44,10 +69,23 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                 params=params.teacher.model_dump(), mlflow_run_id=run.info.run_id,
             )
 
-        save_model(trainer.model, paths.teacher, extra=extra)
+        save_model(teacher, paths.teacher, extra=extra)
         mlflow.set_tags(lineage.lineage_tags(lineage.read_manifest(paths.teacher)))
-        metrics = {**{k: v for k, v in result.best_metrics.items() if k != "step"}, "best_step": result.best_step}
         mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items()})
         write_json(paths.metrics(STAGE), metrics)
-    finish(trainer)
+    if trainer is not None:
+        finish(trainer)
     return metrics
+
+
+def check_label_order(model_name: str, id2label: dict[int, str], labels: Sequence[str]) -> None:
+    """Refuse a fine-tuned classifier whose outputs name the task's classes in another order
+    (its predictions would be read as the wrong classes). Generic names (LABEL_0, ...) and
+    names that are not the task's classes are left to the user."""
+    theirs = [str(id2label[i]) for i in sorted(id2label)]
+    if sorted(n.lower() for n in theirs) == sorted(n.lower() for n in labels) and \
+            [n.lower() for n in theirs] != [n.lower() for n in labels]:
+        raise ValueError(
+            f"teacher {model_name} orders its classes {theirs}, the data {list(labels)}; "
+            f"set data.custom.labels: {theirs} to use the model's order"
+        )

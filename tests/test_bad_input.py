@@ -30,13 +30,30 @@ def project(tmp_path: Path, data: dict, teacher: dict | None = None) -> Path:
     return tmp_path
 
 
-def custom(tmp_path: Path, train_csv: str, **spec) -> Path:
+def custom(tmp_path: Path, train_csv: str, dev_csv: str = "text,label\ngood,1\nbad,0\n", **spec) -> Path:
+    """A project reading train.csv and dev.csv from its own directory (data.source ".")."""
     (tmp_path / "train.csv").write_text(train_csv)
-    (tmp_path / "dev.csv").write_text("text,label\ngood,1\nbad,0\n")
+    (tmp_path / "dev.csv").write_text(dev_csv)
     settings = {"train": "train.csv", "validation": "dev.csv", "text_columns": ["text"], "label_column": "label",
-                "num_labels": 2, "metric": "accuracy"}
+                "metric": "accuracy"}
     settings.update(spec)
+    return project(tmp_path, {"task": "custom", "source": ".", "custom": settings})
+
+
+def hub(tmp_path: Path, dataset: str, **spec) -> Path:
+    """A project reading a dataset through `datasets` (data.source "hub")."""
+    settings = {"dataset": dataset, "train": "train", "validation": "validation", "text_columns": ["text"],
+                "label_column": "label", "metric": "accuracy", **spec}
     return project(tmp_path, {"task": "custom", "source": "hub", "custom": settings})
+
+
+def local_dataset(tmp_path: Path) -> str:
+    """A dataset directory `datasets.load_dataset` reads like a Hub dataset: splits train, validation."""
+    directory = tmp_path / "dataset"
+    directory.mkdir()
+    (directory / "train.csv").write_text("text,label\nhi,a\nho,b\n")
+    (directory / "validation.csv").write_text("text,label\nhu,a\n")
+    return str(directory)
 
 
 CASES = {
@@ -46,14 +63,46 @@ CASES = {
                             r"train.csv: missing column\(s\) \['text'\]; found \['sentence', 'label'\]"),
     "missing label column": (lambda t: custom(t, "text,y\nhi,1\n"),
                              r"train.csv: missing column\(s\) \['label'\]; found \['text', 'y'\]"),
-    "labels outside the label set": (lambda t: custom(t, "text,label\nhi,1\nho,5\nhu,-1\n"),
-                                     r"train.csv: labels \[-1, 5\] outside the task's label set 0..1"),
-    "non-numeric regression target": (lambda t: custom(t, "text,label\nhi,0.5\nho,high\n", num_labels=1,
-                                                       metric="pearson_spearman"),
-                                      r"train.csv: column 'label' must hold numbers for a regression task"),
+    "validation label not in train": (lambda t: custom(t, "text,label\nhi,World\nho,Sports\n",
+                                                       "text,label\nok,Sports\nhm,Sprots\n"),
+                                      r"^dev.csv, row 2, column 'label': label 'Sprots' does not occur in the "
+                                      r"training split$"),
+    "label not in the explicit list": (lambda t: custom(t, "text,label\nhi,pos\nho,neutral\n", labels=["neg", "pos"]),
+                                       r"^train.csv, row 2, column 'label': label 'neutral' does not occur in the "
+                                       r"labels \['neg', 'pos'\]$"),
+    "integer label beyond the explicit list": (lambda t: custom(t, "text,label\nhi,1\nho,2\n", labels=["neg", "pos"]),
+                                               r"^train.csv, row 2, column 'label': label 2 is not an id of the 2 "
+                                               r"labels \['neg', 'pos'\]$"),
+    "mixed label types in a file": (lambda t: custom(t, "text,label\nhi,1\nho,0\nhu,pos\n"),
+                                    r"^train.csv, row 3, column 'label': mixed label types: 'pos' is a string, but "
+                                    r"the labels before it are integers$"),
+    "mixed label types across splits": (lambda t: custom(t, "text,label\nhi,pos\nho,neg\n"),
+                                        r"^dev.csv, row 1, column 'label': mixed label types: 1 is an integer, but "
+                                        r"the training labels are strings$"),
+    "float labels": (lambda t: custom(t, "text,label\nhi,0.5\nho,1.0\n"),
+                     r"^train.csv, row 1, column 'label': label 0.5 is neither an integer nor a string$"),
+    "empty label": (lambda t: custom(t, "text,label\nhi,1\nho,\n"), r"^train.csv, row 2, column 'label': empty label$"),
+    "empty text cell": (lambda t: custom(t, "text,label\nhi,1\n,0\n"), r"^train.csv, row 2, column 'text': empty text$"),
+    "blank text cell": (lambda t: custom(t, "text,label\nhi,1\n\"  \",0\n"),
+                        r"^train.csv, row 2, column 'text': empty text$"),
+    "non-numeric regression target": (lambda t: custom(t, "text,label\nhi,0.5\nho,high\n", metric="pearson_spearman"),
+                                      r"^train.csv, row 2, column 'label': 'high' is not a number \(a regression task\)$"),
+    "not UTF-8": (lambda t: _latin1(custom(t, "text,label\nhi,1\n")),
+                  r"^train.csv: not UTF-8 text \(byte 14: invalid continuation byte\)$"),
     "empty split": (lambda t: custom(t, "text,label\n"), r"train.csv: the split is empty"),
     "missing custom file": (lambda t: custom(t, "text,label\nhi,1\n", train="nope.csv"), r"no data file at .*nope.csv"),
+    "hub dataset that does not exist": (lambda t: hub(t, "no-such-user/no-such-dataset"),
+                                        r"^hub:no-such-user/no-such-dataset/train: cannot load it with datasets "
+                                        r"\(Couldn't reach 'no-such-user/no-such-dataset' on the Hub \(\w+\)\)$"),
+    "hub split that does not exist": (lambda t: hub(t, local_dataset(t), validation="dev"),
+                                      r"^hub:.*dataset/dev: cannot load it with datasets \(Unknown split \"dev\". "
+                                      r"Should be one of \['train', 'validation'\].\)$"),
 }
+
+
+def _latin1(tmp_path: Path) -> Path:
+    (tmp_path / "train.csv").write_bytes("text,label\ncaf\xe9,1\n".encode("latin-1"))
+    return tmp_path
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -61,6 +110,7 @@ def test_bad_data_stops_the_data_stage_and_writes_nothing(tmp_path, case, monkey
     from stages import data
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)  # offline: no network is tried
     make, message = CASES[case]
     root = make(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=message):

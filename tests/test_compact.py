@@ -24,6 +24,9 @@ B, T = 4, 9  # batch, sequence length of the test inputs
 ARCHS = {
     "bert": dict(position_style="absolute", type_vocab_size=2, pad_token_id=0),
     "roberta": dict(position_style="padding_offset", type_vocab_size=1, pad_token_id=1),
+    "distilbert": dict(position_style="absolute", type_vocab_size=1, pad_token_id=0, pooler_activation="relu"),
+    "electra": dict(position_style="absolute", type_vocab_size=2, pad_token_id=0, pooler_activation="gelu",
+                    pooler_input_dropout=True),
 }
 SIZES = dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=4, intermediate_size=24)
 

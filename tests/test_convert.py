@@ -19,7 +19,17 @@ from transformers import (
     BertModel,
     CamembertConfig,
     CamembertForSequenceClassification,
+    DebertaV2Config,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    DistilBertForSequenceClassification,
+    DistilBertModel,
+    ElectraConfig,
+    ElectraForPreTraining,
+    ElectraForSequenceClassification,
+    ElectraModel,
     GPT2Config,
+    ModernBertConfig,
     RobertaConfig,
     RobertaForMaskedLM,
     RobertaForSequenceClassification,
@@ -124,6 +134,69 @@ def test_roberta_family_classifier_matches_hf(tmp_path, config_cls, model_cls):
         theirs = hf(**batch, output_hidden_states=True)
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
     assert_same_outputs(ours, theirs, batch["attention_mask"])
+
+
+def distilbert_config(**kwargs) -> DistilBertConfig:
+    return DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64,
+                            attn_implementation="eager", **kwargs)
+
+
+def electra_config(**kwargs) -> ElectraConfig:
+    return ElectraConfig(**TINY, embedding_size=32, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "make, pooler_activation",
+    [
+        (lambda: DistilBertForSequenceClassification(distilbert_config(num_labels=3, id2label=LABELS)), "relu"),
+        (lambda: ElectraForSequenceClassification(electra_config(num_labels=3, id2label=LABELS)), "gelu"),
+    ],
+    ids=["distilbert", "electra"],
+)
+def test_distilbert_and_electra_classifiers_match_hf(tmp_path, make, pooler_activation):
+    hf = make().eval()
+    model, report = load_pretrained_with_report(save(hf, tmp_path), num_labels=3)
+
+    assert report.fresh == [] and report.ignored == []
+    assert model.config.pooler_activation == pooler_activation and model.config.id2label == LABELS
+    batch = make_inputs(99, pad_id=0, with_token_types=hf.config.model_type == "electra")
+    with torch.no_grad():
+        ours = model(**batch, output_hidden_states=True)
+        theirs = hf(**batch, output_hidden_states=True)
+    assert (ours.logits - theirs.logits).abs().max() <= 1e-5
+    assert_same_outputs(ours, theirs, batch["attention_mask"])
+
+
+@pytest.mark.parametrize(
+    "make, fresh, ignored_prefix",
+    [
+        (lambda: DistilBertModel(distilbert_config()), ["pooler.weight", "pooler.bias", "classifier.weight",
+                                                        "classifier.bias"], None),
+        (lambda: DistilBertForMaskedLM(distilbert_config()), ["pooler.weight", "pooler.bias", "classifier.weight",
+                                                              "classifier.bias"], "vocab_"),
+        (lambda: ElectraModel(electra_config()), ["pooler.weight", "pooler.bias", "classifier.weight",
+                                                  "classifier.bias"], None),
+        (lambda: ElectraForPreTraining(electra_config()), ["pooler.weight", "pooler.bias", "classifier.weight",
+                                                           "classifier.bias"], "discriminator_predictions."),
+    ],
+    ids=["DistilBertModel", "DistilBertForMaskedLM", "ElectraModel", "ElectraForPreTraining"],
+)
+def test_distilbert_and_electra_encoders_match_hf(tmp_path, make, fresh, ignored_prefix):
+    hf = make().eval()
+    model, report = load_pretrained_with_report(save(hf, tmp_path), num_labels=2, seed=0)
+    assert report.fresh == fresh
+    assert all(k.startswith(ignored_prefix) for k in report.ignored) and bool(report.ignored) == bool(ignored_prefix)
+    batch = make_inputs(99, pad_id=0, with_token_types=False)
+    encoder = hf.distilbert if hasattr(hf, "distilbert") else hf.electra if hasattr(hf, "electra") else hf
+    with torch.no_grad():
+        ours = model(**batch, output_hidden_states=True)
+        theirs = encoder(**batch, output_hidden_states=True)
+    assert_same_outputs(ours, theirs, batch["attention_mask"])
+
+
+def test_electra_small_factorised_embeddings_are_refused():
+    with pytest.raises(ValueError, match=r"model_type='electra'.*embedding_size=16 differs from hidden_size=32"):
+        cofi_config_from_hf(ElectraConfig(**TINY, embedding_size=16), num_labels=2)
 
 
 def test_bare_bert_encoder_gets_fresh_seeded_classifier(tmp_path):
@@ -245,14 +318,26 @@ def test_legacy_gamma_beta_layer_norm_names():
     assert set(converted) == {"embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"}
 
 
-def test_unsupported_architecture_is_named(tmp_path):
-    GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=99).save_pretrained(tmp_path)
+@pytest.mark.parametrize(
+    "config, model_type",
+    [
+        (GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=99), "gpt2"),
+        (DebertaV2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+                         vocab_size=99), "deberta-v2"),
+        (ModernBertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+                          vocab_size=99), "modernbert"),
+    ],
+    ids=["gpt2", "deberta-v2", "modernbert"],
+)
+def test_unsupported_architecture_is_named(tmp_path, config, model_type):
+    config.save_pretrained(tmp_path)
     with pytest.raises(ValueError) as err:
         load_pretrained(tmp_path, num_labels=2)
     message = str(err.value)
-    assert "model_type='gpt2'" in message
-    for model_type in SUPPORTED_MODEL_TYPES:
-        assert model_type in message
+    assert f"model_type={model_type!r}" in message
+    assert set(SUPPORTED_MODEL_TYPES) == {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra"}
+    for supported in SUPPORTED_MODEL_TYPES:
+        assert supported in message
 
 
 def test_relative_position_embeddings_are_rejected():

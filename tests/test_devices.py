@@ -34,7 +34,7 @@ from cofi.trainer import PruneConfig, TrainConfig, Trainer
 from pipeline.params import ABLATIONS, validate_params
 from pipeline.runtime import distillation, prune_config
 from tests.conftest import synthetic_task, tiny_model
-from tests.test_pipeline_e2e import DATA_DIR, ROOT, TINY, make_project, merge, run
+from tests.test_pipeline_e2e import DATA_DIR, ROOT, TINY, copy_project, merge, run
 
 # Ops that move data between devices on purpose.
 COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default, torch.ops.aten._copy_from.default}
@@ -178,7 +178,7 @@ def test_cuda_benchmark_harness_times_with_cuda_events():
 @pytest.mark.integration
 @pytest.mark.skipif(not DATA_DIR.exists() or shutil.which("dvc") is None, reason="needs the GLUE data and dvc")
 def test_cuda_dvc_repro_of_the_pipeline(tmp_path):
-    project = make_project(tmp_path, merge(TINY, {"compute": {"device": "cuda"}, "prune": {"targets": [0.5]}}))
+    project = copy_project(tmp_path, merge(TINY, {"compute": {"device": "cuda"}, "prune": {"targets": [0.5]}}))
     run(["dvc", "repro"], project)
     metrics = json.loads((project / "metrics" / "compact-0.5.json").read_text())
     assert metrics["sparsity_counted"] == pytest.approx(metrics["sparsity_masks"], abs=1e-9)

@@ -21,7 +21,6 @@ CUSTOM = {
     "validation": "data/dev.csv",
     "text_columns": ["premise", "claim"],
     "label_column": "label",
-    "num_labels": 3,
     "metric": "accuracy",
 }
 
@@ -52,6 +51,13 @@ def test_repo_params_validate():
 def test_custom_task_validates():
     params = validate_params(yaml.safe_load(changed({"data.task": "custom", "data.custom": CUSTOM})))
     assert params.data.custom.text_columns == ["premise", "claim"]
+    assert (params.data.custom.labels, params.data.custom.dataset, params.data.custom.dataset_config) == (None,) * 3
+
+
+def test_custom_hub_dataset_validates():
+    hub = {**CUSTOM, "dataset": "ag_news", "train": "train", "validation": "test", "labels": ["World", "Sports"]}
+    params = validate_params(yaml.safe_load(changed({"data.task": "custom", "data.source": "hub", "data.custom": hub})))
+    assert params.data.custom.dataset == "ag_news" and params.data.custom.labels == ["World", "Sports"]
 
 
 TASKS = "'cola', 'sst2', 'mrpc', 'stsb', 'qqp', 'mnli', 'qnli', 'rte' or 'custom'"
@@ -138,10 +144,41 @@ BAD = [
         ["data.custom.text_columns = ['a', 'b', 'c']: must have at most 2 items"],
     ),
     (
-        "custom regression metric on a classification task",
-        {"data.task": "custom", "data.custom": {**CUSTOM, "metric": "pearson_spearman"}},
-        ["data.custom.metric 'pearson_spearman' does not fit data.custom.num_labels 3"],
+        "label names for a regression task",
+        {"data.task": "custom", "data.custom": {**CUSTOM, "metric": "pearson_spearman", "labels": ["a", "b"]}},
+        ["data.custom.labels is set but data.custom.metric is 'pearson_spearman'"],
     ),
+    (
+        "one label name",
+        {"data.task": "custom", "data.custom": {**CUSTOM, "labels": ["a"]}},
+        ["data.custom.labels = ['a']: must have at least 2 items"],
+    ),
+    (
+        "repeated label names",
+        {"data.task": "custom", "data.custom": {**CUSTOM, "labels": ["a", "b", "a"]}},
+        ["data.custom.labels = ['a', 'b', 'a']: must not repeat 'a'"],
+    ),
+    (
+        "custom files outside data.source",
+        {"data.task": "custom", "data.custom": {**CUSTOM, "train": "../elsewhere/train.csv"}},
+        ["data.custom.train = '../elsewhere/train.csv': must be a file inside data.source"],
+    ),
+    (
+        "custom file by absolute path",
+        {"data.task": "custom", "data.custom": {**CUSTOM, "validation": "/data/dev.csv"}},
+        ["data.custom.validation = '/data/dev.csv': must be a file inside data.source"],
+    ),
+    (
+        "hub source without a dataset",
+        {"data.task": "custom", "data.source": "hub", "data.custom": CUSTOM},
+        ["data.source 'hub' reads data.custom.dataset, but data.custom.dataset is null"],
+    ),
+    (
+        "a dataset with a directory source",
+        {"data.task": "custom", "data.custom": {**CUSTOM, "dataset": "imdb"}},
+        ["data.custom.dataset is set but data.source is '../shared/data/glue', a directory"],
+    ),
+    ("fine_tuned not a boolean", {"teacher.fine_tuned": "yes"}, ["teacher.fine_tuned = 'yes': must be true or false"]),
     ("missing file", None, ["params.yaml: cannot read the params file"]),
     ("invalid YAML", "prune:\n  targets: [0.6, 0.9\n", ["params.yaml: invalid YAML at line 3"]),
     ("duplicate YAML key", "seed: 1\nseed: 2\n", ["params.yaml: invalid YAML at line 2, column 1: duplicate key 'seed'"]),

@@ -45,11 +45,13 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 
 def merge(base: dict, override: dict) -> dict:
-    return {k: merge(base[k], override[k]) if isinstance(override.get(k), dict) else override.get(k, base[k]) for k in base}
+    return {k: merge(base[k], override[k]) if isinstance(override.get(k), dict) and isinstance(base[k], dict)
+            else override.get(k, base[k]) for k in base}
 
 
-def make_project(project: Path, overrides: dict) -> Path:
-    """A git + DVC copy of the project in ``project`` with ``overrides`` merged into params.yaml."""
+def copy_project(project: Path, overrides: dict) -> Path:
+    """A git repository at ``project`` holding the project's tracked files (tests left out),
+    with params.yaml = the real one merged with ``overrides``; DVC is initialised already."""
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in tracked:
         if name.startswith("tests/") or not (ROOT / name).exists():
@@ -58,16 +60,22 @@ def make_project(project: Path, overrides: dict) -> Path:
         shutil.copy2(ROOT / name, project / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (project / "params.yaml").write_text(yaml.safe_dump(merge(params, overrides), sort_keys=False))
-    run(["git", "init", "-q"], project)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], project)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], project)
+    commit(project, "copy", init=True)
     return project
+
+
+def commit(project: Path, message: str, init: bool = False) -> None:
+    if init:
+        run(["git", "init", "-q"], project)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    run([*git, "add", "-A"], project)
+    run([*git, "commit", "-qm", message], project)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A git + DVC copy of the project with tiny params, after one `dvc repro`."""
-    project = make_project(tmp_path_factory.mktemp("project"), TINY)
+    project = copy_project(tmp_path_factory.mktemp("project"), TINY)
     run(["dvc", "repro"], project)
     return project
 
@@ -136,9 +144,7 @@ def test_one_mlflow_run_per_stage_with_lineage_tags(project):
 
 def test_exp_run_with_a_param_override_shows_in_exp_show_and_metrics_diff(project):
     """The user's experiment loop: commit a baseline, `dvc exp run -S`, compare."""
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-    run([*git, "add", "-A"], project)
-    run([*git, "commit", "-qm", "baseline results"], project)
+    commit(project, "baseline results")
     out = run(["dvc", "exp", "run", "-S", "prune.temperature=4", "--name", "t4"], project)
     rerun = {line.split("'")[1] for line in (out.stdout + out.stderr).splitlines() if line.startswith("Running stage")}
     assert rerun == {f"{s}@{t}" for s in ("prune", "finetune", "compact") for t in ("0.3", "0.5")} | {"benchmark", "report"}
