@@ -14,6 +14,31 @@ import torch
 from torch import Tensor, nn
 
 
+def controlled_sparsity(expected: Tensor, deterministic: Tensor) -> Tensor:
+    """The sparsity the Lagrangian constrains: the value of ``deterministic`` (the
+    sparsity of the deterministic masks: exact counts, ``keep_multiple`` rounding and
+    the layer-drop rule), the gradient of ``expected`` (the smooth ŝ of the keep
+    probabilities): ŝ_E + (s_det − ŝ_E).detach(). Both are 0-d tensors; the result has
+    ``expected``'s dtype.
+
+    Why a straight-through value. ŝ_E alone is not the sparsity the model ships
+    with: a closed layer gate (log α clamped at ln 0.01) still counts P(z>0) ≈ 0.047,
+    and the per-group rounding (up to ``keep_multiple``) exists only in the masks,
+    so λ would settle ŝ_E on the target and the shipped model a point or more away.
+    Here λ1 and λ2 ascend on s_det − t, the shipped model's own error, while log α
+    descends along ∂ŝ_E/∂log α scaled by λ1 + 2λ2(s_det − t): the paper's smooth
+    gradient, continuous in log α. Alternatives considered:
+
+    - the size formula over straight-through *counts* (round(ΣP), the layer rule):
+      the same forward value, but its gradient is evaluated at the rounded counts,
+      so it jumps whenever one of them crosses a rounding boundary (16 more hidden
+      dims rescale every head's and unit's gradient at once);
+    - a smooth surrogate of the rounding (a soft round, a sigmoid for the layer
+      rule): only approximately the shipped value, with a temperature to tune.
+    """
+    return expected + (deterministic.to(expected.dtype) - expected).detach()
+
+
 class Lagrangian(nn.Module):
     def __init__(self) -> None:
         super().__init__()
