@@ -1,11 +1,13 @@
 """Sparsity control by a Lagrangian with learned multipliers (section 5).
 
-    L_c = λ1·(ŝ − t) + λ2·(ŝ − t)²
+    L_c = λ1·(s − t) + λ2·(s − t)²
 
-The log α minimise L_c (gradient descent) while λ1, λ2 maximise it (gradient
-ascent, an optimizer with ``maximize=True``). If ŝ stays below the target t, λ1
-grows negative, which makes ∂L_c/∂ŝ = λ1 + 2λ2(ŝ − t) negative: descent then
-raises ŝ. λ2 only ever grows, tightening the quadratic penalty.
+with s the sparsity of the deterministic masks, carrying the gradient of the
+smooth expected sparsity ŝ (``controlled_sparsity``). The log α minimise L_c
+(gradient descent) while λ1, λ2 maximise it (gradient ascent, an optimizer with
+``maximize=True``). If s stays below the target t, λ1 grows negative, which
+makes ∂L_c/∂s = λ1 + 2λ2(s − t) negative: descent then raises ŝ, and with it s.
+λ2 only ever grows, tightening the quadratic penalty.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ class Lagrangian(nn.Module):
         self.lambda_1 = nn.Parameter(torch.zeros(()))
         self.lambda_2 = nn.Parameter(torch.zeros(()))
 
-    def forward(self, expected_sparsity: Tensor, target: float) -> Tensor:
-        gap = expected_sparsity - target
+    def forward(self, sparsity: Tensor, target: float) -> Tensor:
+        gap = sparsity - target
         return self.lambda_1 * gap + self.lambda_2 * gap * gap
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
