@@ -8,12 +8,14 @@ so z is exactly 0 or 1 with positive probability, and
 
     P(z > 0) = sigmoid(log α − β·log(−l/r)).
 
-Deterministic masks (evaluation, compaction): in each group (the hidden dims;
-the heads of one layer; the FFN units of one layer; each layer gate alone) the
-round(N − Σ P(z>0)) units with the smallest log α are set to 0. Survivors keep
-the soft value sigmoid(log α / β) — the median of the unstretched sample, always
-in (0, 1) and ≈1 for confident units — which compaction folds into the weights.
-A layer gate, a group of one, is thereby dropped exactly when P(z>0) < 0.5.
+Deterministic masks (evaluation, compaction): each group (the hidden dims;
+the heads of one layer; the FFN units of one layer; each layer gate alone) keeps
+its round(Σ P(z>0)) units of largest log α — for the hidden dims and FFN units
+that count rounded up to a multiple of ``keep_multiple``, at most N — and the
+others are set to 0. Survivors keep the soft value sigmoid(log α / β) — the
+median of the unstretched sample, always in (0, 1) and ≈1 for confident units —
+which compaction folds into the weights. A layer gate, a group of one, is
+thereby dropped exactly when P(z>0) < 0.5 (a tie rounds to even: dropped).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from cofi.sparsity import FAMILIES, ModelShape, expected_sparsity
+from cofi.sparsity import FAMILIES, ModelShape, expected_sparsity, size_of_counts
 
 BETA = 2.0 / 3.0  # temperature of the concrete distribution (Louizos et al., 2018)
 LIMIT_L, LIMIT_R = -0.1, 1.1  # stretch interval: z hits exactly 0 and 1 with positive probability
@@ -45,9 +47,10 @@ class GateConfig:
     families: tuple[str, ...] = FAMILIES  # leave "hidden" out, or "mha" and "ffn", for the paper's ablations
     init_log_alpha: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_INIT_LOG_ALPHA))
     init_std: float = 0.01
-    # Kept hidden dims and FFN units per layer are rounded to a multiple of this
-    # in the deterministic masks: a compact model of width 383 runs its matrix
-    # products on slow kernel paths, one of width 384 on the fast ones. 1: the paper's rule.
+    # Kept hidden dims and FFN units per layer are rounded up to a multiple of this
+    # (at most the full width) in the deterministic masks: a compact model of width
+    # 383 runs its matrix products on slow kernel paths, one of width 384 on the
+    # fast ones. 1: the paper's rule.
     keep_multiple: int = 1
 
     def __post_init__(self) -> None:
@@ -74,21 +77,30 @@ def sample_hard_concrete(log_alpha: Tensor) -> Tensor:
     return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
 
 
+def kept_count(log_alpha: Tensor, keep_multiple: int = 1) -> Tensor:
+    """Units each group keeps under the deterministic masks: (G, N) log α → (G,) counts.
+
+    round(Σ P(z > 0)) (the paper's rule), then rounded *up* to a multiple of
+    ``keep_multiple`` and capped at the group size N. Up, so a group whose
+    rounded expected count is positive never rounds to 0 (an FFN whose gate is
+    on never becomes a constant-bias sublayer); the Lagrangian sees these exact
+    counts, so rounding up does not overshoot the size target.
+    """
+    expected = torch.round(keep_probability(log_alpha.detach()).sum(-1)).long()  # (G,)
+    aligned = (expected + keep_multiple - 1) // keep_multiple * keep_multiple
+    return aligned.clamp(max=log_alpha.shape[-1])
+
+
 def deterministic_mask(log_alpha: Tensor, keep_multiple: int = 1) -> Tensor:
     """Evaluation mask; each row of log_alpha (last dim) is one group.
 
-    A group keeps round(Σ P(z > 0)) units, those of largest log α; with
-    ``keep_multiple`` the count is rounded to the nearest multiple of it (at most
-    the group size; a group kept whole stays whole), so the sparsity stays on
-    target on average.
+    A group keeps ``kept_count`` units, those of largest log α, with their soft
+    values sigmoid(log α / β); the others are 0.
     """
     groups = log_alpha.detach().reshape(-1, log_alpha.shape[-1]) if log_alpha.dim() > 1 else log_alpha.detach().reshape(1, -1)
     size = groups.shape[-1]
     z = torch.sigmoid(groups / BETA)
-    num_keep = torch.round(keep_probability(groups).sum(-1)).long()  # (G,)
-    aligned = torch.clamp(torch.round(num_keep / keep_multiple).long() * keep_multiple, max=size)
-    num_keep = torch.where(num_keep == size, num_keep, aligned)  # a whole group stays whole
-    num_zeros = size - num_keep
+    num_zeros = size - kept_count(groups, keep_multiple)  # (G,)
     order = groups.argsort(dim=-1)  # ascending log α
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(size, device=order.device).expand_as(order))
@@ -128,18 +140,33 @@ class HardConcreteGates(nn.Module):
     def keep_probabilities(self) -> dict[str, Tensor]:
         return {f: keep_probability(a) for f, a in self.log_alpha.items()}
 
+    def _keep_multiple(self, family: str) -> int:
+        return self.config.keep_multiple if family in ("hidden", "intermediate") else 1
+
     @torch.no_grad()
     def deterministic(self) -> dict[str, Tensor]:
         """Evaluation and compaction masks (section 3)."""
-        multiple = {"hidden": self.config.keep_multiple, "intermediate": self.config.keep_multiple}
         return {
-            f: deterministic_mask(self._per_layer(f, a), multiple.get(f, 1)).reshape(a.shape)
+            f: deterministic_mask(self._per_layer(f, a), self._keep_multiple(f)).reshape(a.shape)
             for f, a in self.log_alpha.items()
         }
 
     def expected_sparsity(self) -> Tensor:
         """ŝ = 1 − E/M with E from the keep probabilities (differentiable)."""
         return expected_sparsity(self.shape, self.keep_probabilities())
+
+    @torch.no_grad()
+    def deterministic_sparsity(self) -> Tensor:
+        """Sparsity of ``deterministic()``'s masks, a float64 tensor on the gates' device.
+
+        Computed from the kept counts alone (no argsort, no host read): the masks
+        zero exactly ``N − kept_count`` units per group and keep the others non-zero,
+        so this equals ``mask_sparsity(shape, deterministic())``.
+        """
+        counts = {  # hidden (), the others (L,): the shapes size_of_counts takes
+            f: kept_count(self._per_layer(f, a), self._keep_multiple(f)).double() for f, a in self.log_alpha.items()
+        }
+        return 1.0 - size_of_counts(self.shape, counts) / self.shape.prunable_size
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -1,11 +1,13 @@
 """Sparsity control by a Lagrangian with learned multipliers (section 5).
 
-    L_c = λ1·(ŝ − t) + λ2·(ŝ − t)²
+    L_c = λ1·(s − t) + λ2·(s − t)²
 
-The log α minimise L_c (gradient descent) while λ1, λ2 maximise it (gradient
-ascent, an optimizer with ``maximize=True``). If ŝ stays below the target t, λ1
-grows negative, which makes ∂L_c/∂ŝ = λ1 + 2λ2(ŝ − t) negative: descent then
-raises ŝ. λ2 only ever grows, tightening the quadratic penalty.
+with s the sparsity of the deterministic masks, carrying the gradient of the
+smooth expected sparsity ŝ (``controlled_sparsity``). The log α minimise L_c
+(gradient descent) while λ1, λ2 maximise it (gradient ascent, an optimizer with
+``maximize=True``). If s stays below the target t, λ1 grows negative, which
+makes ∂L_c/∂s = λ1 + 2λ2(s − t) negative: descent then raises ŝ, and with it s.
+λ2 only ever grows, tightening the quadratic penalty.
 """
 
 from __future__ import annotations
@@ -14,14 +16,39 @@ import torch
 from torch import Tensor, nn
 
 
+def controlled_sparsity(expected: Tensor, deterministic: Tensor) -> Tensor:
+    """The sparsity the Lagrangian constrains: the value of ``deterministic`` (the
+    sparsity of the deterministic masks: exact counts, ``keep_multiple`` rounding and
+    the layer-drop rule), the gradient of ``expected`` (the smooth ŝ of the keep
+    probabilities): ŝ_E + (s_det − ŝ_E).detach(). Both are 0-d tensors; the result has
+    ``expected``'s dtype.
+
+    Why a straight-through value. ŝ_E alone is not the sparsity the model ships
+    with: a closed layer gate (log α clamped at ln 0.01) still counts P(z>0) ≈ 0.047,
+    and the per-group rounding (up to ``keep_multiple``) exists only in the masks,
+    so λ would settle ŝ_E on the target and the shipped model a point or more away.
+    Here λ1 and λ2 ascend on s_det − t, the shipped model's own error, while log α
+    descends along ∂ŝ_E/∂log α scaled by λ1 + 2λ2(s_det − t): the paper's smooth
+    gradient, continuous in log α. Alternatives considered:
+
+    - the size formula over straight-through *counts* (round(ΣP), the layer rule):
+      the same forward value, but its gradient is evaluated at the rounded counts,
+      so it jumps whenever one of them crosses a rounding boundary (16 more hidden
+      dims rescale every head's and unit's gradient at once);
+    - a smooth surrogate of the rounding (a soft round, a sigmoid for the layer
+      rule): only approximately the shipped value, with a temperature to tune.
+    """
+    return expected + (deterministic.to(expected.dtype) - expected).detach()
+
+
 class Lagrangian(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lambda_1 = nn.Parameter(torch.zeros(()))
         self.lambda_2 = nn.Parameter(torch.zeros(()))
 
-    def forward(self, expected_sparsity: Tensor, target: float) -> Tensor:
-        gap = expected_sparsity - target
+    def forward(self, sparsity: Tensor, target: float) -> Tensor:
+        gap = sparsity - target
         return self.lambda_1 * gap + self.lambda_2 * gap * gap
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:

@@ -58,25 +58,49 @@ class ModelShape:
         return self.num_layers * (4 * C * H * D + 2 * C * F)
 
 
-def remaining_size(shape: ModelShape, keep: Mapping[str, Tensor]) -> Tensor:
+def group_counts(keep: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
+    """Per-unit keep values summed over each family's groups: the (expected) units kept
+    per group, the shapes ``size_of_counts`` takes. hidden (C,) → (); head (L, H),
+    intermediate (L, F) → (L,); the layer gates mha, ffn (L,) are groups of one."""
+    per_layer = {"head", "intermediate"}
+    return {
+        f: v.sum(-1) if f in per_layer else v.sum() if f == "hidden" else v
+        for f, v in keep.items()
+        if v is not None
+    }
+
+
+def size_of_counts(shape: ModelShape, counts: Mapping[str, Tensor]) -> Tensor:
+    """E = hidden · [4·D·Σ_l mha(l)·heads(l) + 2·Σ_l ffn(l)·units(l)].
+
+    ``counts`` maps a family to the units kept per group: hidden (), heads and
+    FFN units per layer (L,), the layer gates mha and ffn (L,) in [0, 1]. They may be
+    expected counts (sums of keep probabilities) or exact ones (deterministic
+    masks). A missing family keeps everything.
+    """
+    given = next(iter(counts.values()), None)
+    like = {"dtype": torch.float64} if given is None else {"dtype": given.dtype, "device": given.device}
+    L = shape.num_layers
+    full = {"hidden": ((), shape.hidden_size), "head": ((L,), shape.num_heads), "mha": ((L,), 1),
+            "intermediate": ((L,), shape.intermediate_size), "ffn": ((L,), 1)}
+
+    def get(family: str) -> Tensor:  # a family switched off keeps everything
+        value = counts.get(family)
+        return torch.full(full[family][0], full[family][1], **like) if value is None else value
+
+    heads = (get("mha") * get("head")).sum()
+    units = (get("ffn") * get("intermediate")).sum()
+    return get("hidden") * (4 * shape.head_size * heads + 2 * units)
+
+
+def remaining_size(shape: ModelShape, keep: Mapping[str, Tensor | None]) -> Tensor:
     """E = Σ_k p_hid(k) · [4·D·Σ_{l,h} p_MHA(l)·p_head(l,h) + 2·Σ_{l,j} p_FFN(l)·p_int(l,j)].
 
     ``keep`` maps a family to its keep probabilities P(z > 0) (expected size) or
     to 0/1 indicators (size under deterministic masks). A missing family keeps
     everything.
     """
-
-    given = next((v for v in keep.values() if v is not None), None)
-    like = {"dtype": torch.float64} if given is None else {"dtype": given.dtype, "device": given.device}
-
-    def get(family: str) -> Tensor:  # a family switched off keeps everything: ones beside the others
-        value = keep.get(family)
-        return torch.ones(shape.mask_shape(family), **like) if value is None else value
-
-    hidden = get("hidden").sum()
-    heads = (get("mha").unsqueeze(-1) * get("head")).sum()
-    units = (get("ffn").unsqueeze(-1) * get("intermediate")).sum()
-    return hidden * (4 * shape.head_size * heads + 2 * units)
+    return size_of_counts(shape, group_counts(keep))
 
 
 def expected_sparsity(shape: ModelShape, keep: Mapping[str, Tensor]) -> Tensor:

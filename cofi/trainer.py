@@ -3,10 +3,13 @@ fine-tuning with a fixed structure.
 
 - Teacher (no teacher model given): gold-label loss.
 - Pruning (``prune`` given): distillation only for ``distill_epochs``; then masks
-  are sampled from the hard-concrete gates and the Lagrangian pulls the expected
-  sparsity to a target that rises linearly over ``sparsity_warmup_epochs``; the
-  search continues after the target is reached. The best checkpoint is chosen
-  among evaluations whose deterministic-mask sparsity is within
+  are sampled from the hard-concrete gates and the Lagrangian pulls the sparsity
+  of the deterministic masks (the model that ships; with the gradient of the
+  smooth expected sparsity, ``lagrangian.controlled_sparsity``) to a target that
+  rises linearly over ``sparsity_warmup_epochs``; the search continues after the
+  target is reached. Every step logs both: ``mask_sparsity`` (controlled) and
+  ``expected_sparsity`` (ŝ of the keep probabilities). The best checkpoint is
+  chosen among evaluations whose deterministic-mask sparsity is within
   ``sparsity_tolerance`` of the final target.
 - Fixed structure: fixed masks on the full model, or a compacted model.
 
@@ -19,7 +22,7 @@ processes takes every N-th example of the global batch; gradients are summed
 across processes before one identical update, so replicas never diverge.
 The library logs nothing itself; pass callbacks to record metrics.
 
-A training step never waits for the device: its logged values (losses, ŝ, λ,
+A training step never waits for the device: its logged values (losses, sparsities, λ,
 gradient norm) stay device tensors until the host reads them all at once every
 ``log_steps`` steps, before every evaluation and checkpoint, and at the end.
 That read is where a non-finite value is caught (naming its step), where the
@@ -48,7 +51,7 @@ from cofi.distributed import Processes
 from cofi.checkpoint import load_checkpoint, save_checkpoint
 from cofi.distill import DistillationLoss, existing_layers, existing_layers_of_structure
 from cofi.gates import GateConfig, HardConcreteGates
-from cofi.lagrangian import Lagrangian, target_sparsity
+from cofi.lagrangian import Lagrangian, controlled_sparsity, target_sparsity
 from cofi.metrics import MetricFn
 from cofi.sparsity import ModelShape, mask_sparsity, max_sparsity
 
@@ -372,9 +375,11 @@ class Trainer:
             parts["data"] = parts["distill"]
         if pruning:
             expected = self.gates.expected_sparsity()
+            shipped = self.gates.deterministic_sparsity()  # on the device: no host read
             target = target_sparsity(step, self.prune.target_sparsity, self.prune_start, self.sparsity_warmup)
-            parts["lagrangian"] = self.lagrangian(expected, target)
+            parts["lagrangian"] = self.lagrangian(controlled_sparsity(expected, shipped), target)
             parts["expected_sparsity"] = expected.detach()
+            parts["mask_sparsity"] = shipped
             parts["target_sparsity"] = torch.full((), target, device=self.device)  # a fill, not a host copy
             parts["lambda_1"] = self.lagrangian.lambda_1.detach()
             parts["lambda_2"] = self.lagrangian.lambda_2.detach()
@@ -611,7 +616,7 @@ class Trainer:
             self.history.append({"step": step + 1, **read})
             for cb in self.callbacks:
                 cb.on_step(step + 1, read)
-        shown = {k: read[k] for k in ("loss", "pred", "layer", "lagrangian", "expected_sparsity", "target_sparsity") if k in read}
+        shown = {k: read[k] for k in ("loss", "pred", "layer", "lagrangian", "mask_sparsity", "target_sparsity") if k in read}
         self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
 
     def _finish(self) -> TrainResult:

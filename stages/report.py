@@ -24,7 +24,7 @@ from pipeline.runtime import mlflow_run, task_spec_of, write_curve  # noqa: E402
 STAGE = "report"
 HEADLINE = "torch_fp32_b32_s128"  # the configuration of the sweep plot, when measured
 CURVES = {  # report/curves/<name>/<target>.csv, drawn by the top-level plots of dvc.yaml
-    "sparsity": ["expected_sparsity", "target_sparsity"],
+    "sparsity": ["mask_sparsity", "expected_sparsity", "target_sparsity"],
     "multipliers": ["lambda_1", "lambda_2"],
     "losses": ["loss", "pred", "layer", "lagrangian"],
 }
@@ -109,7 +109,9 @@ def sweep_figure(rows: list[dict], metric: str) -> plt.Figure:
 def curves_figure(curve: pd.DataFrame, title: str) -> plt.Figure:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     if "expected_sparsity" in curve:
-        axes[0].plot(curve["step"], curve["expected_sparsity"], label="expected sparsity")
+        if "mask_sparsity" in curve:  # curves written before it was logged lack it
+            axes[0].plot(curve["step"], curve["mask_sparsity"], label="masks (controlled, shipped)")
+        axes[0].plot(curve["step"], curve["expected_sparsity"], label="expected ŝ (smooth)", linewidth=0.8)
         axes[0].plot(curve["step"], curve["target_sparsity"], label="target", linestyle="--")
         axes[1].plot(curve["step"], curve["lambda_1"], label="λ1")
         axes[1].plot(curve["step"], curve["lambda_2"], label="λ2")
@@ -164,8 +166,9 @@ def run(params: Params, root: Path = Path(".")) -> str:
         prune_metrics = json.loads(paths.metrics("prune", target).read_text())
         compact_metrics = json.loads(paths.metrics("compact", target).read_text())
         lines += [f"## Target sparsity {t}", "",
-                  f"Sparsity: expected {compact_metrics['sparsity_expected']:.4f}, deterministic masks "
-                  f"{compact_metrics['sparsity_masks']:.4f}, counted in the compact model {compact_metrics['sparsity_counted']:.4f}"
+                  f"Sparsity: counted in the compact model {compact_metrics['sparsity_counted']:.4f}, of the "
+                  f"deterministic masks {compact_metrics['sparsity_masks']:.4f} (the value the Lagrangian controls), "
+                  f"smooth expected ŝ {compact_metrics['sparsity_expected']:.4f} (lends its gradient only)"
                   f"{'' if prune_metrics['target_reached'] else ' (target not reached within tolerance)'}.", "",
                   f"![structure](structure-{t}.png)", ""]
         curve = pd.read_csv(paths.curve("prune", target))

@@ -15,10 +15,13 @@ from cofi.gates import (
     HardConcreteGates,
     deterministic_mask,
     keep_probability,
+    kept_count,
     sample_hard_concrete,
 )
-from cofi.lagrangian import Lagrangian, target_sparsity
-from cofi.sparsity import FAMILIES, ModelShape, expected_sparsity, mask_sparsity, remaining_size
+from cofi.compact import compact
+from cofi.lagrangian import Lagrangian, controlled_sparsity, target_sparsity
+from cofi.sparsity import FAMILIES, ModelShape, expected_sparsity, mask_sparsity, model_sparsity, remaining_size
+from tests.conftest import tiny_model
 
 SHAPE = ModelShape(num_layers=3, num_heads=4, head_size=2, hidden_size=8, intermediate_size=16)
 
@@ -66,29 +69,59 @@ def test_deterministic_mask_zeros_the_expected_count_of_smallest_log_alpha():
             assert torch.allclose(zrow[kept], torch.sigmoid(row[kept] / BETA))
 
 
-def test_keep_multiple_rounds_the_kept_count_to_a_multiple():
+def uniform_log_alpha(size: int, expected_kept: float) -> torch.Tensor:
+    """(1, size) equal log α whose keep probabilities sum to ``expected_kept``."""
+    p = expected_kept / size
+    return torch.full((1, size), math.log(p / (1 - p)) + BETA * math.log(-LIMIT_L / LIMIT_R))
+
+
+@pytest.mark.parametrize(
+    "expected_kept, multiple, kept",
+    [
+        (0.4, 16, 0),  # rounds to 0 units: the group goes
+        (3.2, 16, 16),  # 3 → up to 16, not down to 0
+        (8.4, 16, 16),  # 8 → 16 (the nearest multiple would be 0 or 16; up is 16)
+        (16.2, 16, 16),  # a multiple stays
+        (17.4, 16, 32),  # 17 → up to 32, not down to 16
+        (33.0, 16, 40),  # 48 would exceed the group: capped at its 40 units
+        (39.6, 16, 40),  # the whole group stays whole
+        (17.4, 1, 17),  # the paper's rule: round(Σ P(z > 0))
+        (17.6, 1, 18),
+    ],
+)
+def test_kept_count_rounds_up_to_a_multiple_never_to_zero_and_at_most_the_group(expected_kept, multiple, kept):
+    log_alpha = uniform_log_alpha(40, expected_kept)
+    assert float(keep_probability(log_alpha).sum()) == pytest.approx(expected_kept, abs=1e-4)
+    assert kept_count(log_alpha, multiple).tolist() == [kept]
+    assert int((deterministic_mask(log_alpha, multiple) != 0).sum()) == kept
+
+
+@pytest.mark.parametrize("multiple", [1, 4, 16])
+def test_deterministic_mask_keeps_the_rounded_count_of_largest_log_alpha(multiple):
     torch.manual_seed(1)
-    log_alpha = torch.randn(4, 40) * 3
-    plain, aligned = deterministic_mask(log_alpha), deterministic_mask(log_alpha, keep_multiple=16)
-    for row, p_row, a_row in zip(log_alpha, plain, aligned):
-        kept = int((p_row != 0).sum())
-        expected = kept if kept == 40 else min(40, round(kept / 16) * 16)
-        assert int((a_row != 0).sum()) == expected
+    log_alpha = torch.empty(6, 40).uniform_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)  # realistic: within the clamp
+    z = deterministic_mask(log_alpha, keep_multiple=multiple)
+    for row, z_row in zip(log_alpha, z):
+        rounded = round(float(keep_probability(row).sum()))
+        kept = min(40, math.ceil(rounded / multiple) * multiple)
+        assert int((z_row != 0).sum()) == kept
         # the survivors are those of largest log α, with their soft values
-        assert set(torch.nonzero(a_row).flatten().tolist()) == set(row.argsort(descending=True)[:expected].tolist())
-        assert torch.allclose(a_row[a_row != 0], torch.sigmoid(row[a_row != 0] / BETA))
-    everything = deterministic_mask(torch.full((1, 20), 5.0), keep_multiple=16)
-    assert int((everything != 0).sum()) == 20  # a whole group stays whole
-    nearly = deterministic_mask(torch.cat([torch.full((1, 19), 5.0), torch.full((1, 1), -5.0)], 1), keep_multiple=16)
-    assert int((nearly != 0).sum()) == 16  # 19 kept → the nearest multiple
-    shape = ModelShape(num_layers=2, num_heads=2, head_size=4, hidden_size=24, intermediate_size=40)
+        assert set(torch.nonzero(z_row).flatten().tolist()) == set(row.argsort(descending=True)[:kept].tolist())
+        assert torch.allclose(z_row[z_row != 0], torch.sigmoid(row[z_row != 0] / BETA))
+
+
+def test_keep_multiple_applies_to_hidden_dims_and_ffn_units_only():
+    shape = ModelShape(num_layers=2, num_heads=6, head_size=4, hidden_size=24, intermediate_size=40)
     gates = HardConcreteGates(shape, GateConfig(keep_multiple=8))
+    p_half = BETA * math.log(-LIMIT_L / LIMIT_R)  # log α where P(z>0) = 0.5: symmetric around it, half kept
     with torch.no_grad():
-        gates.log_alpha["hidden"].copy_(torch.linspace(-5, 5, 24))
-        gates.log_alpha["intermediate"].copy_(torch.linspace(-5, 5, 40).expand(2, 40))
+        gates.log_alpha["hidden"].copy_(torch.linspace(-3, 3, 24) + p_half)  # 12 kept of 24 → 16
+        gates.log_alpha["intermediate"].copy_(torch.linspace(-3, 3, 40).expand(2, 40) + p_half)  # 20 of 40 → 24
+        gates.log_alpha["head"].copy_(torch.linspace(-3, 3, 6).expand(2, 6) + p_half)  # 3 of 6: not rounded to 8
     masks = gates.deterministic()
-    assert int((masks["hidden"] != 0).sum()) % 8 == 0
-    assert all(int((row != 0).sum()) % 8 == 0 for row in masks["intermediate"])
+    assert int((masks["hidden"] != 0).sum()) == 16
+    assert [int((row != 0).sum()) for row in masks["intermediate"]] == [24, 24]
+    assert [int((row != 0).sum()) for row in masks["head"]] == [3, 3]
     with pytest.raises(ValueError, match="keep_multiple=0"):
         GateConfig(keep_multiple=0)
 
@@ -192,3 +225,54 @@ def test_lagrangian_multipliers_push_sparsity_toward_target(start, target):
             assert float(lagrangian.lambda_2.detach()) > 0
     final = float(gates.expected_sparsity().detach())
     assert abs(final - target) < abs(first - target) / 5
+
+
+def realistic_gates(seed: int, keep_multiple: int) -> tuple[HardConcreteGates, torch.nn.Module]:
+    """Gates of a 3-layer tiny model with log α as training leaves them (within the
+    clamp, not saturated): 1 of 3 attention and 2 of 3 FFN layer gates closed."""
+    model = tiny_model(seed=0, num_hidden_layers=3).eval()
+    gates = HardConcreteGates(ModelShape.from_config(model.config), GateConfig(keep_multiple=keep_multiple))
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for a in gates.log_alpha.values():
+            a.uniform_(LOG_ALPHA_MIN, LOG_ALPHA_MAX, generator=generator)
+        gates.log_alpha["mha"][0] = LOG_ALPHA_MIN  # closed, as the clamp leaves them
+        gates.log_alpha["ffn"][:2] = LOG_ALPHA_MIN
+    return gates, model
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_controlled_sparsity_is_the_masks_and_the_compact_models_with_realistic_gates(seed):
+    """The README's claim, with closed layer gates and keep_multiple: the value the
+    Lagrangian sees, the deterministic masks' sparsity and the compact model's
+    counted sparsity agree; the gradient is the smooth ŝ's."""
+    gates, model = realistic_gates(seed, keep_multiple=4)
+    masks = gates.deterministic()
+    shipped = gates.deterministic_sparsity()  # float64, from the kept counts
+    assert float(shipped) == pytest.approx(mask_sparsity(gates.shape, masks), abs=1e-12)
+    assert model_sparsity(compact(model, masks)) == pytest.approx(float(shipped), abs=1e-12)
+
+    controlled = controlled_sparsity(gates.expected_sparsity(), shipped)
+    assert float(controlled.detach()) == pytest.approx(float(shipped), abs=1e-6)  # float32 of the exact value
+    controlled.backward()
+    straight_through = {f: a.grad.clone() for f, a in gates.log_alpha.items()}
+    gates.zero_grad()
+    gates.expected_sparsity().backward()
+    for family, a in gates.log_alpha.items():
+        assert torch.equal(straight_through[family], a.grad), family
+        assert a.grad.abs().min() > 0  # every unit, in closed layers too, feels the constraint
+
+
+def test_smooth_expected_sparsity_counts_closed_layer_gates():
+    """Why ŝ only lends its gradient: every unit open, 1 of 3 attention and 2 of 3 FFN
+    layer gates closed at the clamp, each still counting P(z>0) ≈ 0.047 in ŝ."""
+    gates, _ = realistic_gates(0, keep_multiple=1)
+    with torch.no_grad():
+        for family in ("hidden", "head", "intermediate"):
+            gates.log_alpha[family].fill_(LOG_ALPHA_MAX)
+        gates.log_alpha["mha"][1:] = gates.log_alpha["ffn"][2] = LOG_ALPHA_MAX
+    closed = float(keep_probability(torch.tensor(LOG_ALPHA_MIN)))
+    assert closed == pytest.approx(0.047, abs=0.001)
+    assert float(gates.deterministic_sparsity()) == pytest.approx(0.5)  # 3 of 6 equal sublayers removed
+    # the closed sublayers' weight in ŝ, less the open units' own P(z>0) < 1
+    assert float(gates.expected_sparsity().detach()) == pytest.approx(0.5 - 0.5 * closed, abs=0.01)

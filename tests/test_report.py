@@ -60,7 +60,8 @@ def project(tmp_path, monkeypatch) -> Path:
             {"sparsity_expected": t, "sparsity_masks": t - 0.01, "sparsity_counted": t - 0.01}))
         paths.curve("prune", t).parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"step": [1, 2, 3], "loss": [1.0, 0.8, 0.7], "pred": [0.5, 0.4, 0.3], "layer": [0.5, 0.4, 0.4],
-                      "lagrangian": [0.0, 0.01, 0.02], "expected_sparsity": [0.0, 0.2, t],
+                      "lagrangian": [0.0, 0.01, 0.02], "expected_sparsity": [0.0, 0.2, t + 0.02],
+                      "mask_sparsity": [0.0, 0.25, t],
                       "target_sparsity": [0.0, 0.25, t], "lambda_1": [0.0, -0.1, -0.2], "lambda_2": [0.0, 0.1, 0.3]}
                      ).to_csv(paths.curve("prune", t), index=False)
     # a layer-subset baseline as fast as cofi-0.5 (24 vs 25 ms: within 10%) but less accurate

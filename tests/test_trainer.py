@@ -13,20 +13,25 @@ from cofi.batching import Collator
 from cofi.checkpoint import load_checkpoint, read_manifest
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss
 from cofi.metrics import accuracy
-from cofi.sparsity import ModelShape, mask_sparsity
+from cofi.compact import compact
+from cofi.gates import GateConfig
+from cofi.sparsity import ModelShape, mask_sparsity, model_sparsity
 from cofi.trainer import NonFiniteLossError, PruneConfig, TrainConfig, Trainer, TrainerCallback, TrainingInterrupted
 from tests.conftest import synthetic_task, tiny_model
 
 
-def make_trainer(task, *, prune=None, teacher=True, checkpoint_dir=None, callbacks=(), **train):
+def make_trainer(task, *, prune=None, teacher=True, checkpoint_dir=None, callbacks=(), model=None, **train):
+    """A trainer of the tiny model (``model``: overrides of its config)."""
     train_data, eval_data = task
     settings = dict(epochs=4, batch_size=8, learning_rate=1e-3, eval_steps=6, progress=False, seed=3)
     settings.update(train)
-    student = tiny_model(seed=0)
+    model = model or {}
+    student = tiny_model(seed=0, **model)
     kwargs = {}
     if teacher:
-        kwargs["teacher"] = tiny_model(seed=0)
-        kwargs["distill"] = DistillationLoss(PredictionDistillLoss(2.0), LayerDistillLoss(16, [1, 2], matching="dynamic"), 0.5)
+        kwargs["teacher"] = tiny_model(seed=0, **model)
+        layer = LayerDistillLoss(student.config.hidden_size, [1, student.config.num_hidden_layers], matching="dynamic")
+        kwargs["distill"] = DistillationLoss(PredictionDistillLoss(2.0), layer, 0.5)
     return Trainer(
         student, train_data, eval_data, TrainConfig(**settings),
         metric_fn=accuracy, primary_metric="accuracy", collate=Collator(0),
@@ -59,15 +64,50 @@ def test_short_pruning_run_reaches_the_target_sparsity(task):
     result = trainer.fit()
     last = recorder.steps[-1]
     assert last["target_sparsity"] == pytest.approx(0.5)
-    assert abs(last["expected_sparsity"] - 0.5) <= 0.02
+    assert abs(last["mask_sparsity"] - 0.5) <= 0.02
     # logged parts, and no Lagrangian before pruning starts (12 steps per epoch)
     assert "lagrangian" not in recorder.steps[11] and "lagrangian" in recorder.steps[12]
-    assert {"loss", "pred", "layer", "lambda_1", "lambda_2", "learning_rate", "grad_norm"} <= set(last)
+    assert {"loss", "pred", "layer", "lambda_1", "lambda_2", "learning_rate", "grad_norm", "expected_sparsity"} <= set(last)
     # the returned masks are the best checkpoint's, and its reported sparsity is theirs
     shape = ModelShape.from_config(trainer.model.config)
     assert mask_sparsity(shape, result.masks) == pytest.approx(result.best_metrics["sparsity"])
     if result.target_reached:
         assert abs(result.best_metrics["sparsity"] - 0.5) <= prune.sparsity_tolerance
+
+
+def test_the_lagrangian_controls_the_sparsity_of_the_shipped_masks(task):
+    """keep_multiple 4 and layer gates that close: at every pruning step the value the
+    Lagrangian sees is the sparsity of the deterministic masks (computed here the
+    independent way, from the masks themselves), the smooth ŝ is not, and the shipped
+    model reaches its target."""
+    # 3 layers of 8 heads of 4 and 128 FFN units: sparsity levels fine enough for ε = 0.01
+    model = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=8, intermediate_size=128)
+    prune = PruneConfig(target_sparsity=0.7, distill_epochs=1, sparsity_warmup_epochs=8, reg_learning_rate=0.1,
+                        gates=GateConfig(keep_multiple=4))
+    recorder = Recorder()
+    trainer = make_trainer(task, prune=prune, model=model, epochs=25, eval_steps=12, callbacks=[recorder])
+    seen: dict[int, tuple[float, float]] = {}  # step → (the Lagrangian's sparsity, the masks')
+
+    def record(module, args):
+        masks = trainer.gates.deterministic()
+        seen[trainer.step] = (float(args[0].detach()), mask_sparsity(trainer.shape, masks))
+
+    trainer.lagrangian.register_forward_pre_hook(record)
+    result = trainer.fit()
+
+    assert sorted(seen) == list(range(trainer.prune_start, trainer.total_steps))
+    assert all(abs(controlled - masks) <= 1e-6 for controlled, masks in seen.values())  # float32 of the exact value
+    logged = {step - 1: logs for step, logs in enumerate(recorder.steps, 1)}
+    assert all(logged[step]["mask_sparsity"] == pytest.approx(masks, abs=1e-6) for step, (_, masks) in seen.items())
+    after_warmup = [logged[step] for step in seen if step >= trainer.prune_start + trainer.sparsity_warmup]
+    assert max(abs(logs["expected_sparsity"] - logs["mask_sparsity"]) for logs in after_warmup) > 0.005  # ŝ is not it
+
+    assert result.target_reached and abs(result.best_metrics["sparsity"] - 0.7) <= prune.sparsity_tolerance
+    assert result.best_metrics["sparsity"] == pytest.approx(mask_sparsity(trainer.shape, result.masks))
+    assert model_sparsity(compact(trainer.model, result.masks)) == pytest.approx(result.best_metrics["sparsity"])
+    closed = int((result.masks["mha"] == 0).sum() + (result.masks["ffn"] == 0).sum())
+    widths = [int((row != 0).sum()) for row in result.masks["intermediate"]] + [int((result.masks["hidden"] != 0).sum())]
+    assert closed >= 1 and all(w % 4 == 0 for w in widths)
 
 
 class StopAt(TrainerCallback):
@@ -174,7 +214,6 @@ def test_bad_settings_name_the_value_and_the_allowed_range(make, message):
 
 
 def test_an_unreachable_target_is_refused_before_training(task):
-    from cofi.gates import GateConfig
 
     # attention only: the FFN's 2CF of the 4CHD + 2CF weights (2·16·32 of 4·16·16 + 2·16·32) always stay
     prune = PruneConfig(target_sparsity=0.6, gates=GateConfig(families=("head", "mha")))
