@@ -13,7 +13,9 @@ import mlflow
 from safetensors.torch import save_file
 
 from cofi.compact import compact, save_model
+from cofi.structure import structure_summary, structure_table
 from pipeline import lineage, tracking
+from pipeline.plotting import structure_figure
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.runtime import distillation, is_main_process, mlflow_run, prune_config, setup, train_config, write_json
@@ -59,10 +61,10 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
         save_model(trainer.model, paths.pruned(target), extra=extra)
         mlflow.set_tags(lineage.lineage_tags(lineage.read_manifest(paths.pruned(target))))
         structure = compact(trainer.model, masks).config
-        tracking.log_structure(
-            structure.layer_num_heads, structure.layer_intermediate_size,
-            structure.num_attention_heads, structure.intermediate_size, name=f"structure-{paths.model_name(target)}",
-        )
+        shape = (structure.num_attention_heads, structure.intermediate_size)
+        table = structure_table(structure.layer_num_heads, structure.layer_intermediate_size, *shape)
+        tracking.log_structure(table, structure_figure(table, *shape), name=f"structure-{paths.model_name(target)}",
+                               summary=structure_summary(table, *shape))
         metrics = {
             **{k: v for k, v in result.best_metrics.items() if k != "step"},
             "best_step": result.best_step,
