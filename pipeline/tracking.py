@@ -825,9 +825,11 @@ def find_model(weights_sha256: str, experiment_id: str | None = None):
 def model_run(name: str, tags: Mapping[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
     """A run nested under the active stage run for one model's results (so that each model's
     metrics have their own run, not one key per model in the stage's run)."""
-    group = mlflow.get_run(_active_run_id()).data.tags.get(TAG_GROUP, "")
-    run = _retry_locked(
-        lambda: mlflow.start_run(run_name=name, nested=True, tags={TAG_GROUP: group, **(tags or {})}),
+    stage = mlflow.get_run(_active_run_id())
+    group = stage.data.tags.get(TAG_GROUP, "")
+    run = _retry_locked(  # the experiment is the stage run's, not MLflow's active (default) one
+        lambda: mlflow.start_run(run_name=name, nested=True, experiment_id=stage.info.experiment_id,
+                                 tags={TAG_GROUP: group, **(tags or {})}),
         f"starting run {name!r}",
     )
     try:
