@@ -572,10 +572,13 @@ def _float(value: Any) -> float | None:
 class MlflowCallback(TrainerCallback):
     """Records the trainer's step logs and evaluations as MLflow metrics.
 
-    Metrics are buffered and written with ``MlflowClient.log_batch`` every ``flush_every`` steps, after every evaluation, on
-    :meth:`flush`, and before the :func:`stage_run` of their run ends. A
-    failed periodic flush keeps the buffer (up to ``max_buffer`` metrics) and
-    tries again later; :meth:`flush` itself raises.
+    Metrics are buffered and handed to MLflow's asynchronous logging
+    (``log_batch(..., synchronous=False)``: training does not wait for the
+    store) every ``flush_every`` steps and after every evaluation. :meth:`flush`
+    (also called before the :func:`stage_run` of their run ends) waits for
+    them and logs synchronously, retrying while SQLite is locked, whatever is
+    left or failed; it raises if that fails. A failed periodic hand-over keeps
+    the buffer (up to ``max_buffer`` metrics) for the next one.
     """
 
     def __init__(
@@ -593,6 +596,8 @@ class MlflowCallback(TrainerCallback):
         self.eval_prefix = eval_prefix
         self.max_buffer = max_buffer
         self._buffer: list[Metric] = []
+        self._pending: list[tuple[Any, list[Metric]]] = []  # MLflow async operations not yet waited for
+        self._pid = os.getpid()  # MLflow's async queue thread does not survive a fork
         self._steps_since_flush = 0
         _live_callbacks.add(self)
 
@@ -619,14 +624,39 @@ class MlflowCallback(TrainerCallback):
         self._try_flush()
 
     def _try_flush(self) -> None:
+        """Hand the buffer to MLflow's asynchronous logging (training does not wait for the store);
+        :meth:`flush` waits for it, and logs again, with lock retries, what did not get through."""
+        self._steps_since_flush = 0
+        if not self._buffer:
+            return
+        if os.getpid() != self._pid:
+            try:
+                self.flush()
+            except Exception as e:
+                log.warning("could not log metrics to MLflow (will retry at the next flush): %s", e)
+            return
+        batch = list(self._buffer)
         try:
-            self.flush()
+            operation = self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
         except Exception as e:
             log.warning("could not log metrics to MLflow (will retry at the next flush): %s", e)
+            return
+        del self._buffer[: len(batch)]
+        self._pending.append((operation, batch))
 
     def flush(self) -> None:
-        """Write every buffered metric now (one ``log_batch``: MLflow splits it into requests)."""
+        """Write every buffered metric now: wait for the asynchronous batches, then log the rest
+        (and any batch that failed) in one synchronous ``log_batch`` (MLflow splits it into requests)."""
         self._steps_since_flush = 0
+        pending, self._pending = self._pending, []
+        failed: list[Metric] = []
+        for operation, batch in pending:
+            try:
+                operation.wait()
+            except Exception as e:  # logging a metric again is harmless: the store keeps one (same key, step, time, value)
+                log.warning("asynchronous MLflow metric logging failed (%s); logging again", e)
+                failed.extend(batch)
+        self._buffer[:0] = failed
         if self._buffer:
             batch = list(self._buffer)
             _retry_locked(lambda: self.client.log_batch(self.run_id, metrics=batch), "logging metrics")
@@ -870,15 +900,21 @@ def best_alias(speedup: float) -> str:
     return f"{BEST_ALIAS_PREFIX}{text}x"
 
 
-def set_best_aliases(marks: Mapping[str, tuple[str, float]], experiment_id: str | None = None) -> dict[str, str]:
+def set_best_aliases(
+    marks: Mapping[str, tuple[str, float]], experiment_id: str | None = None, compared: Sequence[str] = ()
+) -> dict[str, str]:
     """Mark the report's winners: ``marks`` maps weights_sha256 -> (label, speedup).
 
     Every LoggedModel found gets the tag ``cofi.best = label``; a registered
     one also gets the alias :func:`best_alias` on its version (an alias moves
-    to the newest winner). Returns {"<registered name>/<version>": alias}.
+    to the newest winner). ``compared``: the weights of every model of the
+    comparison; their ``cofi.best`` tags and the ``best-*`` aliases of their
+    registered models that this report does not set are removed, so no mark
+    outlives the report that set it. Returns {"<registered name>/<version>": alias}.
     """
     client = MlflowClient()
-    set_aliases = {}
+    set_aliases: dict[str, str] = {}
+    keep: dict[str, set[str]] = {}  # registered name -> the best-* aliases set now
     for weights, (label, speedup) in marks.items():
         model = find_model(weights, experiment_id)
         if model is None:
@@ -892,4 +928,17 @@ def set_best_aliases(marks: Mapping[str, tuple[str, float]], experiment_id: str 
         alias = best_alias(speedup)
         _retry_locked(lambda: client.set_registered_model_alias(name, alias, version), f"setting alias {alias}")
         set_aliases[registered] = alias
+        keep.setdefault(name, set()).add(alias)
+    for weights in compared:
+        model = find_model(weights, experiment_id)
+        if model is not None and weights not in marks and TAG_BEST in model.tags:
+            _retry_locked(lambda: client.delete_logged_model_tag(model.model_id, TAG_BEST), "untagging model")
+        registered = model.tags.get(TAG_REGISTERED) if model is not None else None
+        if not registered:
+            continue
+        name = registered.rsplit("/", 1)[0]
+        aliases = _retry_locked(lambda: client.get_registered_model(name).aliases, "reading aliases")
+        for alias in aliases:
+            if alias.startswith(BEST_ALIAS_PREFIX) and alias not in keep.get(name, set()):
+                _retry_locked(lambda: client.delete_registered_model_alias(name, alias), f"removing alias {alias}")
     return set_aliases

@@ -199,5 +199,6 @@ def run(params: Params, root: Path = Path(".")) -> str:
     with mlflow_run(STAGE, params, paths.root, tags=lineage.teacher_tags(paths.teacher)):
         mlflow.log_artifacts(str(out), artifact_path="report")
         mlflow.log_text(report, "report.md")
-        tracking.set_best_aliases(best_marks(models, metric))
+        compared = [e["weights_sha256"] for e in models.values() if e.get("weights_sha256")]
+        tracking.set_best_aliases(best_marks(models, metric), compared=compared)
     return report

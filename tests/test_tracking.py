@@ -292,6 +292,10 @@ def test_best_alias_on_the_registered_version(logged):
     assert client.get_model_version_by_alias(MODEL_NAME, "best-2x").version == logged.version.version
     assert client.get_logged_model(logged.model.model_id).tags["cofi.best"] == "best at ~2.0×"
     assert tracking.best_alias(1.5) == "best-1_5x"
+    # a later report where it no longer wins removes the alias and the tag
+    assert tracking.set_best_aliases({}, experiment_id, compared=["f" * 64]) == {}
+    assert "best-2x" not in client.get_registered_model(MODEL_NAME).aliases
+    assert "cofi.best" not in client.get_logged_model(logged.model.model_id).tags
 
 
 def test_step_metric_histories(logged):
