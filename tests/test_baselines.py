@@ -10,10 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import synthetic_task, tiny_model, tiny_project
+from conftest import tiny_model, tiny_project
 from cofi.ablations import ABLATIONS
 from cofi.baselines import (
     iterative_magnitude_pruning,
@@ -23,13 +22,9 @@ from cofi.baselines import (
     size_matching_flops,
     subset_student,
 )
-from cofi.compact import save_model
 from cofi.flops import forward_flops
-from pipeline import lineage
 from pipeline.params import ablated, load_params
-from pipeline.paths import Paths, ablation_variant
-
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline.paths import ablation_variant
 
 
 def inputs(seed: int = 0) -> dict:
