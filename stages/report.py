@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from cofi.configuration_cofi import CofiConfig  # noqa: E402
 from pipeline import lineage, tracking  # noqa: E402
 from pipeline.params import Params  # noqa: E402
 from pipeline.paths import Paths, target_name  # noqa: E402
@@ -158,7 +159,7 @@ def run(params: Params, root: Path = Path(".")) -> str:
     lines += ["", "![accuracy vs speedup](accuracy_vs_speedup.png)", ""]
     for target in params.prune.targets:
         t = target_name(target)
-        config = lineage.load_verified(paths.compact(target)).config
+        config = CofiConfig.from_pretrained(paths.compact(target))  # the structure; no weights needed
         figures[f"structure-{t}.png"] = tracking.structure_figure(
             config.layer_num_heads, config.layer_intermediate_size, config.num_attention_heads, config.intermediate_size,
             title=f"structure at target {t}",
