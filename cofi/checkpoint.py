@@ -32,29 +32,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(file)`` on a temporary sibling, then rename it to ``path``: readers
-    see the old file or the new one, never a part."""
+def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], None]) -> None:
+    """Write ``content`` (text as UTF-8, bytes, or ``content(file)`` writing a binary file) to a
+    temporary sibling, then rename it to ``path``: readers see the old file or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], step: int) -> Path:
@@ -64,7 +59,7 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], step: i
     path = directory / f"state-{step:08d}.pt"
     atomic_write(path, lambda f: torch.save(state, f))
     manifest = {"file": path.name, "sha256": sha256_file(path), "step": step}
-    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
+    atomic_write(directory / MANIFEST, json.dumps(manifest, indent=2))
     if previous and previous["file"] != path.name:
         (directory / previous["file"]).unlink(missing_ok=True)
     return path

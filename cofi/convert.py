@@ -17,7 +17,6 @@ silently.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -357,36 +356,27 @@ def _check_exists(name_or_path: str) -> None:
         raise FileNotFoundError(f"Model path {name_or_path!r} {kind}.")
 
 
-def _resolve_file(name_or_path: str, filename: str) -> str | None:
-    """Local path (downloading from the Hub if needed) of one checkpoint file, or None if absent."""
-    if _is_local(name_or_path):
-        path = Path(name_or_path) / filename
-        return str(path) if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return hf_hub_download(name_or_path, filename)
-    # LocalEntryNotFoundError: offline and not cached, which for one candidate
-    # format is indistinguishable from "not in the repo"; try the next one.
-    except (EntryNotFoundError, LocalEntryNotFoundError):
-        return None
-
-
 def _weight_files(name_or_path: str) -> list[str]:
-    """The checkpoint's weight files: safetensors first, then torch .bin; single or sharded."""
+    """The checkpoint's weight files, resolved like ``from_pretrained`` resolves them (a local
+    directory, the Hub cache, or a download): safetensors first, then torch .bin; single or sharded."""
+    from transformers.utils import cached_file
+    from transformers.utils.hub import get_checkpoint_shard_files
+
+    def resolve(filename: str) -> str | None:
+        # None when absent; offline and not cached counts as absent, so the next format is tried
+        return cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+
     for single, index in ((_SAFETENSORS, _SAFETENSORS_INDEX), (_TORCH_BIN, _TORCH_BIN_INDEX)):
-        path = _resolve_file(name_or_path, single)
+        path = resolve(single)
         if path is not None:
             return [path]
-        index_path = _resolve_file(name_or_path, index)
+        index_path = resolve(index)
         if index_path is not None:
-            shards = sorted(set(json.loads(Path(index_path).read_text())["weight_map"].values()))
-            paths = [_resolve_file(name_or_path, shard) for shard in shards]
-            missing = [s for s, p in zip(shards, paths) if p is None]
-            if missing:
-                raise FileNotFoundError(f"{name_or_path}: shards listed in {index} are missing: {missing}")
-            return paths  # type: ignore[return-value]
+            try:
+                return get_checkpoint_shard_files(name_or_path, index_path)[0]
+            except OSError as e:
+                raise FileNotFoundError(f"{name_or_path}: shards listed in {index} are missing ({e})") from e
     raise FileNotFoundError(
         f"No weights found for {name_or_path!r}: expected {_SAFETENSORS}, {_SAFETENSORS_INDEX}, "
         f"{_TORCH_BIN} or {_TORCH_BIN_INDEX} (for a Hub id, the Hub may also be unreachable)."

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cofi.checkpoint import atomic_write_text
+from cofi.checkpoint import atomic_write
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -45,7 +45,7 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
     )
     id2label = {int(i): name for i, name in model.config.id2label.items()}
     labels = {"id2label": {str(i): id2label[i] for i in sorted(id2label)}, "label2id": {n: i for i, n in id2label.items()}}
-    atomic_write_text(labels_path(path), json.dumps(labels, indent=2) + "\n")
+    atomic_write(labels_path(path), json.dumps(labels, indent=2) + "\n")
     return path
 
 

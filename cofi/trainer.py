@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 from cofi.batching import Collator, Example, batches, epoch_order, steps_per_epoch
 from cofi.distributed import Processes
@@ -299,10 +300,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=self.device.type != "meta"
         )
-        warmup = round(config.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: min((s + 1) / max(1, warmup), max(0.0, (self.total_steps - s) / max(1, self.total_steps - warmup))),
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, round(config.warmup_ratio * self.total_steps), self.total_steps
         )
 
         self.gates = self.lagrangian = None

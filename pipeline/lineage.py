@@ -29,12 +29,12 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cofi.checkpoint import atomic_write_text, sha256_file
+from cofi.checkpoint import atomic_write, sha256_file
+from pipeline.codestate import code_state
 
 __all__ = [
     "MANIFEST",
@@ -51,8 +51,6 @@ __all__ = [
     "combined_digest",
     "directory_digest",
     "describe_base_model",
-    "code_state",
-    "git_state",
     "write_manifest",
     "read_manifest",
     "verify",
@@ -64,7 +62,6 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 TEACHER_KIND = "teacher"
-PACKAGE = "cofi-pipeline"
 
 # Tags on MLflow runs and registered model versions (see lineage_tags).
 TAG_KIND = "cofi.lineage.kind"
@@ -107,7 +104,7 @@ class LineageError(RuntimeError):
 
 
 def _is_manifest_file(name: str) -> bool:
-    # the manifest itself, and a temporary file atomic_write_text left behind by a crash
+    # the manifest itself, and a temporary file atomic_write left behind by a crash
     return name == MANIFEST or (name.startswith(f".{MANIFEST}.") and name.endswith(".tmp"))
 
 
@@ -157,52 +154,6 @@ def describe_base_model(name: str, directory: str | os.PathLike | None = None) -
         info["weights"] = weights
         info["weights_sha256"] = combined_digest(weights)
     return info
-
-
-CODE_PATHSPECS = (":(top,glob)**/*.py", ":(top)pyproject.toml", ":(top)dvc.yaml", ":(top,glob)**/requirements*.txt")
-
-
-def git_state(directory: str | os.PathLike) -> tuple[str | None, bool | None]:
-    """(HEAD commit, dirty) of the git work tree containing ``directory``; (None, None) without git.
-
-    Dirty means the *code* differs from the commit: a modified, staged or new
-    (not ignored) Python file, pyproject.toml, dvc.yaml or requirements file.
-    Data and results are left out on purpose: DVC rewrites dvc.lock and
-    git-tracked metrics as stages finish, and ``dvc exp run`` edits
-    params.yaml (logged as params anyway), so counting them would mark
-    every stage of a pipeline run dirty.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        directory = directory.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=directory, capture_output=True, text=True, timeout=30, check=True
-        ).stdout
-
-    try:
-        commit = git("rev-parse", "HEAD").strip()
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    try:
-        status = git("status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHSPECS)
-        dirty = bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        dirty = None
-    return commit or None, dirty
-
-
-def code_state() -> dict[str, Any]:
-    """git commit and dirty flag of the source tree this code runs from, and the package version."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    commit, dirty = git_state(Path(__file__).resolve().parent)
-    try:
-        package_version = version(PACKAGE)
-    except PackageNotFoundError:
-        package_version = None
-    return {"git_commit": commit, "dirty": dirty, "package_version": package_version}
 
 
 # ----------------------------------------------------------------------------
@@ -256,7 +207,7 @@ def write_manifest(
     if extra:
         manifest["extra"] = extra
     text = json.dumps(manifest, indent=2, default=str) + "\n"
-    atomic_write_text(model_dir / MANIFEST, text)
+    atomic_write(model_dir / MANIFEST, text)
     return json.loads(text)
 
 

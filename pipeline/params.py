@@ -20,6 +20,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from cofi.ablations import ABLATIONS
 from cofi.data import TASKS
 from cofi.metrics import METRICS
 from cofi.sparsity import FAMILIES
@@ -207,14 +208,6 @@ class Benchmark(_Section):
     onnx: bool
 
 
-# Each ablation is CoFi at baselines.target with these prune params changed (the paper's table 5).
-ABLATIONS = {
-    "no_hidden_masks": {"families": ["head", "mha", "intermediate", "ffn"]},
-    "no_layer_masks": {"families": ["hidden", "head", "intermediate"]},
-    "no_layer_distill": {"distillation": "prediction"},
-    "no_distill": {"distillation": "none"},
-    "fixed_matching": {"layer_matching": "fixed"},
-}
 BASELINE_METHODS = ("layer_subset", "magnitude")
 
 
@@ -297,6 +290,15 @@ def validate_params(data: Any, source: str = "params") -> Params:
         s = "" if len(problems) == 1 else "s"
         message = f"{source}: {len(problems)} invalid parameter{s}:\n" + "\n".join(f"  {p}" for p in problems)
         raise ParamsError(message, problems) from None
+
+
+def ablated(params: Params, name: str) -> Params:
+    """``params`` with the prune overrides of ablation ``name`` (see cofi.ablations), validated like the file."""
+    if name not in ABLATIONS:
+        raise ParamsError(f"unknown ablation {name!r}; known: {', '.join(ABLATIONS)}")
+    data = params.model_dump()
+    data["prune"].update(ABLATIONS[name])
+    return validate_params(data, source=f"ablation {name}")
 
 
 def resolve_source(params: Params | Mapping, project_dir: Path) -> Path | None:

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Files a pruned model directory holds besides the model (written by stage prune, read by finetune)
+MASKS_FILE, GATES_FILE, LAYER_MAP_FILE = "masks.safetensors", "gates.safetensors", "layer_map.safetensors"
+
 
 def target_name(target: float) -> str:
     """A target sparsity as it appears in paths and stage names: 0.6 → "0.6"."""
     return f"{target:g}"
+
+
+def ablation_variant(name: str) -> str:
+    """The variant (see Paths) holding ablation ``name``'s models, metrics and curves."""
+    return f"ablation-{name}"
 
 
 class Paths:

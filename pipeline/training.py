@@ -1,21 +1,28 @@
-"""Running a `cofi.trainer.Trainer` inside a stage: MLflow logging, a resumable
-checkpoint directory tied to the stage's inputs, curves and metrics files."""
+"""What every training stage (teacher, prune, finetune, baseline) does around its own
+training: :func:`run_training_stage` opens the stage's MLflow run, calls the stage's
+``fit``, and on the main process saves the model with its manifest, tags the run with
+its lineage, logs and writes the metrics, then drops the resumable checkpoints;
+:func:`train` runs a `cofi.trainer.Trainer` with MLflow logging, a checkpoint
+directory tied to the stage's inputs, and the curve file."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import mlflow
 from torch import nn
 
+from cofi.compact import save_model
 from cofi.trainer import TrainConfig, Trainer, TrainerCallback, TrainResult
-from pipeline import tracking
+from pipeline import lineage, tracking
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.runtime import collator, fingerprint, is_main_process, load_examples, task_spec_of, write_curve
+from pipeline.runtime import (collator, fingerprint, is_main_process, load_examples, mlflow_run, task_spec_of,
+                              write_curve, write_json)
 
 
 @dataclass
@@ -38,7 +45,7 @@ def train(
     model: nn.Module,
     config: TrainConfig,
     inputs_digest: str,
-    curve: Path,
+    curve: Path | None,
     callbacks: Sequence[TrainerCallback] = (),
     **trainer_kwargs: Any,
 ) -> tuple[Trainer, TrainResult]:
@@ -62,10 +69,75 @@ def train(
     result = trainer.fit()
     if main:
         mlflow_callback.flush()
-        write_curve(curve, result.history)
+        if curve is not None:
+            write_curve(curve, result.history)
     return trainer, result
 
 
 def finish(trainer: Trainer) -> None:
     """Drop the resumable state once the stage's outputs are complete."""
     shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
+
+
+def result_metrics(result: TrainResult) -> dict[str, Any]:
+    """The best evaluation's metrics and its step: what every training stage reports."""
+    return {**{k: v for k, v in result.best_metrics.items() if k != "step"}, "best_step": result.best_step}
+
+
+@dataclass
+class Trained:
+    """What a training stage's ``fit`` returns: the model to save, its metrics, the trainers
+    whose checkpoints to drop once the outputs are written, and ``extra(directory)``
+    writing the stage's own files (tokenizer, masks) into the model directory."""
+
+    model: nn.Module
+    metrics: dict[str, Any]
+    trainers: Sequence[Trainer] = ()
+    extra: Callable[[Path], None] | None = None
+
+
+@dataclass
+class Manifest:
+    """The stage-specific fields of the output model's manifest (see pipeline.lineage)."""
+
+    kind: str
+    parent_dir: Path | None
+    data: dict[str, Any]
+    params: dict[str, Any]
+    base_model: dict[str, Any] | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)  # the MLflow run's tags before it has a model
+
+
+def run_training_stage(
+    name: str,
+    params: Params,
+    paths: Paths,
+    fit: Callable[[], Trained],
+    out: Path,
+    metrics_file: Path,
+    manifest: Manifest,
+) -> dict[str, Any]:
+    """Run ``fit`` in the MLflow run ``name``; on the main process save its model to ``out``
+    with its manifest, tag the run with the model's lineage, log the metrics (as
+    ``final_<name>``) and write them to ``metrics_file``. Returns the metrics ({} on other
+    processes, which only train)."""
+    with mlflow_run(name, params, paths.root, tags=manifest.tags) as run:
+        trained = fit()
+        if not is_main_process():  # the main process writes the outputs
+            return {}
+
+        def extra(directory: Path) -> None:
+            if trained.extra is not None:
+                trained.extra(directory)
+            lineage.write_manifest(
+                directory, kind=manifest.kind, parent_dir=manifest.parent_dir, base_model=manifest.base_model,
+                data=manifest.data, params=manifest.params, mlflow_run_id=run.info.run_id,
+            )
+
+        save_model(trained.model, out, extra=extra)
+        mlflow.set_tags(lineage.lineage_tags(lineage.read_manifest(out)))
+        mlflow.log_metrics({f"final_{k}": float(v) for k, v in trained.metrics.items() if isinstance(v, (int, float))})
+        write_json(metrics_file, trained.metrics)
+    for trainer in trained.trainers:
+        finish(trainer)
+    return trained.metrics

@@ -15,19 +15,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
+from torch import nn
 from transformers import AutoTokenizer
 
 from cofi.baselines import iterative_magnitude_pruning, size_matching_flops, subset_student
-from cofi.compact import save_model
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss
 from cofi.flops import forward_flops
 from cofi.sparsity import count_prunable_parameters
+from cofi.trainer import TrainerCallback, TrainResult
 from pipeline import lineage
-from pipeline.params import Params
+from pipeline.params import Params, Prune
 from pipeline.paths import Paths
-from pipeline.runtime import distillation, is_main_process, mlflow_run, setup, train_config, write_json
-from pipeline.training import finish, load_stage_data, train
+from pipeline.runtime import distillation, is_main_process, setup, train_config, write_curve
+from pipeline.training import Manifest, StageData, Trained, load_stage_data, result_metrics, run_training_stage, train
 
 STAGE = "baseline"
 
@@ -40,67 +40,73 @@ def run(params: Params, method: str, root: Path = Path(".")) -> dict:
     teacher = lineage.load_verified(paths.teacher)
     name = f"{STAGE}@{method}"
     section = params.prune.model_copy(update={"epochs": params.prune.epochs + params.finetune.epochs})
+    methods = {"layer_subset": layer_subset, "magnitude": magnitude}
+    if method not in methods:
+        raise ValueError(f"unknown baseline method {method!r}")
+    tokenizer = AutoTokenizer.from_pretrained(paths.teacher)
+
+    def fit() -> Trained:
+        trained = methods[method](params, paths, data, teacher, teacher_manifest["weights_sha256"], section)
+        trained.extra = tokenizer.save_pretrained
+        return trained
+
+    return run_training_stage(
+        name, params, paths, fit, out=paths.baseline(method), metrics_file=paths.metrics(f"{STAGE}-{method}"),
+        manifest=Manifest(kind=f"baseline-{method}", parent_dir=paths.teacher, data={"digest": data.meta["digest"]},
+                          params={"method": method, **params.baselines.model_dump()},
+                          tags=lineage.lineage_tags(teacher_manifest)),
+    )
+
+
+def layer_subset(params: Params, paths: Paths, data: StageData, teacher: nn.Module, teacher_sha256: str,
+                 section: Prune) -> Trained:
+    """Distillation into a subset of the teacher's layers, narrowed to the CoFi model's FLOPs."""
     sequence_length = max(params.benchmark.sequence_lengths)
+    name = f"{STAGE}@layer_subset"
+    cofi_model = lineage.load_verified(paths.compact(params.baselines.target))
+    cofi_flops = forward_flops(cofi_model, sequence_length)
+    size = size_matching_flops(teacher, cofi_flops, sequence_length)
+    student = subset_student(teacher, size)
+    distill = DistillationLoss(
+        PredictionDistillLoss(params.prune.temperature),
+        LayerDistillLoss(teacher.config.hidden_size, list(size.layers), matching="fixed",
+                         student_layers=list(range(1, len(size.layers) + 1))),
+        params.prune.prediction_weight,
+    )
+    config = train_config(params, section, params.prune.evals_per_epoch, len(data.train))
+    trainer, result = train(name, params, paths, data, student, config, teacher_sha256,
+                            paths.curve(f"{STAGE}-layer_subset"), teacher=teacher, distill=distill)
+    details = {"layers": list(size.layers), "head_fraction": size.head_fraction, "ffn_fraction": size.ffn_fraction,
+               f"flops_s{sequence_length}": size.flops, f"cofi_flops_s{sequence_length}": cofi_flops}
+    return Trained(trainer.model, baseline_metrics(trainer.model, result, details), [trainer])
 
-    trainers = []  # their checkpoints are dropped once the outputs are written
-    with mlflow_run(name, params, paths.root, tags=lineage.lineage_tags(teacher_manifest)) as run:
-        if method == "layer_subset":
-            cofi_model = lineage.load_verified(paths.compact(params.baselines.target))
-            size = size_matching_flops(teacher, forward_flops(cofi_model, sequence_length), sequence_length)
-            student = subset_student(teacher, size)
-            distill = DistillationLoss(
-                PredictionDistillLoss(params.prune.temperature),
-                LayerDistillLoss(teacher.config.hidden_size, list(size.layers), matching="fixed",
-                                 student_layers=list(range(1, len(size.layers) + 1))),
-                params.prune.prediction_weight,
-            )
-            config = train_config(params, section, params.prune.evals_per_epoch, len(data.train))
-            trainer, result = train(name, params, paths, data, student, config, teacher_manifest["weights_sha256"],
-                                    paths.curve(STAGE + "-" + method), teacher=teacher, distill=distill)
-            trainers.append(trainer)
-            model = trainer.model
-            details = {"layers": list(size.layers), "head_fraction": size.head_fraction,
-                       "ffn_fraction": size.ffn_fraction, f"flops_s{sequence_length}": size.flops,
-                       f"cofi_flops_s{sequence_length}": forward_flops(cofi_model, sequence_length)}
-        elif method == "magnitude":
-            rounds = params.baselines.magnitude_rounds
-            round_section = section.model_copy(update={"epochs": section.epochs / rounds})
-            config = train_config(params, round_section, params.prune.evals_per_epoch, len(data.train))
 
-            def train_round(model, keep_pruned, r):
-                distill = distillation(params, teacher.config.hidden_size, teacher.config.num_hidden_layers)
-                trainer, result = train(
-                    f"{name}-round{r}", params, paths, data, model, config, teacher_manifest["weights_sha256"],
-                    paths.curve(f"{STAGE}-{method}-round{r}"), teacher=teacher if distill else None, distill=distill,
-                    callbacks=[keep_pruned],
-                )
-                trainers.append(trainer)
-                return result
+def magnitude(params: Params, paths: Paths, data: StageData, teacher: nn.Module, teacher_sha256: str,
+              section: Prune) -> Trained:
+    """Iterative magnitude pruning to baselines.target, rewound to the teacher each round."""
+    name = f"{STAGE}@magnitude"
+    rounds = params.baselines.magnitude_rounds
+    config = train_config(params, section.model_copy(update={"epochs": section.epochs / rounds}),
+                          params.prune.evals_per_epoch, len(data.train))
+    trainers, curve = [], []
 
-            model, masks, result = iterative_magnitude_pruning(teacher, params.baselines.target, rounds, train_round)
-            kept = int(sum(m.sum() for m in masks.values()))
-            details = {"rounds": rounds, "nonzero_prunable": kept}
-        else:
-            raise ValueError(f"unknown baseline method {method!r}")
+    def train_round(model: nn.Module, keep_pruned: TrainerCallback, r: int) -> TrainResult:
+        distill = distillation(params, teacher.config.hidden_size, teacher.config.num_hidden_layers)
+        trainer, result = train(
+            f"{name}-round{r}", params, paths, data, model, config, teacher_sha256,
+            None, teacher=teacher if distill else None, distill=distill, callbacks=[keep_pruned],
+        )
+        trainers.append(trainer)
+        offset = curve[-1]["step"] if curve else 0  # one curve: the rounds one after another
+        curve.extend({**row, "step": offset + row["step"], "round": r} for row in result.history)
+        return result
 
-        if not is_main_process():  # the main process writes the outputs
-            return {}
-        tokenizer = AutoTokenizer.from_pretrained(paths.teacher)
+    model, masks, result = iterative_magnitude_pruning(teacher, params.baselines.target, rounds, train_round)
+    if is_main_process():
+        write_curve(paths.curve(f"{STAGE}-magnitude"), curve)
+    details = {"rounds": rounds, "nonzero_prunable": int(sum(m.sum() for m in masks.values()))}
+    return Trained(model, baseline_metrics(model, result, details), trainers)
 
-        def extra(directory: Path) -> None:
-            tokenizer.save_pretrained(directory)
-            lineage.write_manifest(
-                directory, kind=f"baseline-{method}", parent_dir=paths.teacher, base_model=None,
-                data={"digest": data.meta["digest"]}, params={"method": method, **params.baselines.model_dump()},
-                mlflow_run_id=run.info.run_id,
-            )
 
-        out = save_model(model, paths.baseline(method), extra=extra)
-        mlflow.set_tags(lineage.lineage_tags(lineage.read_manifest(out)))
-        metrics = {**{k: v for k, v in result.best_metrics.items() if k != "step"}, "best_step": result.best_step,
-                   "prunable_parameters": count_prunable_parameters(model), **details}
-        mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        write_json(paths.metrics(f"{STAGE}-{method}"), metrics)
-    for trainer in trainers:
-        finish(trainer)
-    return metrics
+def baseline_metrics(model: nn.Module, result: TrainResult, details: dict) -> dict:
+    return {**result_metrics(result), "prunable_parameters": count_prunable_parameters(model), **details}

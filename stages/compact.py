@@ -16,7 +16,7 @@ import mlflow
 import torch
 from transformers import AutoTokenizer
 
-from cofi.compact import save_model
+from cofi.compact import load_model, save_model
 from cofi.sparsity import count_prunable_parameters, model_sparsity
 from cofi.trainer import predict
 from pipeline import lineage, tracking
@@ -48,7 +48,7 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
             )
 
         out = save_model(model, paths.compact(target), extra=extra)
-        shipped = lineage.load_verified(out)
+        shipped = load_model(out)  # as shipped; its files were hashed into its manifest just now
         preds, labels = predict(shipped, data.validation, collator(data.meta["pad_token_id"]), bf16=False)
         metrics = {
             **spec.metric_fn(preds, labels),

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from cofi.checkpoint import atomic_write
 from cofi.convert import load_tokenizer
 from cofi.data import (TaskSpec, check_columns, check_text, data_error, hub_source, load_glue_split, load_hub_split,
                        read_table, tokenize)
@@ -92,10 +93,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             digest = frame_digest(frame)
             examples = tokenize(frame, tokenizer, spec.text_columns, params.data.max_length)
             out = pd.DataFrame(examples)
-            paths.data_dir.mkdir(parents=True, exist_ok=True)
-            tmp = paths.data_split(split).with_suffix(".parquet.tmp")
-            out.to_parquet(tmp, index=False)
-            tmp.replace(paths.data_split(split))
+            atomic_write(paths.data_split(split), lambda f: out.to_parquet(f, index=False))
             lengths = out["input_ids"].map(len)
             meta["splits"][split] = {"source": source, "rows": len(frame), "digest": digest,
                                      "mean_tokens": float(lengths.mean()), "truncated": int((lengths >= params.data.max_length).sum())}

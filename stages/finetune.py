@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 from safetensors.torch import load_file
 
-from cofi.compact import compact, save_model
+from cofi.compact import compact
 from pipeline import lineage
 from pipeline.params import Params
-from pipeline.paths import Paths
-from pipeline.runtime import distillation, is_main_process, mlflow_run, setup, train_config, write_json
-from pipeline.training import finish, load_stage_data, train
-from stages.prune import LAYER_MAP_FILE, MASKS_FILE
+from pipeline.paths import LAYER_MAP_FILE, MASKS_FILE, Paths
+from pipeline.runtime import distillation, setup, train_config
+from pipeline.training import Manifest, Trained, load_stage_data, result_metrics, run_training_stage, train
 
 STAGE = "finetune"
 
@@ -42,26 +40,17 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
     config = train_config(params, params.finetune, params.finetune.evals_per_epoch, len(data.train))
     name = paths.run_name(STAGE, target)
 
-    with mlflow_run(name, params, paths.root, tags=lineage.lineage_tags(pruned_manifest)) as run:
+    def fit() -> Trained:
         trainer, result = train(
             name, params, paths, data, student, config,
             pruned_manifest["weights_sha256"], paths.curve(STAGE, target),
             teacher=teacher, distill=distill,
         )
-        if not is_main_process():  # the main process writes the outputs
-            return {}
+        return Trained(trainer.model, result_metrics(result), [trainer])
 
-        def extra(directory: Path) -> None:
-            lineage.write_manifest(
-                directory, kind="finetuned", parent_dir=pruned_dir, base_model=None,
-                data={"digest": data.meta["digest"]}, params={"target": target, **params.finetune.model_dump()},
-                mlflow_run_id=run.info.run_id,
-            )
-
-        save_model(trainer.model, paths.finetuned(target), extra=extra)
-        mlflow.set_tags(lineage.lineage_tags(lineage.read_manifest(paths.finetuned(target))))
-        metrics = {**{k: v for k, v in result.best_metrics.items() if k != "step"}, "best_step": result.best_step}
-        mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
-        write_json(paths.metrics(STAGE, target), metrics)
-    finish(trainer)
-    return metrics
+    return run_training_stage(
+        name, params, paths, fit, out=paths.finetuned(target), metrics_file=paths.metrics(STAGE, target),
+        manifest=Manifest(kind="finetuned", parent_dir=pruned_dir, data={"digest": data.meta["digest"]},
+                          params={"target": target, **params.finetune.model_dump()},
+                          tags=lineage.lineage_tags(pruned_manifest)),
+    )

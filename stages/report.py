@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from cofi.configuration_cofi import CofiConfig  # noqa: E402
 from cofi.structure import structure_table  # noqa: E402
 from pipeline import lineage, tracking  # noqa: E402
 from pipeline.params import Params  # noqa: E402
@@ -171,7 +172,7 @@ def run(params: Params, root: Path = Path(".")) -> str:
     lines += ["", "![accuracy vs speedup](accuracy_vs_speedup.png)", ""]
     for target in params.prune.targets:
         t = target_name(target)
-        config = lineage.load_verified(paths.compact(target)).config
+        config = CofiConfig.from_pretrained(paths.compact(target))  # the structure; no weights needed
         shape = (config.num_attention_heads, config.intermediate_size)
         table = structure_table(config.layer_num_heads, config.layer_intermediate_size, *shape)
         figures[f"structure-{t}.png"] = structure_figure(table, *shape, title=f"structure at target {t}")

@@ -10,18 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import mlflow
 from transformers import AutoConfig
 
-from cofi.compact import save_model
 from cofi.convert import load_pretrained_with_report, load_tokenizer
 from cofi.trainer import predict
 from pipeline import lineage
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.runtime import (base_model_path, collator, is_main_process, mlflow_run, setup, task_spec_of, train_config,
-                              write_curve, write_json)
-from pipeline.training import finish, load_stage_data, train
+from pipeline.runtime import base_model_path, collator, setup, task_spec_of, train_config, write_curve
+from pipeline.training import Manifest, Trained, load_stage_data, result_metrics, run_training_stage, train
 
 STAGE = "teacher"
 
@@ -45,37 +42,23 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         )
     tokenizer = load_tokenizer(base)
 
-    with mlflow_run(STAGE, params, paths.root) as run:
+    def fit() -> Trained:
         if params.teacher.fine_tuned:  # the teacher as it is: evaluated, not trained
-            trainer = None
             preds, gold = predict(model, data.validation, collator(data.meta["pad_token_id"]), bf16=False)
-            metrics = spec.metric_fn(preds, gold)
             write_curve(paths.curve(STAGE), [{"step": 0, "loss": float("nan")}])
-            teacher = model
-        else:
-            config = train_config(params, params.teacher, evals_per_epoch=1, num_examples=len(data.train))
-            trainer, result = train(STAGE, params, paths, data, model, config, data.meta["digest"], paths.curve(STAGE))
-            metrics = {**{k: v for k, v in result.best_metrics.items() if k != "step"}, "best_step": result.best_step}
-            teacher = trainer.model
-        if not is_main_process():  # the main process writes the outputs
-            return {}
+            return Trained(model, spec.metric_fn(preds, gold), extra=tokenizer.save_pretrained)
+        config = train_config(params, params.teacher, evals_per_epoch=1, num_examples=len(data.train))
+        trainer, result = train(STAGE, params, paths, data, model, config, data.meta["digest"], paths.curve(STAGE))
+        return Trained(trainer.model, result_metrics(result), [trainer], extra=tokenizer.save_pretrained)
 
-        def extra(directory: Path) -> None:
-            tokenizer.save_pretrained(directory)
-            lineage.write_manifest(
-                directory, kind=STAGE, parent_dir=None,
-                base_model=lineage.describe_base_model(params.teacher.base_model, base),
-                data={"digest": data.meta["digest"], "splits": data.meta["splits"]},
-                params=params.teacher.model_dump(), mlflow_run_id=run.info.run_id,
-            )
-
-        save_model(teacher, paths.teacher, extra=extra)
-        mlflow.set_tags(lineage.lineage_tags(lineage.read_manifest(paths.teacher)))
-        mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items()})
-        write_json(paths.metrics(STAGE), metrics)
-    if trainer is not None:
-        finish(trainer)
-    return metrics
+    return run_training_stage(
+        STAGE, params, paths, fit, out=paths.teacher, metrics_file=paths.metrics(STAGE),
+        manifest=Manifest(
+            kind=STAGE, parent_dir=None, data={"digest": data.meta["digest"], "splits": data.meta["splits"]},
+            params=params.teacher.model_dump(),
+            base_model=lineage.describe_base_model(params.teacher.base_model, base),
+        ),
+    )
 
 
 def check_label_order(model_name: str, id2label: dict[int, str], labels: Sequence[str]) -> None:

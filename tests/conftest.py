@@ -52,3 +52,39 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def task() -> tuple[list[dict], list[dict]]:
     return synthetic_task(96, seed=1), synthetic_task(48, seed=2)
+
+
+def tiny_project(root, update) -> None:
+    """A project at ``root`` as the training stages find it after `data` and `teacher`: the
+    repository's params.yaml changed by ``update(params)``, tiny tokenised data (48 train,
+    24 dev examples) and a tiny random 4-layer teacher with its tokenizer and manifest."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+    import yaml
+
+    from cofi.compact import save_model
+    from cofi.convert import load_tokenizer
+    from pipeline import lineage
+    from pipeline.paths import Paths
+    from pipeline.runtime import base_model_path
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    update(params)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    paths = Paths(root)
+    paths.data_dir.mkdir(parents=True)
+    for split, (n, seed) in {"train": (48, 1), "validation": (24, 2)}.items():
+        rows = synthetic_task(n, seed)
+        pd.DataFrame({"input_ids": [r["input_ids"] for r in rows], "label": [r["label"] for r in rows]}
+                     ).to_parquet(paths.data_split(split))
+    paths.data_meta.write_text(json.dumps({"pad_token_id": 0, "digest": "tiny", "splits": {}}))
+    tokenizer = load_tokenizer(base_model_path("all-MiniLM-L6-v2"))
+
+    def teacher_extra(directory: Path) -> None:
+        tokenizer.save_pretrained(directory)
+        lineage.write_manifest(directory, kind="teacher", parent_dir=None, base_model={"name": "tiny"},
+                               data={"digest": "tiny"}, params={}, mlflow_run_id=None)
+
+    save_model(tiny_model(seed=4, num_hidden_layers=4), paths.teacher, extra=teacher_extra)

@@ -123,7 +123,7 @@ def test_bad_data_stops_the_data_stage_and_writes_nothing(tmp_path, case, monkey
 def test_a_teacher_path_that_does_not_exist_is_named_by_the_cli(tmp_path):
     root = project(tmp_path, {"source": str(DATA_DIR), "train_limit": 16}, {"base_model": str(tmp_path / "no-model")})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "COFI_"))}
-    result = subprocess.run([sys.executable, "-m", "cofi.cli", "data"], cwd=root, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "data"], cwd=root, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "no-model" in result.stderr

@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import synthetic_task, tiny_model
+from conftest import tiny_model, tiny_project
+from cofi.ablations import ABLATIONS
 from cofi.baselines import (
     iterative_magnitude_pruning,
     layer_subset,
@@ -22,13 +22,9 @@ from cofi.baselines import (
     size_matching_flops,
     subset_student,
 )
-from cofi.compact import save_model
 from cofi.flops import forward_flops
-from pipeline import lineage
-from pipeline.params import ABLATIONS, load_params
-from pipeline.paths import Paths
-
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline.params import ablated, load_params
+from pipeline.paths import ablation_variant
 
 
 def inputs(seed: int = 0) -> dict:
@@ -114,37 +110,20 @@ def project(tmp_path_factory) -> Path:
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     root = tmp_path_factory.mktemp("tiny-project")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["prune"].update(targets=[TARGET], epochs=2, distill_epochs=0.25, sparsity_warmup_epochs=0.75,
-                           batch_size=8, reg_learning_rate=0.5, evals_per_epoch=1)
-    params["finetune"].update(epochs=1, batch_size=8, evals_per_epoch=1)
-    params["compute"]["bf16"] = False
-    params["benchmark"].update(batch_sizes=[1], sequence_lengths=[16], precisions=["fp32"], warmup=1, repeats=2)
-    params["baselines"].update(methods=["layer_subset", "magnitude"], ablations=list(ABLATIONS), target=TARGET,
-                               magnitude_rounds=2)
-    params["mlflow"]["register_models"] = False
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    paths = Paths(root)
-    paths.data_dir.mkdir(parents=True)
-    for split, (n, seed) in {"train": (48, 1), "validation": (24, 2)}.items():
-        rows = synthetic_task(n, seed)
-        pd.DataFrame({"input_ids": [r["input_ids"] for r in rows], "label": [r["label"] for r in rows]}
-                     ).to_parquet(paths.data_split(split))
-    paths.data_meta.write_text(json.dumps({"pad_token_id": 0, "digest": "tiny", "splits": {}}))
 
-    from cofi.convert import load_tokenizer
-    from pipeline.runtime import base_model_path
+    def tiny(params: dict) -> None:
+        params["prune"].update(targets=[TARGET], epochs=2, distill_epochs=0.25, sparsity_warmup_epochs=0.75,
+                               batch_size=8, reg_learning_rate=0.5, evals_per_epoch=1)
+        params["finetune"].update(epochs=1, batch_size=8, evals_per_epoch=1)
+        params["compute"]["bf16"] = False
+        params["benchmark"].update(batch_sizes=[1], sequence_lengths=[16], precisions=["fp32"], warmup=1, repeats=2)
+        params["baselines"].update(methods=["layer_subset", "magnitude"], ablations=list(ABLATIONS), target=TARGET,
+                                   magnitude_rounds=2)
+        params["mlflow"]["register_models"] = False
 
-    tokenizer = load_tokenizer(base_model_path("all-MiniLM-L6-v2"))
+    tiny_project(root, tiny)
 
-    def teacher_extra(directory: Path) -> None:
-        tokenizer.save_pretrained(directory)
-        lineage.write_manifest(directory, kind="teacher", parent_dir=None, base_model={"name": "tiny"},
-                               data={"digest": "tiny"}, params={}, mlflow_run_id=None)
-
-    save_model(tiny_model(seed=4, num_hidden_layers=4), paths.teacher, extra=teacher_extra)
-
-    from stages import ablation, baseline, benchmark, compact, finetune, prune, report
+    from stages import baseline, benchmark, compact, finetune, prune, report
 
     p = load_params(root / "params.yaml")
     prune.run(p, TARGET, root)
@@ -152,8 +131,9 @@ def project(tmp_path_factory) -> Path:
     compact.run(p, TARGET, root)
     for method in p.baselines.methods:
         baseline.run(p, method, root)
-    for name in p.baselines.ablations:
-        ablation.run(p, name, root)
+    for name in p.baselines.ablations:  # as dvc.yaml runs them: prune → finetune → compact in the variant
+        for stage in (prune, finetune, compact):
+            stage.run(ablated(p, name), TARGET, root, ablation_variant(name))
     benchmark.run(p, root)
     report.run(p, root)
     return root
@@ -204,6 +184,8 @@ def test_the_baselines_are_what_they_claim(project):
     cofi_flops = bench["cofi-0.5"]["flops"]["16"]
     assert subset["flops_s16"] == bench["baseline-layer_subset"]["flops"]["16"]
     assert subset["cofi_flops_s16"] == cofi_flops
+    curve = pd.read_csv(project / "plots" / "baseline-magnitude.csv")  # the one curve dvc.yaml declares
+    assert list(curve["round"].unique()) == [1, 2] and curve["step"].is_monotonic_increasing
 
 
 def test_each_ablation_switch_changed_what_it_names(project):

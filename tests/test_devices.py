@@ -23,6 +23,7 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from cofi.ablations import ABLATIONS
 from cofi.batching import Collator
 from cofi.benchmark import time_forward
 from cofi.compact import compact
@@ -31,7 +32,7 @@ from cofi.gates import HardConcreteGates
 from cofi.metrics import accuracy
 from cofi.sparsity import ModelShape, expected_sparsity
 from cofi.trainer import PruneConfig, TrainConfig, Trainer
-from pipeline.params import ABLATIONS, validate_params
+from pipeline.params import validate_params
 from pipeline.runtime import distillation, prune_config
 from tests.conftest import synthetic_task, tiny_model
 from tests.test_pipeline_e2e import DATA_DIR, ROOT, TINY, copy_project, merge, run

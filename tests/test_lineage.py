@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import lineage
+from pipeline import codestate, lineage
 from pipeline.lineage import (
     MANIFEST,
     TAG_PARENT_SHA256,
@@ -191,7 +191,7 @@ def test_lineage_tags_walk_to_the_teacher(tmp_path):
 
 
 def test_git_state_without_git(tmp_path):
-    assert lineage.git_state(tmp_path) == (None, None)
+    assert codestate.git_state(tmp_path) == (None, None)
 
 
 def test_git_state_dirty_means_code(tmp_path):
@@ -208,13 +208,13 @@ def test_git_state_dirty_means_code(tmp_path):
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "init")
     head = git("rev-parse", "HEAD")
-    assert lineage.git_state(tmp_path) == (head, False)
+    assert codestate.git_state(tmp_path) == (head, False)
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # DVC rewrites it as stages finish
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "teacher.json").write_text("{}")
-    assert lineage.git_state(tmp_path / "metrics") == (head, False)
+    assert codestate.git_state(tmp_path / "metrics") == (head, False)
     (tmp_path / "stage.py").write_text("x = 2\n")
-    assert lineage.git_state(tmp_path) == (head, True)
+    assert codestate.git_state(tmp_path) == (head, True)
 
 
 # ----------------------------------------------------------------------------

@@ -172,7 +172,7 @@ def test_exp_run_with_a_param_override_shows_in_exp_show_and_metrics_diff(projec
 
 
 def test_lineage_verifies_then_detects_a_corrupt_weight_file(project):
-    cofi = [sys.executable, "-m", "cofi.cli"]
+    cofi = [sys.executable, "-m", "pipeline.cli"]
     good = run([*cofi, "lineage", "outputs/compact/0.5"], project)
     assert "teacher" in good.stdout
     weights = project / "outputs" / "compact" / "0.5" / "model.safetensors"

@@ -562,7 +562,7 @@ def test_a_real_stage_logs_to_the_server(server, tmp_path):
     params["mlflow"]["experiment"] = "stage-against-server"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "MLFLOW_TRACKING_URI": server}
-    result = subprocess.run([sys.executable, "-m", "cofi.cli", "data"], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "data"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the embedded store

@@ -1,21 +1,34 @@
-"""The ``cofi`` command line: one subcommand per DVC stage, plus inspection tools.
+"""The ``cofi`` command line (``python -m pipeline.cli``): one subcommand per DVC
+stage, plus inspection tools.
 
 Stage commands validate the whole params file before any work and run in the
-project root (where DVC runs them). Heavy imports happen inside the commands so
-that ``cofi --help`` stays fast.
+project root (where DVC runs them). Stage ``<name>`` is the function ``run`` of
+module ``stages.<name>``, looked up by name when the command runs: the pipeline
+layer imports no stage module. Heavy imports happen inside the commands so that
+``cofi --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
+from typing import Any, Optional
 
 import typer
+
+from pipeline.cli_lineage import lineage
+from pipeline.processes import die_with_launcher
 
 app = typer.Typer(help="CoFi structured pruning of BERT-family classifiers.", no_args_is_help=True)
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="The params file, validated before any work.")
 TARGET = typer.Option(..., "--target", help="A target sparsity; must be one of prune.targets in the params file.")
+ABLATION = typer.Option(
+    None, "--ablation",
+    help="Run this ablation of baselines.ablations (CoFi with one part switched off) at --target, "
+         "which must then be baselines.target; its outputs are named ablation-<name>-<target>.",
+)
 
 
 def _params(path: Path):
@@ -36,51 +49,53 @@ def _one_of(value, allowed: list, what: str):
     return value
 
 
-def _target(params, target: float) -> float:
-    return _one_of(target, params.prune.targets, "prune.targets")
+def _stage(name: str, *args: Any, **kwargs: Any) -> None:
+    importlib.import_module(f"stages.{name}").run(*args, **kwargs)
+
+
+def _sweep_stage(name: str, params_path: Path, target: float, ablation: str | None) -> None:
+    """A stage run once per target sparsity (prune, finetune, compact), or for an ablation."""
+    from pipeline.params import ablated
+    from pipeline.paths import ablation_variant
+
+    p = _params(params_path)
+    target = _one_of(target, p.prune.targets, "prune.targets")
+    if ablation is None:
+        _stage(name, p, target, params_path.parent)
+        return
+    _one_of(ablation, p.baselines.ablations, "baselines.ablations")
+    _one_of(target, [p.baselines.target], "baselines.target")
+    _stage(name, ablated(p, ablation), target, params_path.parent, ablation_variant(ablation))
 
 
 @app.command()
 def data(params: Path = PARAMS) -> None:
     """Read the task's data, shuffle and limit the training split, tokenise it."""
-    from stages import data as stage
-
-    stage.run(_params(params), params.parent)
+    _stage("data", _params(params), params.parent)
 
 
 @app.command()
 def teacher(params: Path = PARAMS) -> None:
     """Fine-tune the base model on the task (gold labels)."""
-    from stages import teacher as stage
-
-    stage.run(_params(params), params.parent)
+    _stage("teacher", _params(params), params.parent)
 
 
 @app.command()
-def prune(target: float = TARGET, params: Path = PARAMS) -> None:
+def prune(target: float = TARGET, ablation: Optional[str] = ABLATION, params: Path = PARAMS) -> None:
     """CoFi pruning of a copy of the teacher to one target sparsity."""
-    from stages import prune as stage
-
-    p = _params(params)
-    stage.run(p, _target(p, target), params.parent)
+    _sweep_stage("prune", params, target, ablation)
 
 
 @app.command()
-def finetune(target: float = TARGET, params: Path = PARAMS) -> None:
+def finetune(target: float = TARGET, ablation: Optional[str] = ABLATION, params: Path = PARAMS) -> None:
     """Fine-tune the pruned (compacted) structure with distillation."""
-    from stages import finetune as stage
-
-    p = _params(params)
-    stage.run(p, _target(p, target), params.parent)
+    _sweep_stage("finetune", params, target, ablation)
 
 
 @app.command()
-def compact(target: float = TARGET, params: Path = PARAMS) -> None:
+def compact(target: float = TARGET, ablation: Optional[str] = ABLATION, params: Path = PARAMS) -> None:
     """Export the compact model (remote code, tokenizer, manifest) and register it in MLflow."""
-    from stages import compact as stage
-
-    p = _params(params)
-    stage.run(p, _target(p, target), params.parent)
+    _sweep_stage("compact", params, target, ablation)
 
 
 @app.command()
@@ -89,38 +104,20 @@ def baseline(
     params: Path = PARAMS,
 ) -> None:
     """Train a comparison model from the same teacher: a layer-subset distilled student or magnitude pruning."""
-    from stages import baseline as stage
-
     p = _params(params)
-    stage.run(p, _one_of(method, p.baselines.methods, "baselines.methods"), params.parent)
-
-
-@app.command()
-def ablation(
-    name: str = typer.Argument(..., help="An ablation of baselines.ablations, e.g. no_hidden_masks."),
-    params: Path = PARAMS,
-) -> None:
-    """CoFi at baselines.target with one component switched off (prune → finetune → compact)."""
-    from stages import ablation as stage
-
-    p = _params(params)
-    stage.run(p, _one_of(name, p.baselines.ablations, "baselines.ablations"), params.parent)
+    _stage("baseline", p, _one_of(method, p.baselines.methods, "baselines.methods"), params.parent)
 
 
 @app.command()
 def benchmark(params: Path = PARAMS) -> None:
     """Time and evaluate the teacher and every compact model the same way."""
-    from stages import benchmark as stage
-
-    stage.run(_params(params), params.parent)
+    _stage("benchmark", _params(params), params.parent)
 
 
 @app.command()
 def report(params: Path = PARAMS) -> None:
     """Write report/report.md with its figures, and log it to MLflow."""
-    from stages import report as stage
-
-    stage.run(_params(params), params.parent)
+    _stage("report", _params(params), params.parent)
 
 
 @app.command()
@@ -138,9 +135,6 @@ def structure(model_dir: Path = typer.Argument(..., exists=True, file_okay=False
     typer.echo(f"prunable parameters: {count_prunable_parameters(model):,} (sparsity {model_sparsity(model):.4f})")
 
 
-# `cofi lineage`: the command lives with the pipeline's lineage code
-from pipeline.cli_lineage import lineage  # noqa: E402
-
 app.command()(lineage)
 
 
@@ -151,6 +145,7 @@ def main() -> None:
     has saved a checkpoint; it exits with 128 + the signal's number."""
     import os
 
+    die_with_launcher()
     try:
         app()
     except Exception as e:
