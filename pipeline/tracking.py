@@ -1,13 +1,19 @@
 """MLflow tracking for the pipeline stages (the ``cofi`` library knows nothing of MLflow).
 
-One DVC stage = one MLflow run::
+One pipeline execution (``cofi.group``: same params and code) = one parent run;
+each DVC stage = one run nested under it::
 
-    with stage_run("prune@0.6", params=params, group=group, tags={}, project_dir=root,
+    with stage_run("compact@0.6", params=params, group=group, tags={}, project_dir=root,
                    experiment="cofi") as run:
         callback = MlflowCallback()
         train(..., callbacks=[callback])
-        log_structure(...)
-        register_model(model_dir, "cofi-sst2-prune", tags=lineage_tags(manifest))
+        log_structure(table, figure, "structure-0.6")
+        model = log_model(model_dir, "cofi-0.6", tags=lineage_tags(manifest), metrics={...})
+        register_model(model_dir, "cofi-sst2-0.6", tags=lineage_tags(manifest), model=model)
+
+Every model is an MLflow 3 LoggedModel (its metrics linked with ``model_id``),
+so the experiment's Models tab compares them side by side; the experiment is
+tagged to open in the model-training view, not the GenAI one.
 
 Store: ``MLFLOW_TRACKING_URI`` if set, else the embedded SQLite file
 ``<project>/mlflow.db`` with artifacts in ``<project>/mlruns``. A tracking
@@ -61,9 +67,12 @@ __all__ = [
     "MlflowCallback",
     "log_dataset",
     "log_structure",
-    "structure_figure",
-    "structure_table",
+    "log_model",
+    "find_model",
+    "log_model_metrics",
+    "model_run",
     "register_model",
+    "set_best_aliases",
     "TAG_STAGE",
     "TAG_GROUP",
     "TAG_GIT_COMMIT",
@@ -79,11 +88,19 @@ TAG_GIT_COMMIT = "cofi.git.commit"
 TAG_GIT_DIRTY = "cofi.git.dirty"
 TAG_REGISTERED = "cofi.registered_model"
 TAG_DATA_DIGEST = "cofi.data.digest"  # full digest on a dataset input (MLflow keeps 36 characters)
+TAG_ROLE = "cofi.role"  # "pipeline" on the parent run of a group
+TAG_MODEL_WEIGHTS = "cofi.weights_sha256"  # on a LoggedModel: which model directory it is
+TAG_BEST = "cofi.best"  # on a LoggedModel: "best at ~2.0×" (the report's mark)
+ROLE_PIPELINE = "pipeline"
+# The experiment tag the MLflow 3 UI reads to choose its layout (mlflow/server/js: ExperimentKind);
+# without it an experiment with no runs yet, or only traces, opens in the GenAI view.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+BEST_ALIAS_PREFIX = "best-"
 
 # MLflow's own limits (mlflow.utils.validation); fixed here so that an import
-# path moving between MLflow versions cannot break the pipeline.
-MAX_PARAMS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
+# path moving between MLflow versions cannot break the pipeline. (Batch sizes
+# are not: MlflowClient.log_batch splits a batch into MLflow's chunks itself.)
 MAX_PARAM_VAL_LENGTH = 6000
 MAX_TAG_VAL_LENGTH = 8000
 MAX_KEY_LENGTH = 250
@@ -282,7 +299,8 @@ def _ensure_experiment(uri: str, name: str) -> str:
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return client.create_experiment(name, artifact_location=_default_artifact_location(uri, name))
+                return client.create_experiment(name, artifact_location=_default_artifact_location(uri, name),
+                                                tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -291,6 +309,8 @@ def _ensure_experiment(uri: str, name: str) -> str:
                     raise
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if TAG_EXPERIMENT_KIND not in experiment.tags:  # created before the tag was set; a user's choice is kept
+            client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return experiment.experiment_id
 
     with _store_lock(uri):
@@ -348,16 +368,14 @@ def _truncate(value: str, limit: int, what: str) -> str:
 
 
 def log_params(params: Mapping[str, Any], run_id: str | None = None) -> dict[str, str]:
-    """Log flattened params in batches of MLflow's maximum (100 per request). Returns what was logged."""
+    """Log flattened params (one ``log_batch``; MLflow splits it into requests). Returns what was logged."""
     run_id = run_id or _active_run_id()
     flat = {}
     for key, value in flatten_params(params).items():
         flat[_key(key)] = _truncate(value, MAX_PARAM_VAL_LENGTH, f"param {key}")
     client = MlflowClient()
     items = [Param(k, v) for k, v in flat.items()]
-    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        chunk = items[i : i + MAX_PARAMS_PER_BATCH]
-        _retry_locked(lambda: client.log_batch(run_id, params=chunk), "logging params")
+    _retry_locked(lambda: client.log_batch(run_id, params=items), "logging params")  # MLflow chunks it
     return flat
 
 
@@ -418,10 +436,12 @@ def stage_run(
     experiment: str,
     system_metrics: bool = True,
 ) -> Iterator[mlflow.ActiveRun]:
-    """One MLflow run for one pipeline stage; yields the active run.
+    """One MLflow run for one pipeline stage, nested under its group's pipeline run; yields the active run.
 
     Sets the tracking URI (:func:`tracking_uri`), checks a server answers,
-    creates the experiment if needed, starts a run named ``stage`` with tags
+    creates the experiment if needed (tagged for the model-training view),
+    finds or creates the parent run of ``group`` (:func:`_pipeline_run`),
+    starts a run named ``stage`` under it (tag ``mlflow.parentRunId``) with tags
     ``cofi.stage``, ``cofi.group``, ``cofi.git.commit``/``cofi.git.dirty``,
     ``mlflow.source.*`` and ``tags``, logs ``params`` flattened, and enables
     system metrics (CPU, memory, GPU when pynvml is present) if psutil is
@@ -439,8 +459,10 @@ def stage_run(
     if system_metrics and not sysmetrics:
         log.warning("psutil is not installed; running without MLflow system metrics")
 
+    parent_id = _pipeline_run(uri, experiment_id, group, params, run_tags)
     run = _retry_locked(
-        lambda: mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags, log_system_metrics=sysmetrics),
+        lambda: mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags,
+                                 parent_run_id=parent_id, log_system_metrics=sysmetrics),
         f"starting run {stage!r}",
     )
     run_id = run.info.run_id
@@ -453,10 +475,58 @@ def stage_run(
         try:
             _flush_callbacks(run_id, raise_errors=False)
             _end_run(RunStatus.to_string(status))
+            _end_pipeline_run(parent_id, RunStatus.to_string(status))
         except Exception:  # never hide the original error
             log.exception("could not end MLflow run %s as %s", run_id, RunStatus.to_string(status))
         raise
     _end_run(RunStatus.to_string(RunStatus.FINISHED))
+    _end_pipeline_run(parent_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def pipeline_run_name(group: str) -> str:
+    return f"pipeline {group[:12]}"
+
+
+def _pipeline_run(uri: str, experiment_id: str, group: str, params: Mapping[str, Any], stage_tags: Mapping[str, str]) -> str:
+    """The id of the parent run of ``group`` (one pipeline execution), created by its first stage.
+
+    Found by the tags ``cofi.group`` and ``cofi.role = pipeline``. On a SQLite
+    store the search-or-create runs under the store's file lock, so concurrent
+    stages of one group (``dvc queue start -j 2``) find one parent. A tracking
+    server has no such lock: two stages creating the parent at once both
+    create one, and both then keep the oldest (the other is deleted). The
+    parent is RUNNING while one of its stages runs, and ends with the status of
+    the last stage that ended.
+    """
+    client = MlflowClient()
+    filter_string = f"tags.`{TAG_GROUP}` = '{group}' AND tags.`{TAG_ROLE}` = '{ROLE_PIPELINE}'"
+
+    def find() -> list:
+        return client.search_runs([experiment_id], filter_string, order_by=["attributes.start_time ASC"], max_results=10)
+
+    def find_or_create() -> str:
+        found = find()
+        if found:
+            return found[0].info.run_id
+        tags = {TAG_GROUP: group, TAG_ROLE: ROLE_PIPELINE, TAG_STAGE: ROLE_PIPELINE}
+        tags.update({k: v for k, v in stage_tags.items() if k.startswith(("mlflow.source.", "cofi.git."))})
+        created = client.create_run(experiment_id, run_name=pipeline_run_name(group), tags=tags)
+        log_params(params, created.info.run_id)
+        found = find()
+        for duplicate in found[1:]:
+            if duplicate.info.run_id == created.info.run_id:
+                client.delete_run(created.info.run_id)
+        return found[0].info.run_id if found else created.info.run_id
+
+    with _store_lock(uri):
+        parent_id = _retry_locked(find_or_create, f"finding the pipeline run of group {group}")
+    _retry_locked(lambda: client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING)), "resuming pipeline run")
+    return parent_id
+
+
+def _end_pipeline_run(parent_id: str, status: str) -> None:
+    client = MlflowClient()
+    _retry_locked(lambda: client.set_terminated(parent_id, status), "ending the pipeline run")
 
 
 def _end_run(status: str) -> None:
@@ -502,11 +572,13 @@ def _float(value: Any) -> float | None:
 class MlflowCallback(TrainerCallback):
     """Records the trainer's step logs and evaluations as MLflow metrics.
 
-    Metrics are buffered and written with ``MlflowClient.log_batch`` (up to
-    1000 per request) every ``flush_every`` steps, after every evaluation, on
-    :meth:`flush`, and before the :func:`stage_run` of their run ends. A
-    failed periodic flush keeps the buffer (up to ``max_buffer`` metrics) and
-    tries again later; :meth:`flush` itself raises.
+    Metrics are buffered and handed to MLflow's asynchronous logging
+    (``log_batch(..., synchronous=False)``: training does not wait for the
+    store) every ``flush_every`` steps and after every evaluation. :meth:`flush`
+    (also called before the :func:`stage_run` of their run ends) waits for
+    them and logs synchronously, retrying while SQLite is locked, whatever is
+    left or failed; it raises if that fails. A failed periodic hand-over keeps
+    the buffer (up to ``max_buffer`` metrics) for the next one.
     """
 
     def __init__(
@@ -524,6 +596,8 @@ class MlflowCallback(TrainerCallback):
         self.eval_prefix = eval_prefix
         self.max_buffer = max_buffer
         self._buffer: list[Metric] = []
+        self._pending: list[tuple[Any, list[Metric]]] = []  # MLflow async operations not yet waited for
+        self._pid = os.getpid()  # MLflow's async queue thread does not survive a fork
         self._steps_since_flush = 0
         _live_callbacks.add(self)
 
@@ -550,18 +624,43 @@ class MlflowCallback(TrainerCallback):
         self._try_flush()
 
     def _try_flush(self) -> None:
+        """Hand the buffer to MLflow's asynchronous logging (training does not wait for the store);
+        :meth:`flush` waits for it, and logs again, with lock retries, what did not get through."""
+        self._steps_since_flush = 0
+        if not self._buffer:
+            return
+        if os.getpid() != self._pid:
+            try:
+                self.flush()
+            except Exception as e:
+                log.warning("could not log metrics to MLflow (will retry at the next flush): %s", e)
+            return
+        batch = list(self._buffer)
         try:
-            self.flush()
+            operation = self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
         except Exception as e:
             log.warning("could not log metrics to MLflow (will retry at the next flush): %s", e)
+            return
+        del self._buffer[: len(batch)]
+        self._pending.append((operation, batch))
 
     def flush(self) -> None:
-        """Write every buffered metric now."""
+        """Write every buffered metric now: wait for the asynchronous batches, then log the rest
+        (and any batch that failed) in one synchronous ``log_batch`` (MLflow splits it into requests)."""
         self._steps_since_flush = 0
-        while self._buffer:
-            chunk = self._buffer[:MAX_METRICS_PER_BATCH]
-            _retry_locked(lambda: self.client.log_batch(self.run_id, metrics=chunk), "logging metrics")
-            del self._buffer[: len(chunk)]
+        pending, self._pending = self._pending, []
+        failed: list[Metric] = []
+        for operation, batch in pending:
+            try:
+                operation.wait()
+            except Exception as e:  # logging a metric again is harmless: the store keeps one (same key, step, time, value)
+                log.warning("asynchronous MLflow metric logging failed (%s); logging again", e)
+                failed.extend(batch)
+        self._buffer[:0] = failed
+        if self._buffer:
+            batch = list(self._buffer)
+            _retry_locked(lambda: self.client.log_batch(self.run_id, metrics=batch), "logging metrics")
+            del self._buffer[: len(batch)]
 
     def __enter__(self) -> "MlflowCallback":
         return self
@@ -644,132 +743,202 @@ def log_dataset(frame_or_path: Any, name: str, digest: str, source: str, context
 # pruned structure
 
 
-def structure_table(
-    layer_num_heads: Sequence[int],
-    layer_intermediate_size: Sequence[int],
-    num_heads: int,
-    intermediate_size: int,
-) -> dict[str, list]:
-    """Per-layer structure as columns: layer, heads, heads_kept, ffn_units, ffn_kept, removed."""
-    if len(layer_num_heads) != len(layer_intermediate_size):
-        raise ValueError(
-            f"{len(layer_num_heads)} layers of heads but {len(layer_intermediate_size)} of FFN units"
-        )
-    heads = [int(h) for h in layer_num_heads]
-    units = [int(u) for u in layer_intermediate_size]
-    return {
-        "layer": list(range(len(heads))),
-        "heads": heads,
-        "heads_kept": [h / num_heads if num_heads else 0.0 for h in heads],
-        "ffn_units": units,
-        "ffn_kept": [u / intermediate_size if intermediate_size else 0.0 for u in units],
-        "removed": [h == 0 and u == 0 for h, u in zip(heads, units)],
-    }
+def log_structure(table: Mapping[str, list], figure: Any, name: str, summary: Mapping[str, float] | None = None) -> None:
+    """Log a pruned structure: ``structure/<name>.json`` (an MLflow table), ``.csv`` and ``.png``,
+    and ``summary`` as metrics ``structure/<key>``.
 
-
-def structure_figure(
-    layer_num_heads: Sequence[int],
-    layer_intermediate_size: Sequence[int],
-    num_heads: int,
-    intermediate_size: int,
-    title: str | None = None,
-):
-    """A bar chart per layer of the fraction of attention heads and FFN units kept (Agg, no pyplot).
-
-    Layers with neither heads nor units left are shaded and labelled "removed".
+    ``table``: :func:`cofi.structure.structure_table`; ``figure``: a matplotlib
+    figure (:func:`pipeline.plotting.structure_figure`); ``summary``:
+    :func:`cofi.structure.structure_summary`.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    table = structure_table(layer_num_heads, layer_intermediate_size, num_heads, intermediate_size)
-    n = len(table["layer"])
-    figure = Figure(figsize=(max(4.0, 0.6 * n + 2.0), 3.2), layout="constrained")
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    x = list(range(n))
-    width = 0.38
-    ax.bar([i - width / 2 for i in x], table["heads_kept"], width, label=f"heads (of {num_heads})", color="#4C72B0")
-    ax.bar([i + width / 2 for i in x], table["ffn_kept"], width, label=f"FFN units (of {intermediate_size})", color="#DD8452")
-    for i, removed in enumerate(table["removed"]):
-        if removed:
-            ax.axvspan(i - 0.5, i + 0.5, color="0.85", zorder=0)
-            ax.text(i, 0.5, "removed", rotation=90, ha="center", va="center", color="0.35", fontsize=8)
-    ax.set_xticks(x, [str(i) for i in x])
-    ax.set_xlim(-0.5, n - 0.5 if n else 0.5)
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("fraction kept")
-    kept_heads = sum(table["heads"]) / (num_heads * n) if num_heads and n else 0.0
-    kept_units = sum(table["ffn_units"]) / (intermediate_size * n) if intermediate_size and n else 0.0
-    ax.set_title(title or f"heads kept {kept_heads:.0%}, FFN units kept {kept_units:.0%}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
-    return figure
-
-
-def log_structure(
-    layer_num_heads: list[int],
-    layer_intermediate_size: list[int],
-    num_heads: int,
-    intermediate_size: int,
-    name: str,
-) -> None:
-    """Log the pruned structure: ``structure/<name>.json`` (an MLflow table), ``.csv`` and ``.png``,
-    and summary metrics ``structure/heads_kept``, ``structure/ffn_kept``, ``structure/layers_removed``."""
-    table = structure_table(layer_num_heads, layer_intermediate_size, num_heads, intermediate_size)
     stem = f"structure/{_key(name).replace('/', '_')}"
     csv = io.StringIO()
     columns = list(table)
     csv.write(",".join(columns) + "\n")
     for row in zip(*table.values()):
         csv.write(",".join(str(v) for v in row) + "\n")
-    figure = structure_figure(layer_num_heads, layer_intermediate_size, num_heads, intermediate_size, title=name)
-    n = len(table["layer"])
-    summary = {
-        "structure/heads_kept": sum(table["heads"]) / (num_heads * n) if num_heads and n else 0.0,
-        "structure/ffn_kept": sum(table["ffn_units"]) / (intermediate_size * n) if intermediate_size and n else 0.0,
-        "structure/layers_removed": float(sum(table["removed"])),
-    }
-    _retry_locked(lambda: mlflow.log_table(data=table, artifact_file=f"{stem}.json"), "logging structure table")
+    _retry_locked(lambda: mlflow.log_table(data=dict(table), artifact_file=f"{stem}.json"), "logging structure table")
     mlflow.log_text(csv.getvalue(), f"{stem}.csv")
     mlflow.log_figure(figure, f"{stem}.png")
-    _retry_locked(lambda: mlflow.log_metrics(summary), "logging structure metrics")
+    if summary:
+        metrics = {f"structure/{k}": float(v) for k, v in summary.items()}
+        _retry_locked(lambda: mlflow.log_metrics(metrics), "logging structure metrics")
 
 
 # ----------------------------------------------------------------------------
-# model registry
+# models: MLflow 3 LoggedModels and the registry
+
+_MODEL_NAME_BAD_CHARS = re.compile(r"[/:.%\"']")
 
 
-def register_model(model_dir: Path, name: str, tags: dict[str, str], artifact_path: str = "model"):
-    """Log ``model_dir`` as artifacts of the active run and register them as a new version of ``name``.
+def model_name(name: str) -> str:
+    """A valid LoggedModel name (MLflow forbids / : . % and quotes): "cofi-0.6" -> "cofi-0_6"."""
+    return _MODEL_NAME_BAD_CHARS.sub("_", name) or "model"
 
-    The directory is a plain Hugging Face model (no MLmodel file), so this
-    goes through ``MlflowClient.create_model_version`` with the artifacts'
-    storage URI as source and the run id as lineage; ``tags`` go on the model
-    version. Returns the ``ModelVersion``; the run gets the tag
-    ``cofi.registered_model = <name>/<version>``.
+
+def _metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        number = _float(v)
+        if number is not None:
+            out[_key(k)] = number
+    return out
+
+
+def log_model(
+    model_dir: Path | None,
+    name: str,
+    *,
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    weights_sha256: str | None = None,
+    model_type: str = "cofi",
+):
+    """An MLflow 3 LoggedModel of the active run: ``model_dir``'s files as its artifacts
+    (None: an external model, the files stay where they are), ``tags``, ``params``
+    (flattened), ``metrics`` linked to it (``model_id``), and the tag
+    ``cofi.weights_sha256`` that :func:`find_model` looks it up by. Returns the LoggedModel.
     """
-    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
-
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise NotADirectoryError(f"{model_dir} is not a model directory")
     run_id = _active_run_id()
-    mlflow.log_artifacts(str(model_dir), artifact_path)
-    client = MlflowClient()
-
-    def create_registered() -> None:
+    model_tags = {_key(k): _truncate(str(v), MAX_TAG_VAL_LENGTH, f"tag {k}") for k, v in (tags or {}).items()}
+    if weights_sha256:
+        model_tags[TAG_MODEL_WEIGHTS] = weights_sha256
+    model_params = {_key(k): _truncate(v, MAX_PARAM_VAL_LENGTH, f"param {k}")
+                    for k, v in flatten_params(params or {}).items()}
+    kwargs = dict(name=model_name(name), source_run_id=run_id, tags=model_tags, params=model_params,
+                  model_type=model_type)
+    if model_dir is None:
+        model = _retry_locked(lambda: mlflow.create_external_model(**kwargs), f"creating model {name!r}")
+    else:
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise NotADirectoryError(f"{model_dir} is not a model directory")
+        model = _retry_locked(lambda: mlflow.initialize_logged_model(**kwargs), f"creating model {name!r}")
         try:
-            client.create_registered_model(name)
-        except MlflowException as e:
-            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                raise
+            MlflowClient().log_model_artifacts(model.model_id, str(model_dir))
+        except BaseException:
+            _retry_locked(lambda: mlflow.finalize_logged_model(model.model_id, "FAILED"), "failing model")
+            raise
+        model = _retry_locked(lambda: mlflow.finalize_logged_model(model.model_id, "READY"), f"finalizing model {name!r}")
+    if metrics:
+        log_model_metrics(model.model_id, metrics)
+    return model
 
-    _retry_locked(create_registered, f"registering model {name!r}")
-    source = RunsArtifactRepository.get_underlying_uri(f"runs:/{run_id}/{artifact_path}")
+
+def log_model_metrics(model_id: str, metrics: Mapping[str, Any], run_id: str | None = None) -> None:
+    """Log ``metrics`` to the active run (or ``run_id``) linked to the LoggedModel ``model_id``."""
+    run_id = run_id or _active_run_id()
+    timestamp = int(time.time() * 1000)
+    batch = [Metric(k, v, timestamp, 0, model_id=model_id) for k, v in _metric_values(metrics).items()]
+    client = MlflowClient()
+    _retry_locked(lambda: client.log_batch(run_id, metrics=batch), "logging model metrics")
+
+
+def find_model(weights_sha256: str, experiment_id: str | None = None):
+    """The newest LoggedModel of the experiment (default: the active run's) tagged with these weights, or None."""
+    if experiment_id is None:
+        run = mlflow.active_run()
+        if run is None:
+            raise RuntimeError("no active MLflow run; pass experiment_id")
+        experiment_id = run.info.experiment_id
+    found = _retry_locked(
+        lambda: mlflow.search_logged_models(
+            experiment_ids=[experiment_id], filter_string=f"tags.`{TAG_MODEL_WEIGHTS}` = '{weights_sha256}'",
+            order_by=[{"field_name": "creation_time", "ascending": False}], max_results=1, output_format="list"),
+        "searching models",
+    )
+    return found[0] if found else None
+
+
+@contextmanager
+def model_run(name: str, tags: Mapping[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run nested under the active stage run for one model's results (so that each model's
+    metrics have their own run, not one key per model in the stage's run)."""
+    stage = mlflow.get_run(_active_run_id())
+    group = stage.data.tags.get(TAG_GROUP, "")
+    run = _retry_locked(  # the experiment is the stage run's, not MLflow's active (default) one
+        lambda: mlflow.start_run(run_name=name, nested=True, experiment_id=stage.info.experiment_id,
+                                 tags={TAG_GROUP: group, **(tags or {})}),
+        f"starting run {name!r}",
+    )
+    try:
+        yield run
+    except BaseException as e:
+        status = RunStatus.KILLED if isinstance(e, KeyboardInterrupt) else RunStatus.FAILED
+        _end_run(RunStatus.to_string(status))
+        raise
+    _end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def register_model(model_dir: Path, name: str, tags: dict[str, str], model: Any = None, artifact_path: str = "model"):
+    """Register a model as a new version of ``name``, with ``tags`` on the version.
+
+    ``model``: the LoggedModel of ``model_dir`` (:func:`log_model`); None logs
+    one (named after the registered model). Registration goes through
+    ``mlflow.register_model("models:/<model_id>", tags=...)``: the version is
+    linked to the LoggedModel and its source run. Returns the ``ModelVersion``;
+    the run and the LoggedModel get the tag ``cofi.registered_model = <name>/<version>``.
+    """
+    run_id = _active_run_id()
+    if model is None:
+        model = log_model(model_dir, name, tags=tags)
     version_tags = {_key(k): str(v) for k, v in tags.items()}
     version = _retry_locked(
-        lambda: client.create_model_version(name, source, run_id=run_id, tags=version_tags),
-        f"creating a version of {name!r}",
+        lambda: mlflow.register_model(f"models:/{model.model_id}", name, tags=version_tags),
+        f"registering a version of {name!r}",
     )
-    _retry_locked(lambda: client.set_tag(run_id, TAG_REGISTERED, f"{name}/{version.version}"), "tagging run")
+    registered = f"{name}/{version.version}"
+    _retry_locked(lambda: MlflowClient().set_tag(run_id, TAG_REGISTERED, registered), "tagging run")
+    _retry_locked(lambda: mlflow.set_logged_model_tags(model.model_id, {TAG_REGISTERED: registered}), "tagging model")
     return version
+
+
+def best_alias(speedup: float) -> str:
+    """The registry alias of the model best at ~``speedup``×: 2.0 -> "best-2x", 1.5 -> "best-1_5x"."""
+    text = f"{speedup:.1f}".removesuffix(".0").replace(".", "_")
+    return f"{BEST_ALIAS_PREFIX}{text}x"
+
+
+def set_best_aliases(
+    marks: Mapping[str, tuple[str, float]], experiment_id: str | None = None, compared: Sequence[str] = ()
+) -> dict[str, str]:
+    """Mark the report's winners: ``marks`` maps weights_sha256 -> (label, speedup).
+
+    Every LoggedModel found gets the tag ``cofi.best = label``; a registered
+    one also gets the alias :func:`best_alias` on its version (an alias moves
+    to the newest winner). ``compared``: the weights of every model of the
+    comparison; their ``cofi.best`` tags and the ``best-*`` aliases of their
+    registered models that this report does not set are removed, so no mark
+    outlives the report that set it. Returns {"<registered name>/<version>": alias}.
+    """
+    client = MlflowClient()
+    set_aliases: dict[str, str] = {}
+    keep: dict[str, set[str]] = {}  # registered name -> the best-* aliases set now
+    for weights, (label, speedup) in marks.items():
+        model = find_model(weights, experiment_id)
+        if model is None:
+            log.warning("no MLflow model with weights %s; not marking it %r", weights[:12], label)
+            continue
+        _retry_locked(lambda: mlflow.set_logged_model_tags(model.model_id, {TAG_BEST: label}), "tagging model")
+        registered = model.tags.get(TAG_REGISTERED)
+        if not registered:
+            continue
+        name, version = registered.rsplit("/", 1)
+        alias = best_alias(speedup)
+        _retry_locked(lambda: client.set_registered_model_alias(name, alias, version), f"setting alias {alias}")
+        set_aliases[registered] = alias
+        keep.setdefault(name, set()).add(alias)
+    for weights in compared:
+        model = find_model(weights, experiment_id)
+        if model is not None and weights not in marks and TAG_BEST in model.tags:
+            _retry_locked(lambda: client.delete_logged_model_tag(model.model_id, TAG_BEST), "untagging model")
+        registered = model.tags.get(TAG_REGISTERED) if model is not None else None
+        if not registered:
+            continue
+        name = registered.rsplit("/", 1)[0]
+        aliases = _retry_locked(lambda: client.get_registered_model(name).aliases, "reading aliases")
+        for alias in aliases:
+            if alias.startswith(BEST_ALIAS_PREFIX) and alias not in keep.get(name, set()):
+                _retry_locked(lambda: client.delete_registered_model_alias(name, alias), f"removing alias {alias}")
+    return set_aliases

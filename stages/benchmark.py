@@ -24,7 +24,7 @@ from cofi.flops import forward_flops
 from cofi.onnx_export import export_onnx, max_logit_difference, onnx_session
 from cofi.sparsity import PRUNABLE_LINEARS, count_prunable_parameters
 from cofi.trainer import predict, resolve_device
-from pipeline import lineage
+from pipeline import lineage, tracking
 from pipeline.params import Params
 from pipeline.paths import Paths, target_name
 from pipeline.runtime import collator, mlflow_run, setup, task_spec_of, write_json
@@ -98,10 +98,22 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         for name, entry in results["models"].items():
             flat = flat_metrics(entry, spec.primary_metric)
             write_json(paths.benchmark_metrics(name), flat)
-            mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in flat.items()})
+            log_model_results(name, entry, flat)
         mlflow.log_dict(results, "benchmark.json")
         write_json(paths.benchmark, results)
     return results
+
+
+def log_model_results(name: str, entry: dict, flat: dict) -> None:
+    """One model's results in MLflow: a run nested under this stage's run, its metrics
+    linked to the model's LoggedModel (the compact stage's, else a new external one),
+    so that the experiment's Models tab compares every model side by side."""
+    with tracking.model_run(f"{STAGE}/{name}", tags={"cofi.model": name, "cofi.method": entry["method"]}) as run:
+        model = tracking.find_model(entry["weights_sha256"])
+        if model is None:  # teacher, baselines: no stage of theirs made one
+            model = tracking.log_model(None, name, params={"method": entry["method"]},
+                                       weights_sha256=entry["weights_sha256"], tags={"cofi.method": entry["method"]})
+        tracking.log_model_metrics(model.model_id, flat, run_id=run.info.run_id)
 
 
 def model_sources(params: Params, paths: Paths) -> dict[str, Path]:

@@ -21,7 +21,7 @@ from cofi.sparsity import count_prunable_parameters, model_sparsity
 from cofi.trainer import predict
 from pipeline import lineage, tracking
 from pipeline.params import Params
-from pipeline.paths import Paths
+from pipeline.paths import Paths, target_name
 from pipeline.runtime import collator, mlflow_run, setup, task_spec_of, write_json
 from pipeline.training import load_stage_data
 
@@ -63,7 +63,13 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
         tags = lineage.lineage_tags(manifest)
         mlflow.set_tags(tags)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        if params.mlflow.register_models:
-            tracking.register_model(out, name=f"cofi-{params.data.task}-{paths.model_name(target)}", tags=tags)
+        # a LoggedModel (the deliverable's files as its artifacts when it is registered)
+        registered = params.mlflow.register_models
+        logged = tracking.log_model(out if registered else None, paths.variant or f"cofi-{target_name(target)}", tags=tags,
+                                    params={"target": target, "variant": paths.variant or "cofi"}, metrics=metrics,
+                                    weights_sha256=manifest["weights_sha256"])
+        if registered:
+            tracking.register_model(out, name=f"cofi-{params.data.task}-{paths.model_name(target)}", tags=tags,
+                                    model=logged)
         write_json(paths.metrics(STAGE, target), metrics)
     return metrics

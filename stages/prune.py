@@ -12,8 +12,10 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from cofi.compact import compact
+from cofi.structure import structure_summary, structure_table
 from pipeline import lineage, tracking
 from pipeline.params import Params
+from pipeline.plotting import structure_figure
 from pipeline.paths import GATES_FILE, LAYER_MAP_FILE, MASKS_FILE, Paths
 from pipeline.runtime import distillation, is_main_process, prune_config, setup, train_config
 from pipeline.training import Manifest, Trained, load_stage_data, result_metrics, run_training_stage, train
@@ -42,10 +44,10 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
             return Trained(trainer.model, {}, [trainer])
         masks = {k: v.contiguous().cpu() for k, v in result.masks.items()}
         structure = compact(trainer.model, masks).config
-        tracking.log_structure(
-            structure.layer_num_heads, structure.layer_intermediate_size,
-            structure.num_attention_heads, structure.intermediate_size, name=f"structure-{paths.model_name(target)}",
-        )
+        shape = (structure.num_attention_heads, structure.intermediate_size)
+        table = structure_table(structure.layer_num_heads, structure.layer_intermediate_size, *shape)
+        tracking.log_structure(table, structure_figure(table, *shape), name=f"structure-{paths.model_name(target)}",
+                               summary=structure_summary(table, *shape))
         metrics = {
             **result_metrics(result),
             "target_sparsity": target,

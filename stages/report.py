@@ -7,6 +7,7 @@ report/sweep.csv (the accuracy-vs-speedup points, for `dvc plots`)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -17,9 +18,11 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cofi.configuration_cofi import CofiConfig  # noqa: E402
+from cofi.structure import structure_table  # noqa: E402
 from pipeline import lineage, tracking  # noqa: E402
 from pipeline.params import Params  # noqa: E402
 from pipeline.paths import Paths, target_name  # noqa: E402
+from pipeline.plotting import structure_figure  # noqa: E402
 from pipeline.runtime import mlflow_run, task_spec_of, write_curve  # noqa: E402
 
 STAGE = "report"
@@ -62,6 +65,16 @@ def winners(models: dict, metric: str) -> dict[str, str]:
         if len({models[n]["method"] for n in group}) > 1:
             best = max(group, key=lambda n: models[n][metric])
             marks[best] = f"best at ~{speed[group[0]]:.1f}×"
+    return marks
+
+
+def best_marks(models: dict, metric: str) -> dict[str, tuple[str, float]]:
+    """The winners as weights_sha256 -> (label, speedup), for MLflow's tags and registry aliases."""
+    marks = {}
+    for name, label in winners(models, metric).items():
+        weights = models[name].get("weights_sha256")
+        if weights:
+            marks[weights] = (label, float(re.search(r"~([0-9.]+)×", label).group(1)))
     return marks
 
 
@@ -160,10 +173,9 @@ def run(params: Params, root: Path = Path(".")) -> str:
     for target in params.prune.targets:
         t = target_name(target)
         config = CofiConfig.from_pretrained(paths.compact(target))  # the structure; no weights needed
-        figures[f"structure-{t}.png"] = tracking.structure_figure(
-            config.layer_num_heads, config.layer_intermediate_size, config.num_attention_heads, config.intermediate_size,
-            title=f"structure at target {t}",
-        )
+        shape = (config.num_attention_heads, config.intermediate_size)
+        table = structure_table(config.layer_num_heads, config.layer_intermediate_size, *shape)
+        figures[f"structure-{t}.png"] = structure_figure(table, *shape, title=f"structure at target {t}")
         prune_metrics = json.loads(paths.metrics("prune", target).read_text())
         compact_metrics = json.loads(paths.metrics("compact", target).read_text())
         lines += [f"## Target sparsity {t}", "",
@@ -188,4 +200,6 @@ def run(params: Params, root: Path = Path(".")) -> str:
     with mlflow_run(STAGE, params, paths.root, tags=lineage.teacher_tags(paths.teacher)):
         mlflow.log_artifacts(str(out), artifact_path="report")
         mlflow.log_text(report, "report.md")
+        compared = [e["weights_sha256"] for e in models.values() if e.get("weights_sha256")]
+        tracking.set_best_aliases(best_marks(models, metric), compared=compared)
     return report

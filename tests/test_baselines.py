@@ -151,6 +151,29 @@ def test_every_baseline_and_ablation_is_benchmarked_and_reported(project):
     assert set(sweep["model"]) == expected  # every method is placed on the accuracy-vs-speedup plot
 
 
+def test_every_benchmarked_model_is_an_mlflow_logged_model_with_its_results(project):
+    """One LoggedModel per benchmarked model (the compact stage's for CoFi and ablations),
+    with accuracy, sparsity and per-configuration speedups linked to it."""
+    from mlflow import MlflowClient
+
+    from pipeline.params import load_params
+    from pipeline.tracking import model_name, tracking_uri
+
+    bench = json.loads((project / "outputs" / "benchmark.json").read_text())["models"]
+    client = MlflowClient(tracking_uri(project))
+    experiment = client.get_experiment_by_name(load_params(project / "params.yaml").mlflow.experiment)
+    models = client.search_logged_models([experiment.experiment_id])
+    by_weights = {m.tags["cofi.weights_sha256"]: m for m in models}
+    assert len(by_weights) == len(models) == len(bench)  # no model logged twice
+    for name, entry in bench.items():
+        model = by_weights[entry["weights_sha256"]]
+        assert model.name == model_name(name)
+        metrics = {m.key: m.value for m in model.metrics}
+        assert metrics["sparsity"] == pytest.approx(entry["sparsity"])
+        assert metrics["accuracy"] == pytest.approx(entry["accuracy"])
+        assert {k for k in metrics if k.startswith("speedup_")} == {f"speedup_{t['key']}" for t in entry["timings"]}
+
+
 def test_the_baselines_are_what_they_claim(project):
     bench = json.loads((project / "outputs" / "benchmark.json").read_text())["models"]
     magnitude = bench["baseline-magnitude"]

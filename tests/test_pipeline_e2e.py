@@ -133,10 +133,18 @@ def test_one_mlflow_run_per_stage_with_lineage_tags(project):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cofi")
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    everything = client.search_runs([experiment.experiment_id], max_results=200)
+    (parent,) = [r for r in everything if r.data.tags.get("cofi.role") == "pipeline"]  # one pipeline execution
+    runs = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]  # its stages
     stages = sorted(r.data.tags["cofi.stage"] for r in runs)
     assert len(runs) == 10 and len(set(stages)) == 10, stages
-    assert len({r.data.tags["cofi.group"] for r in runs}) == 1  # one pipeline execution
+    assert {r.data.tags["cofi.group"] for r in everything} == {parent.data.tags["cofi.group"]}
+    (benchmark,) = [r for r in runs if r.data.tags["cofi.stage"] == "benchmark"]
+    per_model = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == benchmark.info.run_id]
+    models = {m.name: m for m in client.search_logged_models([experiment.experiment_id])}
+    assert {"teacher", "cofi-0_3", "cofi-0_5"} <= set(models) and len(per_model) == len(models)
+    speedups = {name: {m.key for m in model.metrics if m.key.startswith("speedup_")} for name, model in models.items()}
+    assert all(speedups.values()), speedups  # per-configuration speedups linked to every model
     teacher_sha = json.loads((project / "outputs" / "teacher" / "manifest.json").read_text())["weights_sha256"]
     compact_runs = [r for r in runs if r.data.tags["cofi.stage"].startswith("compact")]
     assert all(r.data.tags["cofi.lineage.teacher_sha256"] == teacher_sha for r in compact_runs)

@@ -28,7 +28,9 @@ pd = pytest.importorskip("pandas")
 
 from mlflow import MlflowClient  # noqa: E402
 
+from cofi.structure import structure_summary, structure_table  # noqa: E402
 from pipeline import tracking  # noqa: E402
+from pipeline.plotting import structure_figure  # noqa: E402
 from pipeline.tracking import (  # noqa: E402
     MlflowCallback,
     TrackingUnavailableError,
@@ -169,6 +171,7 @@ class Logged:
     kind: str
     uri: str
     run_id: str
+    model: object
     version: object
     model_dir: Path
     commit: str | None
@@ -205,11 +208,15 @@ def logged(request, tmp_path_factory, template_db) -> Logged:
             tracking.log_dataset(frame, name="sst2-train", digest=TRAIN_DIGEST, source="../shared/data/glue", context="train")
             tracking.log_dataset(project / "validation.parquet", name="sst2-validation", digest="abc123",
                                  source="hub:nyu-mll/glue", context="validation")
-            tracking.log_structure([4, 2, 0], [32, 10, 0], 4, 32, name="structure-0.6")
-            version = tracking.register_model(model_dir, MODEL_NAME, tags=VERSION_TAGS)
+            table = structure_table([4, 2, 0], [32, 10, 0], 4, 32)
+            tracking.log_structure(table, structure_figure(table, 4, 32), name="structure-0.6",
+                                   summary=structure_summary(table, 4, 32))
+            model = tracking.log_model(model_dir, "cofi-0.6", tags=VERSION_TAGS, params={"target": 0.6},
+                                       metrics={"dev_accuracy": 0.85, "sparsity": 0.6}, weights_sha256="f" * 64)
+            version = tracking.register_model(model_dir, MODEL_NAME, tags=VERSION_TAGS, model=model)
             _wait_for_system_metrics(run.info.run_id)
         uri = tracking.tracking_uri(project)
-        yield Logged(request.param, uri, run.info.run_id, version, model_dir, commit)
+        yield Logged(request.param, uri, run.info.run_id, model, version, model_dir, commit)
     finally:
         while mlflow.active_run() is not None:
             mlflow.end_run()
@@ -248,6 +255,47 @@ def test_run_tags(logged):
         assert tags["cofi.git.commit"] == logged.commit == tags["mlflow.source.git.commit"]
         assert tags["cofi.git.dirty"] == "false"
     assert tags["cofi.registered_model"] == f"{MODEL_NAME}/{logged.version.version}"
+
+
+def test_stage_run_is_nested_under_its_pipeline_run(logged):
+    client = MlflowClient(logged.uri)
+    run = client.get_run(logged.run_id)
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["cofi.group"] == "sweep-1" and parent.data.tags["cofi.role"] == "pipeline"
+    assert parent.info.run_name == tracking.pipeline_run_name("sweep-1")
+    assert parent.info.status == "FINISHED"  # ended with its last stage
+    assert parent.data.params == run.data.params  # one group: the same params
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's training view
+
+
+def test_model_is_a_logged_model_with_linked_metrics(logged):
+    client = MlflowClient(logged.uri)
+    model = client.get_logged_model(logged.model.model_id)
+    assert model.name == "cofi-0_6" and model.source_run_id == logged.run_id
+    assert model.tags["cofi.weights_sha256"] == "f" * 64 and VERSION_TAGS.items() <= model.tags.items()
+    assert model.tags["cofi.registered_model"] == f"{MODEL_NAME}/{logged.version.version}"
+    assert model.params == {"target": "0.6"}
+    assert {m.key: m.value for m in model.metrics} == {"dev_accuracy": 0.85, "sparsity": 0.6}
+    assert all(m.run_id == logged.run_id for m in model.metrics)
+    mlflow.set_tracking_uri(logged.uri)
+    assert tracking.find_model("f" * 64, model.experiment_id).model_id == model.model_id
+    assert tracking.find_model("0" * 64, model.experiment_id) is None
+
+
+def test_best_alias_on_the_registered_version(logged):
+    mlflow.set_tracking_uri(logged.uri)
+    experiment_id = MlflowClient(logged.uri).get_run(logged.run_id).info.experiment_id
+    done = tracking.set_best_aliases({"f" * 64: ("best at ~2.0×", 2.0)}, experiment_id)
+    assert done == {f"{MODEL_NAME}/{logged.version.version}": "best-2x"}
+    client = MlflowClient(logged.uri)
+    assert client.get_model_version_by_alias(MODEL_NAME, "best-2x").version == logged.version.version
+    assert client.get_logged_model(logged.model.model_id).tags["cofi.best"] == "best at ~2.0×"
+    assert tracking.best_alias(1.5) == "best-1_5x"
+    # a later report where it no longer wins removes the alias and the tag
+    assert tracking.set_best_aliases({}, experiment_id, compared=["f" * 64]) == {}
+    assert "best-2x" not in client.get_registered_model(MODEL_NAME).aliases
+    assert "cofi.best" not in client.get_logged_model(logged.model.model_id).tags
 
 
 def test_step_metric_histories(logged):
@@ -308,8 +356,9 @@ def test_registered_model_version(logged, tmp_path):
     assert version.run_id == logged.run_id
     assert VERSION_TAGS.items() <= version.tags.items()
     assert version.status == "READY"
-    if logged.kind == "server":
-        assert version.source.startswith("mlflow-artifacts:/")  # proxied through the server
+    assert version.source == f"models:/{logged.model.model_id}"  # registered from the LoggedModel
+    if logged.kind == "server":  # the LoggedModel's artifacts are proxied through the server
+        assert client.get_logged_model(logged.model.model_id).artifact_location.startswith("mlflow-artifacts:/")
     # MLflow 3.17's models:/ resolution ignores the registry_uri argument and reads the global one
     mlflow.set_tracking_uri(logged.uri)
     local = Path(mlflow.artifacts.download_artifacts(
@@ -386,7 +435,7 @@ def test_lock_errors_are_retried_others_are_not(monkeypatch):
 def test_structure_figure_marks_removed_layers():
     from matplotlib.figure import Figure
 
-    figure = tracking.structure_figure([12, 0, 3], [3072, 0, 100], 12, 3072)
+    figure = structure_figure(structure_table([12, 0, 3], [3072, 0, 100], 12, 3072), 12, 3072)
     assert isinstance(figure, Figure)
     (ax,) = figure.axes
     assert len(ax.patches) >= 6  # two bars per layer
@@ -487,7 +536,10 @@ def test_two_processes_share_a_fresh_sqlite_store(tmp_path):
     client = MlflowClient(tracking.tracking_uri(project))
     experiment = client.get_experiment_by_name("concurrent")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted((r.info.run_name, r.info.status) for r in runs) == [("w0", "FINISHED"), ("w1", "FINISHED")]
+    (parent,) = [r for r in runs if r.data.tags.get("cofi.role") == "pipeline"]  # one parent for the group
+    stages = [r for r in runs if r.info.run_id != parent.info.run_id]
+    assert sorted((r.info.run_name, r.info.status) for r in stages) == [("w0", "FINISHED"), ("w1", "FINISHED")]
+    assert {r.data.tags["mlflow.parentRunId"] for r in stages} == {parent.info.run_id}
     for run_id in run_ids.values():
         history = client.get_metric_history(run_id, "loss")
         assert sorted(m.step for m in history) == list(range(40))
@@ -517,8 +569,10 @@ def test_a_real_stage_logs_to_the_server(server, tmp_path):
 
     client = MlflowClient(server)
     experiment = client.get_experiment_by_name("stage-against-server")
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.status == "FINISHED"
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("cofi.role") == "pipeline"]
+    (run,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert run.info.status == "FINISHED" and parent.info.status == "FINISHED"
     assert run.data.tags["cofi.stage"] == "data"
     assert run.data.params["data.train_limit"] == "24"
     assert run.data.metrics["train.rows"] == 24
