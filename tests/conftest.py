@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+
 import pytest
 import torch
 
@@ -88,3 +92,20 @@ def tiny_project(root, update) -> None:
                                data={"digest": "tiny"}, params={}, mlflow_run_id=None)
 
     save_model(tiny_model(seed=4, num_hidden_layers=4), paths.teacher, extra=teacher_extra)
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop the server and its workers (its own process group)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+    try:  # workers left behind by a server that exited first
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

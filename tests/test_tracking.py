@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from conftest import stop_process_group
 
 mlflow = pytest.importorskip("mlflow")
 pd = pytest.importorskip("pandas")
@@ -82,23 +83,6 @@ def template_db(tmp_path_factory) -> Path:
     return path
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers (its own process group)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-    try:  # workers left behind by a server that exited first
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _server_boot(tmp_path_factory):
     """Start `mlflow server` (on a fresh SQLite file) as the module starts: it boots and migrates
@@ -118,7 +102,7 @@ def _server_boot(tmp_path_factory):
     try:
         yield proc, f"http://127.0.0.1:{port}", log_path
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 @pytest.fixture(scope="module")
