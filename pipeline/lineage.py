@@ -433,7 +433,7 @@ def find_descendants(teacher: str, project_dir: Path, experiment: str | None) ->
     """
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import _retry_locked, check_tracking_server, store_client, tracking_uri
+    from pipeline.tracking import check_tracking_server, retry_locked, store_client, tracking_uri
 
     teacher = teacher.strip()
     uri = tracking_uri(project_dir)
@@ -442,9 +442,9 @@ def find_descendants(teacher: str, project_dir: Path, experiment: str | None) ->
         return []  # nothing tracked yet; do not create an empty store
     client = store_client(uri)
     if experiment is None:
-        experiment_ids = [e.experiment_id for e in _retry_locked(lambda: client.search_experiments(), "searching")]
+        experiment_ids = [e.experiment_id for e in retry_locked(lambda: client.search_experiments(), "searching")]
     else:
-        found = _retry_locked(lambda: client.get_experiment_by_name(experiment), "searching")
+        found = retry_locked(lambda: client.get_experiment_by_name(experiment), "searching")
         experiment_ids = [found.experiment_id] if found is not None else []
     if not experiment_ids:
         return []
@@ -452,7 +452,7 @@ def find_descendants(teacher: str, project_dir: Path, experiment: str | None) ->
     def search(filter_string: str) -> list:
         runs, token = [], None
         while True:
-            page = _retry_locked(
+            page = retry_locked(
                 lambda: client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token),
                 "searching runs",
             )
@@ -478,7 +478,7 @@ def find_descendants(teacher: str, project_dir: Path, experiment: str | None) ->
 
     def add_versions(filter_string: str) -> list:
         try:
-            found = _retry_locked(lambda: client.search_model_versions(filter_string), "searching model versions")
+            found = retry_locked(lambda: client.search_model_versions(filter_string), "searching model versions")
         except MlflowException:  # a store without a model registry
             return []
         for mv in found:
@@ -493,7 +493,7 @@ def find_descendants(teacher: str, project_dir: Path, experiment: str | None) ->
     for mv in tagged:
         if mv.run_id and mv.run_id not in runs:
             try:
-                run = _retry_locked(lambda: client.get_run(mv.run_id), "reading a run")
+                run = retry_locked(lambda: client.get_run(mv.run_id), "reading a run")
             except MlflowException:  # the run was deleted; the version remains
                 continue
             if run.info.experiment_id in experiment_ids:
