@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from cofi.configuration_cofi import CofiConfig
+from cofi.manifest import read_manifest, verify_files
 from cofi.modeling_cofi import CofiForSequenceClassification
 
 __all__ = ["compact", "save_model", "load_model"]
@@ -336,8 +337,15 @@ def save_model(
     return path
 
 
-def load_model(path: str | os.PathLike) -> CofiForSequenceClassification:
-    """Load a model saved by ``save_model`` with this package's classes (no remote code), in eval mode."""
+def load_model(path: str | os.PathLike, verify: bool = False) -> CofiForSequenceClassification:
+    """Load a model saved by ``save_model`` with this package's classes (no remote code), in eval mode.
+
+    ``verify``: first check every file of the directory against its manifest
+    (cofi.manifest), so that a truncated or modified file is a ManifestError naming
+    it, not a crash somewhere inside safetensors or a model with other weights.
+    """
+    if verify:
+        verify_files(path, read_manifest(path))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         return CofiForSequenceClassification.from_pretrained(os.fspath(path))

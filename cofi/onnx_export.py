@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cofi.checkpoint import atomic_write
+from cofi.manifest import atomic_write
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -149,16 +149,14 @@ def main() -> None:
     try:
         app()
     except Exception as e:
-        from cofi.checkpoint import CorruptCheckpointError
+        from cofi.manifest import ManifestError
         from cofi.trainer import NonFiniteLossError, TrainingInterrupted
-        from pipeline.lineage import LineageError
         from pipeline.tracking import TrackingUnavailableError
 
         if isinstance(e, TrainingInterrupted):
             typer.echo(f"error: {e}", err=True)
             sys.exit(128 + e.signum)
-        user_errors = (ValueError, OSError, CorruptCheckpointError, NonFiniteLossError, LineageError,
-                       TrackingUnavailableError)
+        user_errors = (ValueError, OSError, ManifestError, NonFiniteLossError, TrackingUnavailableError)
         if not isinstance(e, user_errors) or os.environ.get("COFI_TRACEBACK"):
             raise
         typer.echo(f"error: {e}", err=True)

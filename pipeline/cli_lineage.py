@@ -20,7 +20,7 @@ def lineage(
     teacher: Optional[str] = typer.Option(
         None,
         "--teacher",
-        help="List every run and registered model produced from this teacher: its weights_sha256 "
+        help="List every run and registered model produced from this teacher: its digest "
         "(or a unique prefix of at least 8 characters) or its MLflow run id.",
     ),
     project_dir: Path = typer.Option(
@@ -36,20 +36,21 @@ def lineage(
         typer.echo("give a MODEL_DIR to verify, or --teacher to list its descendants (not both)", err=True)
         raise typer.Exit(2)
 
-    from pipeline.lineage import LineageError, find_descendants, format_chain, verify
+    from cofi.manifest import ManifestError
+    from pipeline.lineage import find_descendants, format_chain, verify
 
     if model_dir is not None:
         try:
             chain = verify(model_dir)
-        except LineageError as e:
+        except ManifestError as e:
             typer.echo(f"lineage check FAILED: {e}", err=True)
             raise typer.Exit(1) from None
         typer.echo(format_chain(chain))
-        checked = sum(len(entry["manifest"]["weights"]) for entry in chain if entry["on_disk"])
+        checked = sum(len(entry["manifest"]["files"]) for entry in chain if entry["on_disk"])
         gone = [entry for entry in chain if not entry["on_disk"]]
         typer.echo(
             f"OK: {len(chain)} link(s), {checked} file hash(es) verified"
-            + (f"; {len(gone)} ancestor(s) no longer on disk, checked against the recorded manifest" if gone else "")
+            + (f"; {len(gone)} ancestor(s) no longer on disk, known by their recorded digest" if gone else "")
         )
         return
 
@@ -57,7 +58,7 @@ def lineage(
 
     try:
         found = find_descendants(teacher, project_dir, experiment)
-    except (LineageError, TrackingUnavailableError) as e:
+    except (ValueError, TrackingUnavailableError) as e:  # ValueError: an ambiguous hash prefix
         typer.echo(str(e), err=True)
         raise typer.Exit(1) from None
     if not found:

@@ -18,10 +18,10 @@ import pandas as pd
 import torch
 
 from cofi.batching import Collator
-from cofi.checkpoint import atomic_write
 from cofi.data import TASKS, TaskSpec
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
 from cofi.gates import GateConfig
+from cofi.manifest import atomic_write
 from cofi.trainer import PruneConfig, TrainConfig
 from pipeline import tracking
 from pipeline.codestate import git_state

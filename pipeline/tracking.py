@@ -62,6 +62,7 @@ __all__ = [
     "tracking_uri",
     "check_tracking_server",
     "store_client",
+    "retry_locked",
     "stage_run",
     "flatten_params",
     "MlflowCallback",
@@ -238,8 +239,11 @@ def _is_lock_error(exc: BaseException) -> bool:
     return False
 
 
-def _retry_locked(fn: Callable[[], T], what: str, deadline_s: float = LOCK_RETRY_DEADLINE_S) -> T:
-    """Call ``fn``, retrying with jittered backoff while SQLite says the database is locked.
+def retry_locked(fn: Callable[[], T], what: str, deadline_s: float = LOCK_RETRY_DEADLINE_S) -> T:
+    """Call ``fn`` (one MLflow store call) and return its result, retrying with jittered backoff
+    while SQLite says the database is locked, for up to ``deadline_s``; ``what`` names the call in
+    the warning logged per retry. Any other error, or the lock past the deadline, is raised.
+    Every module that calls the store directly wraps its calls in this.
 
     MLflow's SQLite sessions wait 20 s for a lock (busy_timeout), but SQLite
     answers "database is locked" at once when waiting could deadlock, and a
@@ -289,7 +293,7 @@ def store_client(uri: str) -> MlflowClient:
     store object is cached per process, so only the first client pays.
     """
     with _store_lock(uri):
-        return _retry_locked(lambda: MlflowClient(uri), "opening the MLflow store")
+        return retry_locked(lambda: MlflowClient(uri), "opening the MLflow store")
 
 
 def _ensure_experiment(uri: str, name: str) -> str:
@@ -314,8 +318,8 @@ def _ensure_experiment(uri: str, name: str) -> str:
         return experiment.experiment_id
 
     with _store_lock(uri):
-        client = _retry_locked(lambda: MlflowClient(uri), "opening the MLflow store")
-        return _retry_locked(get_or_create, f"creating experiment {name!r}")
+        client = retry_locked(lambda: MlflowClient(uri), "opening the MLflow store")
+        return retry_locked(get_or_create, f"creating experiment {name!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -375,7 +379,7 @@ def log_params(params: Mapping[str, Any], run_id: str | None = None) -> dict[str
         flat[_key(key)] = _truncate(value, MAX_PARAM_VAL_LENGTH, f"param {key}")
     client = MlflowClient()
     items = [Param(k, v) for k, v in flat.items()]
-    _retry_locked(lambda: client.log_batch(run_id, params=items), "logging params")  # MLflow chunks it
+    retry_locked(lambda: client.log_batch(run_id, params=items), "logging params")  # MLflow chunks it
     return flat
 
 
@@ -460,7 +464,7 @@ def stage_run(
         log.warning("psutil is not installed; running without MLflow system metrics")
 
     parent_id = _pipeline_run(uri, experiment_id, group, params, run_tags)
-    run = _retry_locked(
+    run = retry_locked(
         lambda: mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags,
                                  parent_run_id=parent_id, log_system_metrics=sysmetrics),
         f"starting run {stage!r}",
@@ -519,14 +523,14 @@ def _pipeline_run(uri: str, experiment_id: str, group: str, params: Mapping[str,
         return found[0].info.run_id if found else created.info.run_id
 
     with _store_lock(uri):
-        parent_id = _retry_locked(find_or_create, f"finding the pipeline run of group {group}")
-    _retry_locked(lambda: client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING)), "resuming pipeline run")
+        parent_id = retry_locked(find_or_create, f"finding the pipeline run of group {group}")
+    retry_locked(lambda: client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING)), "resuming pipeline run")
     return parent_id
 
 
 def _end_pipeline_run(parent_id: str, status: str) -> None:
     client = MlflowClient()
-    _retry_locked(lambda: client.set_terminated(parent_id, status), "ending the pipeline run")
+    retry_locked(lambda: client.set_terminated(parent_id, status), "ending the pipeline run")
 
 
 def _end_run(status: str) -> None:
@@ -540,7 +544,7 @@ def _end_run(status: str) -> None:
         if not _is_lock_error(e):
             raise
         # end_run already popped the run and stopped its monitor; record the status directly
-        _retry_locked(lambda: MlflowClient().set_terminated(run_id, status), "ending run")
+        retry_locked(lambda: MlflowClient().set_terminated(run_id, status), "ending run")
 
 
 # ----------------------------------------------------------------------------
@@ -659,7 +663,7 @@ class MlflowCallback(TrainerCallback):
         self._buffer[:0] = failed
         if self._buffer:
             batch = list(self._buffer)
-            _retry_locked(lambda: self.client.log_batch(self.run_id, metrics=batch), "logging metrics")
+            retry_locked(lambda: self.client.log_batch(self.run_id, metrics=batch), "logging metrics")
             del self._buffer[: len(batch)]
 
     def __enter__(self) -> "MlflowCallback":
@@ -736,7 +740,7 @@ def log_dataset(frame_or_path: Any, name: str, digest: str, source: str, context
     input_tags = {TAG_DATA_DIGEST: str(digest)}
     if isinstance(frame_or_path, (str, os.PathLike)):
         input_tags["cofi.data.path"] = _truncate(str(frame_or_path), MAX_INPUT_TAG_VALUE, "data set path")
-    _retry_locked(lambda: mlflow.log_input(dataset, context=context, tags=input_tags), f"logging data set {name}")
+    retry_locked(lambda: mlflow.log_input(dataset, context=context, tags=input_tags), f"logging data set {name}")
 
 
 # ----------------------------------------------------------------------------
@@ -757,12 +761,12 @@ def log_structure(table: Mapping[str, list], figure: Any, name: str, summary: Ma
     csv.write(",".join(columns) + "\n")
     for row in zip(*table.values()):
         csv.write(",".join(str(v) for v in row) + "\n")
-    _retry_locked(lambda: mlflow.log_table(data=dict(table), artifact_file=f"{stem}.json"), "logging structure table")
+    retry_locked(lambda: mlflow.log_table(data=dict(table), artifact_file=f"{stem}.json"), "logging structure table")
     mlflow.log_text(csv.getvalue(), f"{stem}.csv")
     mlflow.log_figure(figure, f"{stem}.png")
     if summary:
         metrics = {f"structure/{k}": float(v) for k, v in summary.items()}
-        _retry_locked(lambda: mlflow.log_metrics(metrics), "logging structure metrics")
+        retry_locked(lambda: mlflow.log_metrics(metrics), "logging structure metrics")
 
 
 # ----------------------------------------------------------------------------
@@ -809,18 +813,18 @@ def log_model(
     kwargs = dict(name=model_name(name), source_run_id=run_id, tags=model_tags, params=model_params,
                   model_type=model_type)
     if model_dir is None:
-        model = _retry_locked(lambda: mlflow.create_external_model(**kwargs), f"creating model {name!r}")
+        model = retry_locked(lambda: mlflow.create_external_model(**kwargs), f"creating model {name!r}")
     else:
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise NotADirectoryError(f"{model_dir} is not a model directory")
-        model = _retry_locked(lambda: mlflow.initialize_logged_model(**kwargs), f"creating model {name!r}")
+        model = retry_locked(lambda: mlflow.initialize_logged_model(**kwargs), f"creating model {name!r}")
         try:
             MlflowClient().log_model_artifacts(model.model_id, str(model_dir))
         except BaseException:
-            _retry_locked(lambda: mlflow.finalize_logged_model(model.model_id, "FAILED"), "failing model")
+            retry_locked(lambda: mlflow.finalize_logged_model(model.model_id, "FAILED"), "failing model")
             raise
-        model = _retry_locked(lambda: mlflow.finalize_logged_model(model.model_id, "READY"), f"finalizing model {name!r}")
+        model = retry_locked(lambda: mlflow.finalize_logged_model(model.model_id, "READY"), f"finalizing model {name!r}")
     if metrics:
         log_model_metrics(model.model_id, metrics)
     return model
@@ -832,7 +836,7 @@ def log_model_metrics(model_id: str, metrics: Mapping[str, Any], run_id: str | N
     timestamp = int(time.time() * 1000)
     batch = [Metric(k, v, timestamp, 0, model_id=model_id) for k, v in _metric_values(metrics).items()]
     client = MlflowClient()
-    _retry_locked(lambda: client.log_batch(run_id, metrics=batch), "logging model metrics")
+    retry_locked(lambda: client.log_batch(run_id, metrics=batch), "logging model metrics")
 
 
 def find_model(weights_sha256: str, experiment_id: str | None = None):
@@ -842,7 +846,7 @@ def find_model(weights_sha256: str, experiment_id: str | None = None):
         if run is None:
             raise RuntimeError("no active MLflow run; pass experiment_id")
         experiment_id = run.info.experiment_id
-    found = _retry_locked(
+    found = retry_locked(
         lambda: mlflow.search_logged_models(
             experiment_ids=[experiment_id], filter_string=f"tags.`{TAG_MODEL_WEIGHTS}` = '{weights_sha256}'",
             order_by=[{"field_name": "creation_time", "ascending": False}], max_results=1, output_format="list"),
@@ -857,7 +861,7 @@ def model_run(name: str, tags: Mapping[str, str] | None = None) -> Iterator[mlfl
     metrics have their own run, not one key per model in the stage's run)."""
     stage = mlflow.get_run(_active_run_id())
     group = stage.data.tags.get(TAG_GROUP, "")
-    run = _retry_locked(  # the experiment is the stage run's, not MLflow's active (default) one
+    run = retry_locked(  # the experiment is the stage run's, not MLflow's active (default) one
         lambda: mlflow.start_run(run_name=name, nested=True, experiment_id=stage.info.experiment_id,
                                  tags={TAG_GROUP: group, **(tags or {})}),
         f"starting run {name!r}",
@@ -884,13 +888,13 @@ def register_model(model_dir: Path, name: str, tags: dict[str, str], model: Any 
     if model is None:
         model = log_model(model_dir, name, tags=tags)
     version_tags = {_key(k): str(v) for k, v in tags.items()}
-    version = _retry_locked(
+    version = retry_locked(
         lambda: mlflow.register_model(f"models:/{model.model_id}", name, tags=version_tags),
         f"registering a version of {name!r}",
     )
     registered = f"{name}/{version.version}"
-    _retry_locked(lambda: MlflowClient().set_tag(run_id, TAG_REGISTERED, registered), "tagging run")
-    _retry_locked(lambda: mlflow.set_logged_model_tags(model.model_id, {TAG_REGISTERED: registered}), "tagging model")
+    retry_locked(lambda: MlflowClient().set_tag(run_id, TAG_REGISTERED, registered), "tagging run")
+    retry_locked(lambda: mlflow.set_logged_model_tags(model.model_id, {TAG_REGISTERED: registered}), "tagging model")
     return version
 
 
@@ -920,25 +924,25 @@ def set_best_aliases(
         if model is None:
             log.warning("no MLflow model with weights %s; not marking it %r", weights[:12], label)
             continue
-        _retry_locked(lambda: mlflow.set_logged_model_tags(model.model_id, {TAG_BEST: label}), "tagging model")
+        retry_locked(lambda: mlflow.set_logged_model_tags(model.model_id, {TAG_BEST: label}), "tagging model")
         registered = model.tags.get(TAG_REGISTERED)
         if not registered:
             continue
         name, version = registered.rsplit("/", 1)
         alias = best_alias(speedup)
-        _retry_locked(lambda: client.set_registered_model_alias(name, alias, version), f"setting alias {alias}")
+        retry_locked(lambda: client.set_registered_model_alias(name, alias, version), f"setting alias {alias}")
         set_aliases[registered] = alias
         keep.setdefault(name, set()).add(alias)
     for weights in compared:
         model = find_model(weights, experiment_id)
         if model is not None and weights not in marks and TAG_BEST in model.tags:
-            _retry_locked(lambda: client.delete_logged_model_tag(model.model_id, TAG_BEST), "untagging model")
+            retry_locked(lambda: client.delete_logged_model_tag(model.model_id, TAG_BEST), "untagging model")
         registered = model.tags.get(TAG_REGISTERED) if model is not None else None
         if not registered:
             continue
         name = registered.rsplit("/", 1)[0]
-        aliases = _retry_locked(lambda: client.get_registered_model(name).aliases, "reading aliases")
+        aliases = retry_locked(lambda: client.get_registered_model(name).aliases, "reading aliases")
         for alias in aliases:
             if alias.startswith(BEST_ALIAS_PREFIX) and alias not in keep.get(name, set()):
-                _retry_locked(lambda: client.delete_registered_model_alias(name, alias), f"removing alias {alias}")
+                retry_locked(lambda: client.delete_registered_model_alias(name, alias), f"removing alias {alias}")
     return set_aliases

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import mlflow
 from torch import nn
 
 from cofi.compact import save_model
+from cofi.manifest import read_manifest
 from cofi.trainer import TrainConfig, Trainer, TrainerCallback, TrainResult
 from pipeline import lineage, tracking
 from pipeline.params import Params
@@ -98,14 +99,12 @@ class Trained:
 
 @dataclass
 class Manifest:
-    """The stage-specific fields of the output model's manifest (see pipeline.lineage)."""
+    """What the output model's manifest records besides its files (see pipeline.lineage)."""
 
     kind: str
-    parent_dir: Path | None
-    data: dict[str, Any]
-    params: dict[str, Any]
-    base_model: dict[str, Any] | None = None
-    tags: Mapping[str, str] = field(default_factory=dict)  # the MLflow run's tags before it has a model
+    parent_dir: Path | None  # None: the teacher, made from base_model
+    data_digest: str
+    base_model: tuple[str, str] | None = None  # (name, where it was loaded from); hashed on the main process only
 
 
 def run_training_stage(
@@ -121,7 +120,8 @@ def run_training_stage(
     with its manifest, tag the run with the model's lineage, log the metrics (as
     ``final_<name>``) and write them to ``metrics_file``. Returns the metrics ({} on other
     processes, which only train)."""
-    with mlflow_run(name, params, paths.root, tags=manifest.tags) as run:
+    tags = lineage.run_tags(manifest.kind, manifest.parent_dir, manifest.data_digest)
+    with mlflow_run(name, params, paths.root, tags=tags) as run:
         trained = fit()
         if not is_main_process():  # the main process writes the outputs
             return {}
@@ -130,12 +130,12 @@ def run_training_stage(
             if trained.extra is not None:
                 trained.extra(directory)
             lineage.write_manifest(
-                directory, kind=manifest.kind, parent_dir=manifest.parent_dir, base_model=manifest.base_model,
-                data=manifest.data, params=manifest.params, mlflow_run_id=run.info.run_id,
+                directory, kind=manifest.kind, parent_dir=manifest.parent_dir, data_digest=manifest.data_digest,
+                mlflow_run_id=run.info.run_id, base_model=manifest.base_model,
             )
 
         save_model(trained.model, out, extra=extra)
-        mlflow.set_tags(lineage.lineage_tags(lineage.read_manifest(out)))
+        mlflow.set_tags(lineage.lineage_tags(read_manifest(out)))  # read back: no hashing
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in trained.metrics.items() if isinstance(v, (int, float))})
         write_json(metrics_file, trained.metrics)
     for trainer in trained.trainers:

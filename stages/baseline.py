@@ -19,11 +19,12 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from cofi.baselines import iterative_magnitude_pruning, size_matching_flops, subset_student
+from cofi.compact import load_model
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss
 from cofi.flops import forward_flops
+from cofi.manifest import read_manifest
 from cofi.sparsity import count_prunable_parameters
 from cofi.trainer import TrainerCallback, TrainResult
-from pipeline import lineage
 from pipeline.params import Params, Prune
 from pipeline.paths import Paths
 from pipeline.runtime import distillation, is_main_process, setup, train_config, write_curve
@@ -36,8 +37,8 @@ def run(params: Params, method: str, root: Path = Path(".")) -> dict:
     setup(params)
     paths = Paths(root)
     data = load_stage_data(paths)
-    teacher_manifest = lineage.read_manifest(paths.teacher)
-    teacher = lineage.load_verified(paths.teacher)
+    teacher_digest = read_manifest(paths.teacher)["digest"]
+    teacher = load_model(paths.teacher, verify=True)
     name = f"{STAGE}@{method}"
     section = params.prune.model_copy(update={"epochs": params.prune.epochs + params.finetune.epochs})
     methods = {"layer_subset": layer_subset, "magnitude": magnitude}
@@ -46,24 +47,22 @@ def run(params: Params, method: str, root: Path = Path(".")) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(paths.teacher)
 
     def fit() -> Trained:
-        trained = methods[method](params, paths, data, teacher, teacher_manifest["weights_sha256"], section)
+        trained = methods[method](params, paths, data, teacher, teacher_digest, section)
         trained.extra = tokenizer.save_pretrained
         return trained
 
     return run_training_stage(
         name, params, paths, fit, out=paths.baseline(method), metrics_file=paths.metrics(f"{STAGE}-{method}"),
-        manifest=Manifest(kind=f"baseline-{method}", parent_dir=paths.teacher, data={"digest": data.meta["digest"]},
-                          params={"method": method, **params.baselines.model_dump()},
-                          tags=lineage.lineage_tags(teacher_manifest)),
+        manifest=Manifest(kind=f"baseline-{method}", parent_dir=paths.teacher, data_digest=data.meta["digest"]),
     )
 
 
-def layer_subset(params: Params, paths: Paths, data: StageData, teacher: nn.Module, teacher_sha256: str,
+def layer_subset(params: Params, paths: Paths, data: StageData, teacher: nn.Module, teacher_digest: str,
                  section: Prune) -> Trained:
     """Distillation into a subset of the teacher's layers, narrowed to the CoFi model's FLOPs."""
     sequence_length = max(params.benchmark.sequence_lengths)
     name = f"{STAGE}@layer_subset"
-    cofi_model = lineage.load_verified(paths.compact(params.baselines.target))
+    cofi_model = load_model(paths.compact(params.baselines.target), verify=True)
     cofi_flops = forward_flops(cofi_model, sequence_length)
     size = size_matching_flops(teacher, cofi_flops, sequence_length)
     student = subset_student(teacher, size)
@@ -74,14 +73,14 @@ def layer_subset(params: Params, paths: Paths, data: StageData, teacher: nn.Modu
         params.prune.prediction_weight,
     )
     config = train_config(params, section, params.prune.evals_per_epoch, len(data.train))
-    trainer, result = train(name, params, paths, data, student, config, teacher_sha256,
+    trainer, result = train(name, params, paths, data, student, config, teacher_digest,
                             paths.curve(f"{STAGE}-layer_subset"), teacher=teacher, distill=distill)
     details = {"layers": list(size.layers), "head_fraction": size.head_fraction, "ffn_fraction": size.ffn_fraction,
                f"flops_s{sequence_length}": size.flops, f"cofi_flops_s{sequence_length}": cofi_flops}
     return Trained(trainer.model, baseline_metrics(trainer.model, result, details), [trainer])
 
 
-def magnitude(params: Params, paths: Paths, data: StageData, teacher: nn.Module, teacher_sha256: str,
+def magnitude(params: Params, paths: Paths, data: StageData, teacher: nn.Module, teacher_digest: str,
               section: Prune) -> Trained:
     """Iterative magnitude pruning to baselines.target, rewound to the teacher each round."""
     name = f"{STAGE}@magnitude"
@@ -93,7 +92,7 @@ def magnitude(params: Params, paths: Paths, data: StageData, teacher: nn.Module,
     def train_round(model: nn.Module, keep_pruned: TrainerCallback, r: int) -> TrainResult:
         distill = distillation(params, teacher.config.hidden_size, teacher.config.num_hidden_layers)
         trainer, result = train(
-            f"{name}-round{r}", params, paths, data, model, config, teacher_sha256,
+            f"{name}-round{r}", params, paths, data, model, config, teacher_digest,
             None, teacher=teacher if distill else None, distill=distill, callbacks=[keep_pruned],
         )
         trainers.append(trainer)

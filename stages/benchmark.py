@@ -20,7 +20,9 @@ import mlflow
 import torch
 
 from cofi.benchmark import environment, time_forward, time_onnx
+from cofi.compact import load_model
 from cofi.flops import forward_flops
+from cofi.manifest import read_manifest
 from cofi.onnx_export import export_onnx, max_logit_difference, onnx_session
 from cofi.sparsity import PRUNABLE_LINEARS, count_prunable_parameters
 from cofi.trainer import predict, resolve_device
@@ -52,8 +54,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     sources = model_sources(params, paths)
     results: dict = {"environment": {**environment(), "device": device.type, "threads": threads}, "models": {}}
 
-    with mlflow_run(STAGE, params, paths.root, tags=lineage.teacher_tags(paths.teacher)):
-        models = {name: lineage.load_verified(path).to(device) for name, path in sources.items()}
+    with mlflow_run(STAGE, params, paths.root, tags=lineage.data_tags(paths.teacher)):
+        models = {name: load_model(path, verify=True).to(device) for name, path in sources.items()}
         sessions = {}
         check_inputs = collate(data.validation[:32])
         for name, model in models.items():
@@ -68,7 +70,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                 "prunable_parameters": count_prunable_parameters(model),
                 "nonzero_prunable_parameters": nonzero,
                 "flops": {str(s): forward_flops(model, s) for s in bench.sequence_lengths},
-                "weights_sha256": lineage.read_manifest(sources[name])["weights_sha256"],
+                "weights_sha256": read_manifest(sources[name])["digest"],
                 "timings": [],
             }
             if bench.onnx:  # exported from a fresh fp32 CPU copy: the timed model stays where it is

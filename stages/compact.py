@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from cofi.compact import load_model, save_model
+from cofi.manifest import read_manifest
 from cofi.sparsity import count_prunable_parameters, model_sparsity
 from cofi.trainer import predict
 from pipeline import lineage, tracking
@@ -33,19 +34,18 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
     paths = Paths(root, variant)
     data = load_stage_data(paths)
     spec = task_spec_of(params)
-    finetuned_manifest = lineage.read_manifest(paths.finetuned(target))
-    model = lineage.load_verified(paths.finetuned(target))
+    finetuned = paths.finetuned(target)
+    model = load_model(finetuned, verify=True)
     tokenizer = AutoTokenizer.from_pretrained(paths.teacher)
     prune_metrics = json.loads(paths.metrics("prune", target).read_text())
     name = paths.run_name(STAGE, target)
+    digest = data.meta["digest"]
 
-    with mlflow_run(name, params, paths.root, tags=lineage.lineage_tags(finetuned_manifest)) as run:
+    with mlflow_run(name, params, paths.root, tags=lineage.run_tags(STAGE, finetuned, digest)) as run:
         def extra(directory: Path) -> None:
             tokenizer.save_pretrained(directory)
-            lineage.write_manifest(
-                directory, kind="compact", parent_dir=paths.finetuned(target), base_model=None,
-                data={"digest": data.meta["digest"]}, params={"target": target}, mlflow_run_id=run.info.run_id,
-            )
+            lineage.write_manifest(directory, kind=STAGE, parent_dir=finetuned, data_digest=digest,
+                                   mlflow_run_id=run.info.run_id)
 
         out = save_model(model, paths.compact(target), extra=extra)
         shipped = load_model(out)  # as shipped; its files were hashed into its manifest just now
@@ -59,7 +59,7 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
             "prunable_parameters": count_prunable_parameters(shipped),
             "parameters": sum(p.numel() for p in shipped.parameters()),
         }
-        manifest = lineage.read_manifest(out)
+        manifest = read_manifest(out)  # read back: no hashing
         tags = lineage.lineage_tags(manifest)
         mlflow.set_tags(tags)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
@@ -67,7 +67,7 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
         registered = params.mlflow.register_models
         logged = tracking.log_model(out if registered else None, paths.variant or f"cofi-{target_name(target)}", tags=tags,
                                     params={"target": target, "variant": paths.variant or "cofi"}, metrics=metrics,
-                                    weights_sha256=manifest["weights_sha256"])
+                                    weights_sha256=manifest["digest"])
         if registered:
             tracking.register_model(out, name=f"cofi-{params.data.task}-{paths.model_name(target)}", tags=tags,
                                     model=logged)

@@ -11,11 +11,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from cofi.checkpoint import atomic_write
 from cofi.convert import load_tokenizer
 from cofi.data import (TaskSpec, check_columns, check_text, data_error, hub_source, load_glue_split, load_hub_split,
                        read_table, tokenize)
 from cofi.labels import LabelSet
+from cofi.manifest import atomic_write
 from pipeline import tracking
 from pipeline.params import Params, resolve_source
 from pipeline.paths import Paths

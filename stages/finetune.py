@@ -12,8 +12,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from cofi.compact import compact
-from pipeline import lineage
+from cofi.compact import compact, load_model
+from cofi.manifest import read_manifest
 from pipeline.params import Params
 from pipeline.paths import LAYER_MAP_FILE, MASKS_FILE, Paths
 from pipeline.runtime import distillation, setup, train_config
@@ -27,12 +27,12 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
     paths = Paths(root, variant)
     data = load_stage_data(paths)
     pruned_dir = paths.pruned(target)
-    pruned_manifest = lineage.read_manifest(pruned_dir)
+    pruned_digest = read_manifest(pruned_dir)["digest"]
+    pruned = load_model(pruned_dir, verify=True)  # full size: the teacher's shape; verifies the masks' file too
     masks = load_file(pruned_dir / MASKS_FILE)
-    pruned = lineage.load_verified(pruned_dir)  # full size: the teacher's shape
     distill = distillation(params, pruned.config.hidden_size, pruned.config.num_hidden_layers)
     student = compact(pruned, masks)
-    teacher = lineage.load_verified(paths.teacher) if distill is not None else None  # None: gold labels only
+    teacher = load_model(paths.teacher, verify=True) if distill is not None else None  # None: gold labels only
     if distill is not None:
         distill.load_state_dict(load_file(pruned_dir / LAYER_MAP_FILE))
         if distill.layer is not None and "hidden" in masks:  # the map now reads only the kept hidden dims
@@ -43,14 +43,12 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
     def fit() -> Trained:
         trainer, result = train(
             name, params, paths, data, student, config,
-            pruned_manifest["weights_sha256"], paths.curve(STAGE, target),
+            pruned_digest, paths.curve(STAGE, target),
             teacher=teacher, distill=distill,
         )
         return Trained(trainer.model, result_metrics(result), [trainer])
 
     return run_training_stage(
         name, params, paths, fit, out=paths.finetuned(target), metrics_file=paths.metrics(STAGE, target),
-        manifest=Manifest(kind="finetuned", parent_dir=pruned_dir, data={"digest": data.meta["digest"]},
-                          params={"target": target, **params.finetune.model_dump()},
-                          tags=lineage.lineage_tags(pruned_manifest)),
+        manifest=Manifest(kind="finetuned", parent_dir=pruned_dir, data_digest=data.meta["digest"]),
     )

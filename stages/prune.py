@@ -11,9 +11,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from cofi.compact import compact
+from cofi.compact import compact, load_model
+from cofi.manifest import read_manifest
 from cofi.structure import structure_summary, structure_table
-from pipeline import lineage, tracking
+from pipeline import tracking
 from pipeline.params import Params
 from pipeline.plotting import structure_figure
 from pipeline.paths import GATES_FILE, LAYER_MAP_FILE, MASKS_FILE, Paths
@@ -27,8 +28,8 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
     setup(params)
     paths = Paths(root, variant)
     data = load_stage_data(paths)
-    teacher_manifest = lineage.read_manifest(paths.teacher)
-    student = lineage.load_verified(paths.teacher)  # CoFi starts from the fine-tuned teacher
+    teacher_digest = read_manifest(paths.teacher)["digest"]
+    student = load_model(paths.teacher, verify=True)  # CoFi starts from the fine-tuned teacher
     distill = distillation(params, student.config.hidden_size, student.config.num_hidden_layers)
     teacher = copy.deepcopy(student) if distill is not None else None  # frozen by the Trainer
     config = train_config(params, params.prune, params.prune.evals_per_epoch, len(data.train))
@@ -37,7 +38,7 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
     def fit() -> Trained:
         trainer, result = train(
             name, params, paths, data, student, config,
-            teacher_manifest["weights_sha256"], paths.curve(STAGE, target),
+            teacher_digest, paths.curve(STAGE, target),
             teacher=teacher, distill=distill, prune=prune_config(params, target),
         )
         if not is_main_process():
@@ -68,7 +69,5 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
 
     return run_training_stage(
         name, params, paths, fit, out=paths.pruned(target), metrics_file=paths.metrics(STAGE, target),
-        manifest=Manifest(kind="pruned", parent_dir=paths.teacher, data={"digest": data.meta["digest"]},
-                          params={"target": target, **params.prune.model_dump()},
-                          tags=lineage.lineage_tags(teacher_manifest)),
+        manifest=Manifest(kind="pruned", parent_dir=paths.teacher, data_digest=data.meta["digest"]),
     )

@@ -197,7 +197,7 @@ def run(params: Params, root: Path = Path(".")) -> str:
         plt.close(fig)
     report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)
-    with mlflow_run(STAGE, params, paths.root, tags=lineage.teacher_tags(paths.teacher)):
+    with mlflow_run(STAGE, params, paths.root, tags=lineage.data_tags(paths.teacher)):
         mlflow.log_artifacts(str(out), artifact_path="report")
         mlflow.log_text(report, "report.md")
         compared = [e["weights_sha256"] for e in models.values() if e.get("weights_sha256")]

@@ -14,7 +14,6 @@ from transformers import AutoConfig
 
 from cofi.convert import load_pretrained_with_report, load_tokenizer
 from cofi.trainer import predict
-from pipeline import lineage
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.runtime import base_model_path, collator, setup, task_spec_of, train_config, write_curve
@@ -53,11 +52,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 
     return run_training_stage(
         STAGE, params, paths, fit, out=paths.teacher, metrics_file=paths.metrics(STAGE),
-        manifest=Manifest(
-            kind=STAGE, parent_dir=None, data={"digest": data.meta["digest"], "splits": data.meta["splits"]},
-            params=params.teacher.model_dump(),
-            base_model=lineage.describe_base_model(params.teacher.base_model, base),
-        ),
+        manifest=Manifest(kind=STAGE, parent_dir=None, data_digest=data.meta["digest"],
+                          base_model=(params.teacher.base_model, base)),
     )
 
 

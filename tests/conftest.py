@@ -88,8 +88,7 @@ def tiny_project(root, update) -> None:
 
     def teacher_extra(directory: Path) -> None:
         tokenizer.save_pretrained(directory)
-        lineage.write_manifest(directory, kind="teacher", parent_dir=None, base_model={"name": "tiny"},
-                               data={"digest": "tiny"}, params={}, mlflow_run_id=None)
+        lineage.write_manifest(directory, kind="teacher", parent_dir=None, data_digest="tiny", mlflow_run_id=None)
 
     save_model(tiny_model(seed=4, num_hidden_layers=4), paths.teacher, extra=teacher_extra)
 

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from conftest import tiny_model
-from cofi.compact import save_model
+from cofi.compact import load_model, save_model
+from cofi.manifest import ManifestError
 from pipeline import lineage
-from pipeline.lineage import LineageError
 from pipeline.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,10 +135,10 @@ def test_a_teacher_path_that_does_not_exist_is_named_by_the_cli(tmp_path):
 def test_a_damaged_weight_file_is_caught_by_its_hash(tmp_path, damage):
     model_dir = tmp_path / "model"
     save_model(tiny_model(), model_dir, extra=lambda d: lineage.write_manifest(
-        d, kind="teacher", parent_dir=None, base_model=None, data=None, params={}, mlflow_run_id=None))
+        d, kind="teacher", parent_dir=None, data_digest=None, mlflow_run_id=None))
     weights = model_dir / "model.safetensors"
     data = bytearray(weights.read_bytes())
     weights.chmod(0o644)
     weights.write_bytes(bytes(data[: len(data) // 2]) if damage == "truncated" else bytes(data[:-8]) + bytes([data[-8] ^ 1]) + bytes(data[-7:]))
-    with pytest.raises(LineageError, match=r"model.safetensors: SHA-256 mismatch"):
-        lineage.load_verified(model_dir)
+    with pytest.raises(ManifestError, match=r"model.safetensors: SHA-256 mismatch"):
+        load_model(model_dir, verify=True)

@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
+from cofi.manifest import combined_digest, hash_files, read_manifest
 from pipeline import lineage
 from pipeline.params import load_params
 
@@ -66,9 +67,10 @@ def test_a_fine_tuned_classifier_is_the_teacher_as_it_is(tmp_path, monkeypatch):
     assert set(metrics) == {"accuracy"} and 0.0 <= metrics["accuracy"] <= 1.0
     config = json.loads((teacher_dir / "config.json").read_text())
     assert config["id2label"] == {"0": "neg", "1": "pos"}
-    manifest = lineage.read_manifest(teacher_dir)
-    assert manifest["kind"] == "teacher" and manifest["params"]["fine_tuned"] is True
-    assert manifest["base_model"]["name"] == base and manifest["data"]["digest"]
+    manifest = read_manifest(teacher_dir)
+    assert manifest["kind"] == "teacher" and manifest["ancestors"] == []
+    assert manifest["base_model"]["name"] == base and manifest["data_digest"]
+    assert manifest["base_model"]["digest"] == combined_digest(hash_files(base, ["model.safetensors"]))
     assert lineage.verify(teacher_dir)  # the chain verifies like a trained teacher's
     assert not (root / "checkpoints").exists()
 

@@ -1,7 +1,8 @@
-"""Provenance manifests (pipeline/lineage.py) and the `lineage` command."""
+"""Provenance manifests (cofi/manifest.py, pipeline/lineage.py) and the `lineage` command."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -9,18 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from cofi.manifest import MANIFEST, ManifestError, combined_digest, hash_files, read_manifest, verify_files
 from pipeline import codestate, lineage
 from pipeline.lineage import (
-    MANIFEST,
+    TAG_DATA_DIGEST,
     TAG_PARENT_SHA256,
     TAG_TEACHER_RUN_ID,
     TAG_TEACHER_SHA256,
     TAG_WEIGHTS_SHA256,
-    LineageError,
-    combined_digest,
     format_chain,
     lineage_tags,
-    read_manifest,
     verify,
     write_manifest,
 )
@@ -41,17 +40,12 @@ CODE = {"git_commit": "0" * 40, "dirty": False, "package_version": "0.1.0"}
 def _chain(root: Path, run_ids=("run-teacher", "run-pruned", "run-compact")) -> tuple[Path, Path, Path]:
     base = _model(root / "base", 0)
     teacher = _model(root / "teacher", 1)
-    write_manifest(
-        teacher, kind="teacher", parent_dir=None,
-        base_model=lineage.describe_base_model("tiny-bert", base),
-        data={"digest": "d" * 64, "source": "glue/sst2"}, params={"epochs": 2}, mlflow_run_id=run_ids[0],
-    )
+    write_manifest(teacher, kind="teacher", parent_dir=None, base_model=("tiny-bert", base), data_digest="d" * 64,
+                   mlflow_run_id=run_ids[0])
     pruned = _model(root / "pruned" / "0.6", 2)
-    write_manifest(pruned, kind="pruned", parent_dir=teacher, base_model=None, data={"digest": "d" * 64},
-                   params={"target": 0.6}, mlflow_run_id=run_ids[1], code=CODE)
+    write_manifest(pruned, kind="pruned", parent_dir=teacher, data_digest="d" * 64, mlflow_run_id=run_ids[1], code=CODE)
     compact = _model(root / "compact" / "0.6", 3)
-    write_manifest(compact, kind="compact", parent_dir=pruned, base_model=None, data=None,
-                   params={"target": 0.6}, mlflow_run_id=run_ids[2], code=CODE, extra={"speedup": 2.5})
+    write_manifest(compact, kind="compact", parent_dir=pruned, data_digest=None, mlflow_run_id=run_ids[2], code=CODE)
     return teacher, pruned, compact
 
 
@@ -63,19 +57,23 @@ def _flip_byte(path: Path, offset: int = 100) -> None:
 
 def test_manifest_contents(tmp_path):
     teacher, pruned, compact = _chain(tmp_path)
-    m = read_manifest(compact)
+    m, p, t = (read_manifest(d) for d in (compact, pruned, teacher))
     assert m["kind"] == "compact"
-    assert set(m["weights"]) == {"config.json", "model.safetensors", "sub/tokenizer.json"}
-    assert m["weights_sha256"] == combined_digest(m["weights"])
-    assert m["parent"] == read_manifest(pruned)
-    assert m["parent"]["parent"] == read_manifest(teacher)
-    assert m["parent_dir"] == "../../pruned/0.6"
-    assert m["mlflow_run_id"] == "run-compact" and m["code"] == CODE and m["extra"] == {"speedup": 2.5}
-    assert m["params"] == {"target": 0.6} and m["created"].endswith("Z")
-    t = read_manifest(teacher)
-    assert t["parent"] is None and t["parent_dir"] is None
-    assert t["base_model"]["name"] == "tiny-bert" and len(t["base_model"]["weights_sha256"]) == 64
-    assert t["base_model"]["weights_sha256"] == lineage.directory_digest(tmp_path / "base")
+    assert set(m["files"]) == {"config.json", "model.safetensors", "sub/tokenizer.json"}
+    assert m["files"]["model.safetensors"] == hashlib.sha256((compact / "model.safetensors").read_bytes()).hexdigest()
+    assert m["digest"] == combined_digest(m["files"])
+    # small: the parent's and older ancestors' digests, runs and relative directories, not their manifests
+    assert m["ancestors"] == [
+        {"kind": "pruned", "digest": p["digest"], "mlflow_run_id": "run-pruned", "dir": "../../pruned/0.6"},
+        {"kind": "teacher", "digest": t["digest"], "mlflow_run_id": "run-teacher", "dir": "../../teacher"},
+    ]
+    assert m["mlflow_run_id"] == "run-compact" and m["code"] == CODE and m["created"].endswith("Z")
+    assert m["data_digest"] is None and p["data_digest"] == "d" * 64
+    assert t["ancestors"] == []
+    # the base model: its weight files only (not its config or tokenizer), recorded by every descendant
+    assert t["base_model"] == {"name": "tiny-bert", "digest": combined_digest(hash_files(tmp_path / "base", ["model.safetensors"]))}
+    assert m["base_model"] == p["base_model"] == t["base_model"]
+    assert lineage.describe_base_model("some/hub-id", "some/hub-id") == {"name": "some/hub-id"}  # nothing local to hash
     assert set(t["code"]) == {"git_commit", "dirty", "package_version"}  # computed when not given
     assert not list(compact.glob(".manifest.json.*"))  # atomic write left nothing behind
 
@@ -86,10 +84,10 @@ def test_good_chain_verifies(tmp_path):
     assert [e["kind"] for e in chain] == ["compact", "pruned", "teacher"]
     assert [Path(e["dir"]).resolve() for e in chain] == [compact.resolve(), pruned.resolve(), teacher.resolve()]
     assert all(e["on_disk"] for e in chain)
-    assert chain[2]["weights_sha256"] == read_manifest(teacher)["weights_sha256"]
+    assert chain[2]["digest"] == read_manifest(teacher)["digest"]
     text = format_chain(chain)
     for entry in chain:
-        assert entry["weights_sha256"][:12] in text and entry["mlflow_run_id"] in text
+        assert entry["digest"][:12] in text and entry["mlflow_run_id"] in text
     assert "base model tiny-bert" in text
     # moving the whole tree keeps the relative parent links valid
     moved = tmp_path.parent / (tmp_path.name + "-moved")
@@ -99,9 +97,9 @@ def test_good_chain_verifies(tmp_path):
 
 def test_corrupt_weight_byte_is_named(tmp_path):
     _, _, compact = _chain(tmp_path)
-    before = read_manifest(compact)["weights"]["model.safetensors"]
+    before = read_manifest(compact)["files"]["model.safetensors"]
     _flip_byte(compact / "model.safetensors")
-    with pytest.raises(LineageError) as e:
+    with pytest.raises(ManifestError) as e:
         verify(compact)
     message = str(e.value)
     assert str(compact / "model.safetensors") in message
@@ -109,10 +107,20 @@ def test_corrupt_weight_byte_is_named(tmp_path):
     assert e.value.actual and e.value.actual != before and e.value.actual in message
 
 
+def test_a_check_hashes_each_file_once(tmp_path, monkeypatch):
+    import cofi.manifest
+
+    _, _, compact = _chain(tmp_path)
+    hashed, sha256_file = [], cofi.manifest.sha256_file
+    monkeypatch.setattr(cofi.manifest, "sha256_file", lambda path: hashed.append(Path(path)) or sha256_file(path))
+    verify_files(compact, read_manifest(compact))
+    assert sorted(hashed) == sorted(compact / name for name in read_manifest(compact)["files"])
+
+
 def test_corrupt_ancestor_file_is_named(tmp_path):
     teacher, _, compact = _chain(tmp_path)
     _flip_byte(teacher / "sub" / "tokenizer.json", offset=0)
-    with pytest.raises(LineageError, match="tokenizer.json"):
+    with pytest.raises(ManifestError, match="tokenizer.json"):
         verify(compact)
 
 
@@ -121,47 +129,52 @@ def test_parent_modified_after_child_is_detected(tmp_path):
     # the teacher is retrained in place and re-manifested: consistent with itself, not with its children
     (teacher / "model.safetensors").write_bytes(b"retrained weights")
     old = read_manifest(teacher)
-    write_manifest(teacher, kind="teacher", parent_dir=None, base_model=old["base_model"], data=old["data"],
-                   params=old["params"], mlflow_run_id="run-teacher-2", code=CODE)
+    write_manifest(teacher, kind="teacher", parent_dir=None, data_digest=old["data_digest"],
+                   mlflow_run_id="run-teacher-2", code=CODE)
     assert verify(teacher)  # the teacher alone is fine
-    with pytest.raises(LineageError, match="parent changed") as e:
+    with pytest.raises(ManifestError, match="the teacher changed after") as e:
         verify(pruned)
-    assert e.value.expected == old["weights_sha256"]
-    assert e.value.actual == read_manifest(teacher)["weights_sha256"]
+    assert e.value.expected == old["digest"]
+    assert e.value.actual == read_manifest(teacher)["digest"]
     assert str(teacher / MANIFEST) in str(e.value)
-    with pytest.raises(LineageError, match="parent changed"):
+    with pytest.raises(ManifestError, match="the teacher changed after"):  # a grandparent too
         verify(compact)
 
 
 def test_unlisted_and_missing_files(tmp_path):
     _, _, compact = _chain(tmp_path)
     (compact / "extra.bin").write_bytes(b"x")
-    with pytest.raises(LineageError, match="extra.bin.*not in the manifest"):
+    with pytest.raises(ManifestError, match="extra.bin.*not in the manifest"):
         verify(compact)
     (compact / "extra.bin").unlink()
     (compact / "config.json").unlink()
-    with pytest.raises(LineageError, match="config.json.*missing"):
+    with pytest.raises(ManifestError, match="config.json.*missing"):
         verify(compact)
 
 
 def test_edited_manifest_is_detected(tmp_path):
     _, _, compact = _chain(tmp_path)
     m = read_manifest(compact)
-    m["weights"]["config.json"] = "0" * 64
+    m["files"]["config.json"] = "0" * 64
     (compact / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(LineageError, match="config.json"):
+    with pytest.raises(ManifestError, match="config.json"):
+        verify(compact)
+    m["files"]["config.json"] = hashlib.sha256((compact / "config.json").read_bytes()).hexdigest()
+    m["digest"] = "0" * 64  # the files intact, their recorded identity edited
+    (compact / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="digest mismatch"):
         verify(compact)
 
 
 def test_missing_or_corrupt_manifest_names_the_path(tmp_path):
     d = _model(tmp_path / "m", 5)
-    with pytest.raises(LineageError, match=str(d / MANIFEST)):
+    with pytest.raises(ManifestError, match=str(d / MANIFEST)):
         read_manifest(d)
     (d / MANIFEST).write_text("{not json")
-    with pytest.raises(LineageError, match=f"{d / MANIFEST}.*corrupt"):
+    with pytest.raises(ManifestError, match=f"{d / MANIFEST}.*corrupt"):
         verify(d)
     (d / MANIFEST).write_text("[]")
-    with pytest.raises(LineageError, match="corrupt"):
+    with pytest.raises(ManifestError, match="corrupt"):
         read_manifest(d)
 
 
@@ -172,7 +185,7 @@ def test_deleted_ancestor_falls_back_to_the_embedded_copy(tmp_path):
     assert [e["on_disk"] for e in chain] == [True, False, True]  # the teacher is still found and verified
     assert "gone" in format_chain(chain)
     _flip_byte(teacher / "model.safetensors")
-    with pytest.raises(LineageError, match="model.safetensors"):
+    with pytest.raises(ManifestError, match="model.safetensors"):
         verify(compact)
 
 
@@ -180,14 +193,17 @@ def test_lineage_tags_walk_to_the_teacher(tmp_path):
     teacher, pruned, compact = _chain(tmp_path)
     t, p, c = (read_manifest(d) for d in (teacher, pruned, compact))
     tags = lineage_tags(c)
-    assert tags[TAG_WEIGHTS_SHA256] == c["weights_sha256"]
-    assert tags[TAG_PARENT_SHA256] == p["weights_sha256"]
-    assert tags[TAG_TEACHER_SHA256] == t["weights_sha256"]
+    assert tags[TAG_WEIGHTS_SHA256] == c["digest"]
+    assert tags[TAG_PARENT_SHA256] == p["digest"]
+    assert tags[TAG_TEACHER_SHA256] == t["digest"]
     assert tags[TAG_TEACHER_RUN_ID] == "run-teacher"
     assert tags[lineage.TAG_KIND] == "compact"
-    assert lineage_tags(p)[TAG_TEACHER_SHA256] == t["weights_sha256"]
+    assert lineage_tags(p)[TAG_TEACHER_SHA256] == t["digest"]
     assert TAG_TEACHER_SHA256 not in lineage_tags(t)  # a teacher descends from no teacher
     assert all(isinstance(v, str) for v in tags.values())
+    # a run still making its model carries all of them but its own digest
+    assert lineage.run_tags("compact", pruned, None) == {k: v for k, v in tags.items() if k != TAG_WEIGHTS_SHA256}
+    assert lineage.data_tags(teacher) == {TAG_DATA_DIGEST: "d" * 64}
 
 
 def test_git_state_without_git(tmp_path):
@@ -239,8 +255,8 @@ def tracked(tmp_path_factory):
     def stage(name: str, directory: Path, kind: str, parent: Path | None, register: bool = False) -> dict:
         with tracking.stage_run(name, params={"kind": kind}, group="g", tags={}, project_dir=project,
                                 experiment="lineage-test", system_metrics=False) as run:
-            manifest = write_manifest(directory, kind=kind, parent_dir=parent, base_model=None, data=None,
-                                      params={}, mlflow_run_id=run.info.run_id, code=CODE)
+            manifest = write_manifest(directory, kind=kind, parent_dir=parent, data_digest=None,
+                                      mlflow_run_id=run.info.run_id, code=CODE)
             tags = lineage_tags(manifest)
             mlflow.set_tags(tags)
             if register:
@@ -264,16 +280,16 @@ def tracked(tmp_path_factory):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_find_descendants_by_hash_prefix_and_run_id(tracked):
     teacher = tracked["teacher"]
-    by_hash = lineage.find_descendants(teacher["weights_sha256"][:10], tracked["project"], "lineage-test")
+    by_hash = lineage.find_descendants(teacher["digest"][:10], tracked["project"], "lineage-test")
     assert [d["run_name"] for d in by_hash] == ["prune@0.6", "compact@0.6"]
-    assert [d["weights_sha256"] for d in by_hash] == [tracked["pruned"]["weights_sha256"], tracked["compact"]["weights_sha256"]]
+    assert [d["weights_sha256"] for d in by_hash] == [tracked["pruned"]["digest"], tracked["compact"]["digest"]]
     assert by_hash[1]["model_versions"] == ["lineage-test-model/1"] and by_hash[0]["model_versions"] == []
     assert all(d["teacher_run_id"] == teacher["mlflow_run_id"] for d in by_hash)
     by_run = lineage.find_descendants(teacher["mlflow_run_id"], tracked["project"], None)
     assert [d["run_id"] for d in by_run] == [d["run_id"] for d in by_hash]
-    assert lineage.find_descendants(teacher["weights_sha256"], tracked["project"], "lineage-test") == by_hash
+    assert lineage.find_descendants(teacher["digest"], tracked["project"], "lineage-test") == by_hash
     assert lineage.find_descendants("f" * 12, tracked["project"], "lineage-test") == []
-    assert lineage.find_descendants(teacher["weights_sha256"][:10], tracked["project"], "no-such-experiment") == []
+    assert lineage.find_descendants(teacher["digest"][:10], tracked["project"], "no-such-experiment") == []
 
 
 def test_find_descendants_rejects_an_ambiguous_prefix(tracked):
@@ -286,7 +302,7 @@ def test_find_descendants_rejects_an_ambiguous_prefix(tracked):
     for suffix in ("a" * 56, "b" * 56):
         run = client.create_run(experiment.experiment_id)
         client.set_tag(run.info.run_id, TAG_TEACHER_SHA256, "abcdef12" + suffix)
-    with pytest.raises(LineageError, match="ambiguous"):
+    with pytest.raises(ValueError, match="ambiguous"):
         lineage.find_descendants("abcdef12", tracked["project"], "lineage-test")
     assert len(lineage.find_descendants("abcdef12" + "a" * 8, tracked["project"], "lineage-test")) == 1
 
@@ -321,7 +337,7 @@ def test_cli_teacher_lists_descendants(tracked):
 
     teacher = tracked["teacher"]
     result = CliRunner().invoke(
-        _app(), ["--teacher", teacher["weights_sha256"][:12], "--project-dir", str(tracked["project"])]
+        _app(), ["--teacher", teacher["digest"][:12], "--project-dir", str(tracked["project"])]
     )
     assert result.exit_code == 0, result.output
     assert "2 run(s)" in result.output

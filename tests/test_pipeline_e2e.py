@@ -145,7 +145,7 @@ def test_one_mlflow_run_per_stage_with_lineage_tags(project):
     assert {"teacher", "cofi-0_3", "cofi-0_5"} <= set(models) and len(per_model) == len(models)
     speedups = {name: {m.key for m in model.metrics if m.key.startswith("speedup_")} for name, model in models.items()}
     assert all(speedups.values()), speedups  # per-configuration speedups linked to every model
-    teacher_sha = json.loads((project / "outputs" / "teacher" / "manifest.json").read_text())["weights_sha256"]
+    teacher_sha = json.loads((project / "outputs" / "teacher" / "manifest.json").read_text())["digest"]
     compact_runs = [r for r in runs if r.data.tags["cofi.stage"].startswith("compact")]
     assert all(r.data.tags["cofi.lineage.teacher_sha256"] == teacher_sha for r in compact_runs)
 

@@ -39,8 +39,7 @@ def project(tmp_path, monkeypatch) -> Path:
 
     teacher = tiny_model(seed=1)
     save_model(teacher, paths.teacher, extra=lambda d: lineage.write_manifest(
-        d, kind="teacher", parent_dir=None, base_model={"name": "tiny"}, data={"digest": "d"}, params={},
-        mlflow_run_id=None))
+        d, kind="teacher", parent_dir=None, data_digest="d", mlflow_run_id=None))
     models = {"teacher": {"method": "teacher", "accuracy": 0.9, "sparsity": 0.0, "parameters": 10_000,
                           "prunable_parameters": 6_000, "nonzero_prunable_parameters": 6_000,
                           "flops": {"128": 4_000_000}, "timings": [timing("torch", "fp32", 40.0),
@@ -49,7 +48,7 @@ def project(tmp_path, monkeypatch) -> Path:
         heads = torch.ones(2, 4)
         heads[1, : 2 + i] = 0
         save_model(compact(teacher.eval(), {"head": heads}), paths.compact(t), extra=lambda d: lineage.write_manifest(
-            d, kind="compact", parent_dir=paths.teacher, base_model=None, data=None, params={}, mlflow_run_id=None))
+            d, kind="compact", parent_dir=paths.teacher, data_digest=None, mlflow_run_id=None))
         models[f"cofi-{t:g}"] = {"method": "cofi", "accuracy": 0.88 - 0.05 * i, "sparsity": t,
                                  "parameters": 8_000 - 1000 * i, "prunable_parameters": 3_000 - 1000 * i,
                                  "nonzero_prunable_parameters": 3_000 - 1000 * i, "flops": {"128": 2_000_000 - 800_000 * i},

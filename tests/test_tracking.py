@@ -404,7 +404,7 @@ def test_lock_errors_are_retried_others_are_not(monkeypatch):
             raise MlflowException("(sqlite3.OperationalError) database is locked")
         return "done"
 
-    assert tracking._retry_locked(flaky, "test") == "done" and len(calls) == 3
+    assert tracking.retry_locked(flaky, "test") == "done" and len(calls) == 3
 
     def broken():
         calls.append(1)
@@ -412,7 +412,7 @@ def test_lock_errors_are_retried_others_are_not(monkeypatch):
 
     calls.clear()
     with pytest.raises(MlflowException, match="bad key"):
-        tracking._retry_locked(broken, "test")
+        tracking.retry_locked(broken, "test")
     assert len(calls) == 1
 
 

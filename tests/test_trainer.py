@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from cofi.batching import Collator
-from cofi.checkpoint import load_checkpoint, read_manifest
+from cofi.checkpoint import load_checkpoint, save_checkpoint
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss
 from cofi.metrics import accuracy
 from cofi.compact import compact
 from cofi.gates import GateConfig
+from cofi.manifest import ManifestError, read_manifest
 from cofi.sparsity import ModelShape, mask_sparsity, model_sparsity
 from cofi.trainer import NonFiniteLossError, PruneConfig, TrainConfig, Trainer, TrainerCallback, TrainingInterrupted
 from tests.conftest import synthetic_task, tiny_model
@@ -190,6 +191,21 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(task, t
     assert manifest["step"] == 12
     state = load_checkpoint(tmp_path)  # hash verified
     assert torch.isfinite(state["weights"]["model"]["classifier.weight"]).all()
+
+
+def test_a_checkpoint_replaces_the_last_and_a_damaged_one_is_refused(tmp_path):
+    save_checkpoint(tmp_path, {"x": torch.ones(3)}, step=1)
+    save_checkpoint(tmp_path, {"x": torch.zeros(3)}, step=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "state-00000002.pt"]
+    assert read_manifest(tmp_path)["step"] == 2 and torch.equal(load_checkpoint(tmp_path)["x"], torch.zeros(3))
+    (tmp_path / "state-00000001.pt").write_bytes(b"left by a crash before its deletion")
+    assert torch.equal(load_checkpoint(tmp_path)["x"], torch.zeros(3))  # only the listed file counts
+    state = tmp_path / "state-00000002.pt"
+    data = bytearray(state.read_bytes())
+    data[-10] ^= 1
+    state.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"state-00000002.pt: SHA-256 mismatch.*delete the checkpoint directory"):
+        load_checkpoint(tmp_path)
 
 
 def test_bf16_autocast_trains(task):
