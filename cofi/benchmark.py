@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cofi.onnx_export import onnx_feed
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -117,7 +119,7 @@ def time_onnx(session, vocab_size: int, batch_size: int, sequence_length: int, t
               warmup: int = 3, repeats: int = 10) -> Timing:
     """Latency of an ONNX Runtime session (fp32, CPU), timed like ``time_forward``."""
     inputs = random_inputs(vocab_size, batch_size, sequence_length, torch.device("cpu"))
-    feed = {name: tensor.numpy() for name, tensor in inputs.items()}
+    feed = onnx_feed(session, inputs)
     q1, median, q3 = measure(lambda: session.run(None, feed), torch.device("cpu"), warmup, repeats)
     return Timing("onnxruntime", batch_size, sequence_length, "fp32", "cpu", threads, repeats, median, q1, q3)
 

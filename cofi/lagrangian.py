@@ -8,6 +8,17 @@ smooth expected sparsity ŝ (``controlled_sparsity``). The log α minimise L_c
 ``maximize=True``). If s stays below the target t, λ1 grows negative, which
 makes ∂L_c/∂s = λ1 + 2λ2(s − t) negative: descent then raises ŝ, and with it s.
 λ2 only ever grows, tightening the quadratic penalty.
+
+Two departures from the paper's schedule, both measured (see the README's
+"Sparsity control"): λ2 starts at ``lambda_2_init`` (100 by default, the paper 0)
+and the target ramps from the masks' *initial* sparsity, not from 0. From λ2 = 0,
+λ1 alone must pull the sparsity up the ramp: it integrates the lag, winds up
+(to λ1 ≈ −7 in a 90% run) and the sparsity then overshoots the ramp by
+|λ1| / 2λ2, 0.2 to 0.4, and takes most of the run to come back. A large λ2 makes
+the pull proportional to the gap from the first step, so the sparsity follows the
+ramp, and λ1 only has to cancel the data loss's steady push. A ramp from 0 while
+the masks start at ~10% sparsity (the FFN units' log α start at 0) would first
+push the sparsity *down*, winding λ1 up the other way.
 """
 
 from __future__ import annotations
@@ -42,10 +53,10 @@ def controlled_sparsity(expected: Tensor, deterministic: Tensor) -> Tensor:
 
 
 class Lagrangian(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, lambda_2_init: float = 0.0) -> None:
         super().__init__()
         self.lambda_1 = nn.Parameter(torch.zeros(()))
-        self.lambda_2 = nn.Parameter(torch.zeros(()))
+        self.lambda_2 = nn.Parameter(torch.full((), float(lambda_2_init)))
 
     def forward(self, sparsity: Tensor, target: float) -> Tensor:
         gap = sparsity - target
@@ -56,10 +67,13 @@ class Lagrangian(nn.Module):
         return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.0, maximize=True)
 
 
-def target_sparsity(step: int, final_target: float, prune_start: int, warmup_steps: int) -> float:
-    """t(step): 0 before pruning starts, then linear up to final_target over warmup_steps."""
+def target_sparsity(
+    step: int, final_target: float, prune_start: int, warmup_steps: int, initial: float = 0.0
+) -> float:
+    """t(step): ``initial`` (the sparsity the masks start with) until pruning starts,
+    then linear to final_target over warmup_steps, then final_target."""
     if step < prune_start:
-        return 0.0
+        return initial
     if warmup_steps <= 0:
         return final_target
-    return final_target * min(1.0, (step - prune_start) / warmup_steps)
+    return initial + (final_target - initial) * min(1.0, (step - prune_start) / warmup_steps)

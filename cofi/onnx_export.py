@@ -60,9 +60,14 @@ def onnx_session(path: Path, threads: int = 0):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def onnx_feed(session, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The inputs the session's graph declares. The exporter drops an input the model
+    never reads: a compact model with no attention head left has no attention_mask."""
+    return {i.name: inputs[i.name].cpu().numpy() for i in session.get_inputs()}
+
+
 def onnx_logits(session, inputs: dict[str, torch.Tensor]) -> np.ndarray:
-    feed = {name: inputs[name].cpu().numpy() for name in INPUT_NAMES}
-    return session.run(["logits"], feed)[0]
+    return session.run(["logits"], onnx_feed(session, inputs))[0]
 
 
 @torch.inference_mode()

@@ -93,8 +93,9 @@ class TrainConfig:
 class PruneConfig:
     target_sparsity: float
     distill_epochs: float = 1.0  # distillation only, before any mask is sampled
-    sparsity_warmup_epochs: float = 2.0  # target rises linearly from 0 over this span
+    sparsity_warmup_epochs: float = 2.0  # target rises linearly from the masks' initial sparsity over this span
     reg_learning_rate: float = 0.01  # for log α (descent) and λ1, λ2 (ascent)
+    lambda_2_init: float = 0.0  # λ2's start (the paper: 0); lagrangian.py says why the pipeline starts it at 100
     sparsity_tolerance: float = 0.01  # ε: checkpoints this close to the target are candidates
     gates: GateConfig = field(default_factory=GateConfig)
 
@@ -103,6 +104,7 @@ class PruneConfig:
         _check_range("distill_epochs", self.distill_epochs, 0.0, math.inf)
         _check_range("sparsity_warmup_epochs", self.sparsity_warmup_epochs, 0.0, math.inf)
         _check_range("reg_learning_rate", self.reg_learning_rate, 0.0, math.inf, low_open=True)
+        _check_range("lambda_2_init", self.lambda_2_init, 0.0, math.inf)
         _check_range("sparsity_tolerance", self.sparsity_tolerance, 0.0, 1.0, low_open=True)
 
 
@@ -322,8 +324,12 @@ class Trainer:
                     f"target_sparsity={prune.target_sparsity:g} cannot be reached by pruning only "
                     f"{', '.join(prune.gates.families)}: at most {reachable:.4f} (add families)"
                 )
-            self.gates = HardConcreteGates(self.shape, prune.gates).to(self.device)
-            self.lagrangian = Lagrangian().to(self.device)
+            gates = HardConcreteGates(self.shape, prune.gates)
+            # where the target ramp starts: read here, on the host, before the gates
+            # move to the device (seeded, so the same on every process and on resume)
+            self.initial_sparsity = float(gates.deterministic_sparsity())
+            self.gates = gates.to(self.device)
+            self.lagrangian = Lagrangian(prune.lambda_2_init).to(self.device)
             self.gate_optimizer = torch.optim.AdamW(self.gates.parameters(), lr=prune.reg_learning_rate, weight_decay=0.0)
             self.lagrangian_optimizer = self.lagrangian.make_optimizer(prune.reg_learning_rate)
 
@@ -375,7 +381,8 @@ class Trainer:
         if pruning:
             expected = self.gates.expected_sparsity()
             shipped = self.gates.deterministic_sparsity()  # on the device: no host read
-            target = target_sparsity(step, self.prune.target_sparsity, self.prune_start, self.sparsity_warmup)
+            target = target_sparsity(
+                step, self.prune.target_sparsity, self.prune_start, self.sparsity_warmup, self.initial_sparsity)
             parts["lagrangian"] = self.lagrangian(controlled_sparsity(expected, shipped), target)
             parts["expected_sparsity"] = expected.detach()
             parts["mask_sparsity"] = shipped

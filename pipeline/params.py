@@ -169,6 +169,7 @@ class Prune(_Section):
     batch_size: Count
     learning_rate: Positive
     reg_learning_rate: Positive
+    lambda_2_init: NonNegative
     temperature: Positive
     prediction_weight: Annotated[float, Field(ge=0, le=1)]
     distillation: Literal["layer_and_prediction", "prediction", "none"]
@@ -192,7 +193,7 @@ class Prune(_Section):
 
 
 class Finetune(_Section):
-    epochs: Positive
+    epochs: NonNegative  # 0: no fine-tuning, the pruned model as it is
     batch_size: Count
     learning_rate: Positive
     evals_per_epoch: Count

@@ -106,6 +106,7 @@ def prune_config(params: Params, target: float) -> PruneConfig:
         distill_epochs=p.distill_epochs,
         sparsity_warmup_epochs=p.sparsity_warmup_epochs,
         reg_learning_rate=p.reg_learning_rate,
+        lambda_2_init=p.lambda_2_init,
         sparsity_tolerance=p.sparsity_tolerance,
         gates=GateConfig(families=tuple(p.families), keep_multiple=p.keep_multiple),
     )

@@ -88,7 +88,8 @@ TAG_GROUP = "cofi.group"
 TAG_GIT_COMMIT = "cofi.git.commit"
 TAG_GIT_DIRTY = "cofi.git.dirty"
 TAG_REGISTERED = "cofi.registered_model"
-TAG_DATA_DIGEST = "cofi.data.digest"  # full digest on a dataset input (MLflow keeps 36 characters)
+# the full digest on a dataset input (MLflow keeps 36 characters); the run tag is lineage.TAG_DATA_DIGEST
+DATASET_INPUT_DIGEST_TAG = "cofi.data.digest"
 TAG_ROLE = "cofi.role"  # "pipeline" on the parent run of a group
 TAG_MODEL_WEIGHTS = "cofi.weights_sha256"  # on a LoggedModel: which model directory it is
 TAG_BEST = "cofi.best"  # on a LoggedModel: "best at ~2.0×" (the report's mark)
@@ -737,7 +738,7 @@ def log_dataset(frame_or_path: Any, name: str, digest: str, source: str, context
         log.warning("recording data set %s without its schema: %s", name, e)
     if dataset is None:
         dataset = MetaDataset(source=src, name=name, digest=short)
-    input_tags = {TAG_DATA_DIGEST: str(digest)}
+    input_tags = {DATASET_INPUT_DIGEST_TAG: str(digest)}
     if isinstance(frame_or_path, (str, os.PathLike)):
         input_tags["cofi.data.path"] = _truncate(str(frame_or_path), MAX_INPUT_TAG_VALUE, "data set path")
     retry_locked(lambda: mlflow.log_input(dataset, context=context, tags=input_tags), f"logging data set {name}")

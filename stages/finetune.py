@@ -1,7 +1,9 @@
 """Stage `finetune@<target>`: fine-tune the pruned structure with the same distillation loss.
 
 The pruned model is compacted first (exact: see cofi.compact), so fine-tuning
-runs on the small dense model; the masks are thereby fixed. Reads
+runs on the small dense model; the masks are thereby fixed. With
+``finetune.epochs: 0`` (the default: it measured no gain, see the README) the
+compacted model is evaluated and passed on as it is. Reads
 outputs/pruned/<target>, outputs/teacher and outputs/data; writes
 outputs/finetuned/<target>, metrics/finetune-<target>.json and
 plots/finetune-<target>.csv."""
@@ -13,10 +15,11 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from cofi.compact import compact, load_model
+from cofi.trainer import predict
 from cofi.manifest import read_manifest
 from pipeline.params import Params
 from pipeline.paths import LAYER_MAP_FILE, MASKS_FILE, Paths
-from pipeline.runtime import distillation, setup, train_config
+from pipeline.runtime import collator, distillation, setup, task_spec_of, train_config, write_curve
 from pipeline.training import Manifest, Trained, load_stage_data, result_metrics, run_training_stage, train
 
 STAGE = "finetune"
@@ -32,15 +35,20 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
     masks = load_file(pruned_dir / MASKS_FILE)
     distill = distillation(params, pruned.config.hidden_size, pruned.config.num_hidden_layers)
     student = compact(pruned, masks)
-    teacher = load_model(paths.teacher, verify=True) if distill is not None else None  # None: gold labels only
+    fine_tune = params.finetune.epochs > 0
+    teacher = load_model(paths.teacher, verify=True) if distill is not None and fine_tune else None  # None: gold labels only
     if distill is not None:
         distill.load_state_dict(load_file(pruned_dir / LAYER_MAP_FILE))
         if distill.layer is not None and "hidden" in masks:  # the map now reads only the kept hidden dims
             distill.layer = distill.layer.restrict_input(masks["hidden"] != 0)
-    config = train_config(params, params.finetune, params.finetune.evals_per_epoch, len(data.train))
     name = paths.run_name(STAGE, target)
 
     def fit() -> Trained:
+        if not fine_tune:  # no fine-tuning: the pruned model as it is, evaluated
+            preds, gold = predict(student, data.validation, collator(data.meta["pad_token_id"]), bf16=False)
+            write_curve(paths.curve(STAGE, target), [{"step": 0, "loss": float("nan")}])
+            return Trained(student, task_spec_of(params).metric_fn(preds, gold))
+        config = train_config(params, params.finetune, params.finetune.evals_per_epoch, len(data.train))
         trainer, result = train(
             name, params, paths, data, student, config,
             pruned_digest, paths.curve(STAGE, target),

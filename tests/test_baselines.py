@@ -139,6 +139,30 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
+def test_no_fine_tuning_passes_the_compacted_pruned_model_on(project, tmp_path):
+    """finetune.epochs 0 (the default): the stage writes the pruned model, compacted,
+    with the accuracy the pruning run measured for it (compaction is exact)."""
+    import shutil
+
+    from cofi.compact import compact as compact_model, load_model
+    from pipeline.paths import MASKS_FILE
+    from stages import finetune
+
+    for part in ("outputs/data", "outputs/teacher", "outputs/pruned"):
+        shutil.copytree(project / part, tmp_path / part)
+    shutil.copy(project / "params.yaml", tmp_path / "params.yaml")
+    p = load_params(tmp_path / "params.yaml")
+    p = p.model_copy(update={"finetune": p.finetune.model_copy(update={"epochs": 0})})
+    finetune.run(p, TARGET, tmp_path)
+
+    pruned_dir = tmp_path / "outputs" / "pruned" / str(TARGET)
+    expected = compact_model(load_model(pruned_dir), load_file(pruned_dir / MASKS_FILE)).state_dict()
+    written = load_model(tmp_path / "outputs" / "finetuned" / str(TARGET)).state_dict()
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    accuracy = json.loads((tmp_path / "metrics" / f"finetune-{TARGET}.json").read_text())["accuracy"]
+    assert accuracy == json.loads((project / "metrics" / f"prune-{TARGET}.json").read_text())["accuracy"]
+
+
 def test_every_baseline_and_ablation_is_benchmarked_and_reported(project):
     bench = json.loads((project / "outputs" / "benchmark.json").read_text())["models"]
     expected = {"teacher", "cofi-0.5", "baseline-layer_subset", "baseline-magnitude"} | {f"ablation-{a}" for a in ABLATIONS}

@@ -79,6 +79,20 @@ def test_onnx_export_of_a_heterogeneous_model_matches_pytorch(heterogeneous, tmp
     assert t.runtime == "onnxruntime" and t.key == "onnxruntime_fp32_b2_s8" and t.median_ms > 0
 
 
+def test_a_model_with_no_attention_left_exports_runs_and_times_in_onnx(tmp_path):
+    """With every head pruned the attention mask is read by nothing, and the exporter
+    drops it from the graph: feeding it anyway was an error (RTE at 90%, 0 heads)."""
+    masks = {"head": torch.zeros(2, 4), "intermediate": torch.ones(2, 32), "hidden": torch.ones(16), "ffn": torch.ones(2)}
+    model = compact(tiny_model(seed=3).eval(), masks)
+    assert model.config.layer_num_heads == [0, 0]
+    session = onnx_session(export_onnx(model, tmp_path / "model.onnx"), threads=1)
+    assert "attention_mask" not in {i.name for i in session.get_inputs()}
+    ids = torch.randint(2, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    assert max_logit_difference(model, session, inputs) <= 1e-5
+    assert time_onnx(session, vocab_size=50, batch_size=2, sequence_length=8, threads=1, warmup=1, repeats=2).median_ms > 0
+
+
 def test_the_prune_step_benchmark_runs_at_a_tiny_size(tmp_path):
     import importlib.util
 

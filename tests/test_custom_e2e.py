@@ -65,6 +65,28 @@ def test_transformers_pipeline_returns_the_label_names(project):
     assert len(results) == 2 and all(r["label"] in LABELS for r in results)
 
 
+def test_the_readme_loading_snippet_runs_as_printed(project):
+    """The README's snippet, copied as a user would (only the model path changed), in a
+    fresh interpreter without this package imported and with no terminal to answer a
+    prompt: it loads without asking to run custom code and returns a label name."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+                   if "AutoTokenizer.from_pretrained" in block)
+    snippet = snippet.replace('"outputs/compact/0.6"', repr(str(project / "outputs" / "compact" / "0.5")))
+    code = snippet.rstrip().splitlines()
+    code[-1] = f"print({code[-1].split('#')[0].strip()})"  # the last line's result, as a REPL would show it
+    out = subprocess.run([sys.executable, "-c", "\n".join(code)], stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=300, cwd=project)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Do you wish to run the custom code" not in out.stdout + out.stderr
+    assert any(f"'label': '{name}'" in out.stdout for name in LABELS), out.stdout
+
+
 def test_second_repro_does_nothing(project):
     out = run(["dvc", "repro"], project)
     assert "Running stage" not in out.stdout + out.stderr

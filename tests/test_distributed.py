@@ -32,7 +32,8 @@ trainer = Trainer(
     metric_fn=accuracy, primary_metric="accuracy", collate=Collator(0),
     teacher=tiny_model(seed=0),
     distill=DistillationLoss(PredictionDistillLoss(2.0), LayerDistillLoss(16, [1, 2]), 0.5),
-    prune=PruneConfig(target_sparsity=0.5, distill_epochs=1, sparsity_warmup_epochs=8, reg_learning_rate=0.1),
+    prune=PruneConfig(target_sparsity=0.5, distill_epochs=1, sparsity_warmup_epochs=8, reg_learning_rate=0.1,
+                      lambda_2_init=100.0),
 )
 result = trainer.fit()
 rank = int(os.environ.get("RANK", "0"))
@@ -67,8 +68,9 @@ def test_two_processes_agree_and_match_one_process(tmp_path):
     assert ranks[0]["masks"] == ranks[1]["masks"]  # identical replicas: bit for bit
     assert ranks[0]["lambda"] == ranks[1]["lambda"]
     assert ranks[0]["evaluations"] == ranks[1]["evaluations"]  # gathered predictions, same metrics everywhere
-    assert abs(ranks[0]["mask_sparsity"] - single["mask_sparsity"]) <= 0.02
+    step = 1 / 32  # this model's sparsity moves in steps of 1/32: different mask draws may end one step apart
+    assert abs(ranks[0]["mask_sparsity"] - single["mask_sparsity"]) <= step + 1e-9
     assert abs(single["mask_sparsity"] - 0.5) <= 0.05  # and the job itself reached its target
 
     (accumulated,) = launch(tmp_path, "accumulated", processes=1, accumulation=2)
-    assert abs(accumulated["mask_sparsity"] - single["mask_sparsity"]) <= 0.02
+    assert abs(accumulated["mask_sparsity"] - single["mask_sparsity"]) <= step + 1e-9

@@ -193,6 +193,14 @@ def test_target_sparsity_warms_up_linearly_from_prune_start():
     assert target_sparsity(10, 0.6, 10, 0) == 0.6
 
 
+def test_target_sparsity_ramps_from_the_initial_sparsity_of_the_masks():
+    assert target_sparsity(0, 0.6, prune_start=10, warmup_steps=20, initial=0.1) == 0.1
+    assert target_sparsity(10, 0.6, 10, 20, initial=0.1) == 0.1
+    assert target_sparsity(20, 0.6, 10, 20, initial=0.1) == pytest.approx(0.35)
+    assert target_sparsity(30, 0.6, 10, 20, initial=0.1) == pytest.approx(0.6)
+    assert target_sparsity(20, 0.05, 10, 20, initial=0.1) == pytest.approx(0.075)  # a target below the start: down
+
+
 @pytest.mark.parametrize("start, target", [(0.1, 0.5), (0.8, 0.5)])
 def test_lagrangian_multipliers_push_sparsity_toward_target(start, target):
     """λ ascends, log α descends: ŝ must move toward the target from either side."""

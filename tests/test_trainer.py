@@ -60,12 +60,14 @@ def test_teacher_training_learns_the_synthetic_task():
 
 def test_short_pruning_run_reaches_the_target_sparsity(task):
     recorder = Recorder()
-    prune = PruneConfig(target_sparsity=0.5, distill_epochs=1, sparsity_warmup_epochs=8, reg_learning_rate=0.1)
+    prune = PruneConfig(target_sparsity=0.5, distill_epochs=1, sparsity_warmup_epochs=8, reg_learning_rate=0.1,
+                        lambda_2_init=100.0)
     trainer = make_trainer(task, prune=prune, epochs=25, eval_steps=12, callbacks=[recorder])
     result = trainer.fit()
     last = recorder.steps[-1]
     assert last["target_sparsity"] == pytest.approx(0.5)
-    assert abs(last["mask_sparsity"] - 0.5) <= 0.02
+    assert abs(last["mask_sparsity"] - 0.5) <= 1 / 32 + 1e-9  # this model's sparsity moves in steps of 1/32
+    assert result.target_reached
     # logged parts, and no Lagrangian before pruning starts (12 steps per epoch)
     assert "lagrangian" not in recorder.steps[11] and "lagrangian" in recorder.steps[12]
     assert {"loss", "pred", "layer", "lambda_1", "lambda_2", "learning_rate", "grad_norm", "expected_sparsity"} <= set(last)
@@ -83,8 +85,8 @@ def test_the_lagrangian_controls_the_sparsity_of_the_shipped_masks(task):
     model reaches its target."""
     # 3 layers of 8 heads of 4 and 128 FFN units: sparsity levels fine enough for ε = 0.01
     model = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=8, intermediate_size=128)
-    prune = PruneConfig(target_sparsity=0.7, distill_epochs=1, sparsity_warmup_epochs=8, reg_learning_rate=0.1,
-                        gates=GateConfig(keep_multiple=4))
+    prune = PruneConfig(target_sparsity=0.8, distill_epochs=1, sparsity_warmup_epochs=8, reg_learning_rate=0.1,
+                        lambda_2_init=100.0, gates=GateConfig(keep_multiple=4))
     recorder = Recorder()
     trainer = make_trainer(task, prune=prune, model=model, epochs=25, eval_steps=12, callbacks=[recorder])
     seen: dict[int, tuple[float, float]] = {}  # step → (the Lagrangian's sparsity, the masks')
@@ -103,12 +105,32 @@ def test_the_lagrangian_controls_the_sparsity_of_the_shipped_masks(task):
     after_warmup = [logged[step] for step in seen if step >= trainer.prune_start + trainer.sparsity_warmup]
     assert max(abs(logs["expected_sparsity"] - logs["mask_sparsity"]) for logs in after_warmup) > 0.005  # ŝ is not it
 
-    assert result.target_reached and abs(result.best_metrics["sparsity"] - 0.7) <= prune.sparsity_tolerance
+    assert result.target_reached and abs(result.best_metrics["sparsity"] - 0.8) <= prune.sparsity_tolerance
     assert result.best_metrics["sparsity"] == pytest.approx(mask_sparsity(trainer.shape, result.masks))
     assert model_sparsity(compact(trainer.model, result.masks)) == pytest.approx(result.best_metrics["sparsity"])
     closed = int((result.masks["mha"] == 0).sum() + (result.masks["ffn"] == 0).sum())
     widths = [int((row != 0).sum()) for row in result.masks["intermediate"]] + [int((result.masks["hidden"] != 0).sum())]
     assert closed >= 1 and all(w % 4 == 0 for w in widths)
+
+
+def test_a_large_initial_lambda_2_keeps_the_sparsity_on_the_target_ramp(task):
+    """The target ramps from the masks' initial sparsity; from λ2 = 0 (the paper) λ1
+    winds up and the sparsity leaves the ramp by 0.25 on this model, from λ2 = 100
+    (the pipeline's default) it stays within 0.05 of it (measured: 0.253 and 0.026)."""
+    model = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=8, intermediate_size=128)
+    worst = {}
+    for lambda_2_init in (0.0, 100.0):
+        prune = PruneConfig(target_sparsity=0.7, distill_epochs=1, sparsity_warmup_epochs=8, reg_learning_rate=0.1,
+                            lambda_2_init=lambda_2_init, gates=GateConfig(keep_multiple=4))
+        recorder = Recorder()
+        trainer = make_trainer(task, prune=prune, model=model, epochs=25, eval_steps=12, callbacks=[recorder])
+        result = trainer.fit()
+        pruning = [logs for logs in recorder.steps if "mask_sparsity" in logs]
+        assert pruning[0]["target_sparsity"] == pytest.approx(trainer.initial_sparsity) and trainer.initial_sparsity > 0.05
+        warmup = pruning[: trainer.sparsity_warmup]
+        worst[lambda_2_init] = max(abs(logs["mask_sparsity"] - logs["target_sparsity"]) for logs in warmup)
+        assert result.target_reached
+    assert worst[100.0] <= 0.05 and worst[0.0] >= 0.2, worst
 
 
 class StopAt(TrainerCallback):
