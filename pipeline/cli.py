@@ -88,7 +88,7 @@ def prune(target: float = TARGET, ablation: Optional[str] = ABLATION, params: Pa
 
 @app.command()
 def finetune(target: float = TARGET, ablation: Optional[str] = ABLATION, params: Path = PARAMS) -> None:
-    """Fine-tune the pruned (compacted) structure with distillation."""
+    """Fine-tune the pruned (compacted) structure with distillation; finetune.epochs 0 passes it on as it is."""
     _sweep_stage("finetune", params, target, ablation)
 
 
