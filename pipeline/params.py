@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import re
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -53,6 +54,24 @@ def _increasing(values: list) -> list:
 def _unique_list(item: Any, **length: int) -> Any:
     """A list of ``item`` with at least one element and no repeats."""
     return Annotated[list[item], Field(min_length=1, **length), AfterValidator(_unique)]
+
+
+def _epochs_per_target(value: Any) -> float | dict[float, float]:
+    """prune.epochs: one number for every target, or a mapping target → epochs."""
+    per_target = isinstance(value, Mapping)
+    if per_target and not value:
+        raise PydanticCustomError("per_target", "must be a number of epochs or a map with at least one target")
+    for target, epochs in value.items() if per_target else [(None, value)]:
+        entry = f"entry {target!r} " if per_target else ""
+        if per_target and (isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < 1):
+            raise PydanticCustomError("per_target", f"key {target!r} must be a target sparsity in [0, 1)")
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, float)):
+            raise PydanticCustomError("per_target", f"{entry}must be a number of epochs, not {_kind(epochs)}")
+        if not math.isfinite(epochs):
+            raise PydanticCustomError("per_target", f"{entry}must be a finite number")
+        if epochs <= 0:
+            raise PydanticCustomError("per_target", f"{entry}must be > 0")
+    return {float(t): float(e) for t, e in value.items()} if per_target else float(value)
 
 
 Text = Annotated[str, Field(min_length=1)]
@@ -163,7 +182,7 @@ class Teacher(_Section):
 
 class Prune(_Section):
     targets: _unique_list(Ratio)
-    epochs: Positive
+    epochs: Annotated[Any, AfterValidator(_epochs_per_target)]  # a number, or a map target → epochs (see epochs_for)
     distill_epochs: NonNegative
     sparsity_warmup_epochs: NonNegative
     batch_size: Count
@@ -180,14 +199,26 @@ class Prune(_Section):
     sparsity_tolerance: Annotated[float, Field(gt=0, lt=1)]
     evals_per_epoch: Count
 
+    def epochs_for(self, target: float) -> float:
+        """The pruning epochs of ``target``: prune.epochs, or, from a map, its entry for
+        ``target``, linear between the two nearest entries, the nearest one beyond them."""
+        if not isinstance(self.epochs, dict):
+            return self.epochs
+        points = sorted(self.epochs.items())
+        below = [p for p in points if p[0] <= target] or points[:1]
+        above = [p for p in points if p[0] >= target] or points[-1:]
+        (t0, e0), (t1, e1) = below[-1], above[0]
+        return e0 if t1 == t0 else e0 + (e1 - e0) * (target - t0) / (t1 - t0)
+
     @model_validator(mode="after")
     def _warmup_within_training(self) -> Prune:
-        if self.distill_epochs + self.sparsity_warmup_epochs >= self.epochs:
+        shortest = min(self.epochs_for(t) for t in self.targets)
+        if self.distill_epochs + self.sparsity_warmup_epochs >= shortest:
             raise PydanticCustomError(
                 "conflict",
                 f"sparsity warm-up longer than training: prune.distill_epochs ({self.distill_epochs:g}) + "
                 f"prune.sparsity_warmup_epochs ({self.sparsity_warmup_epochs:g}) "
-                f"must be < prune.epochs ({self.epochs:g})",
+                f"must be < prune.epochs ({shortest:g})",
             )
         return self
 

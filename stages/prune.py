@@ -32,7 +32,8 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
     student = load_model(paths.teacher, verify=True)  # CoFi starts from the fine-tuned teacher
     distill = distillation(params, student.config.hidden_size, student.config.num_hidden_layers)
     teacher = copy.deepcopy(student) if distill is not None else None  # frozen by the Trainer
-    config = train_config(params, params.prune, params.prune.evals_per_epoch, len(data.train))
+    section = params.prune.model_copy(update={"epochs": params.prune.epochs_for(target)})
+    config = train_config(params, section, params.prune.evals_per_epoch, len(data.train))
     name = paths.run_name(STAGE, target)
 
     def fit() -> Trained:

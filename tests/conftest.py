@@ -28,6 +28,11 @@ def tiny_config(**overrides) -> CofiConfig:
     return CofiConfig(**settings)
 
 
+# 3 layers of 8 heads of 4 and 128 FFN units: sparsity levels fine enough for ε = 0.01
+# (the default tiny model moves in steps of 1/16, so a controller chatters around its target)
+FINE_GRID = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=8, intermediate_size=128)
+
+
 def tiny_model(seed: int = 0, **overrides) -> CofiForSequenceClassification:
     torch.manual_seed(seed)
     return CofiForSequenceClassification(tiny_config(**overrides))

@@ -28,13 +28,14 @@ from cofi.batching import Collator
 from cofi.benchmark import time_forward
 from cofi.compact import compact
 from cofi.flops import forward_flops
-from cofi.gates import HardConcreteGates
+from cofi.gates import GateConfig, HardConcreteGates
 from cofi.metrics import accuracy
 from cofi.sparsity import ModelShape, expected_sparsity
 from cofi.trainer import PruneConfig, TrainConfig, Trainer
 from pipeline.params import validate_params
 from pipeline.runtime import distillation, prune_config
-from tests.conftest import synthetic_task, tiny_model
+from tests.conftest import FINE_GRID, synthetic_task, tiny_model
+from tests.test_trainer import make_trainer
 from tests.test_pipeline_e2e import DATA_DIR, ROOT, TINY, copy_project, merge, run
 
 # Ops that move data between devices on purpose.
@@ -66,13 +67,14 @@ def params_with(prune_override: dict):
     return validate_params(data)
 
 
-def build_trainer(name: str, device: str, **train) -> Trainer:
-    """A pruning trainer for ablation ``name`` (as the prune stage builds it), pruning from step 0."""
+def build_trainer(name: str, device: str, warmup_epochs: float = 1.0, **train) -> Trainer:
+    """A pruning trainer for ablation ``name`` (as the prune stage builds it), pruning from
+    step 0 with a sparsity warm-up of ``warmup_epochs``."""
     params = params_with(settings()[name])
     student, teacher = tiny_model(seed=0), tiny_model(seed=0)
     loss = distillation(params, student.config.hidden_size, student.config.num_hidden_layers)
     prune = prune_config(params, target=0.5)
-    prune.distill_epochs, prune.sparsity_warmup_epochs = 0.0, 1.0
+    prune.distill_epochs, prune.sparsity_warmup_epochs = 0.0, warmup_epochs
     config = TrainConfig(**{"epochs": 2, "batch_size": 8, "progress": False, "device": device, **train})
     return Trainer(
         student, synthetic_task(32, seed=1), synthetic_task(16, seed=2), config,
@@ -134,14 +136,15 @@ cuda = pytest.mark.cuda
 
 
 @cuda
-def test_cuda_pruning_reaches_its_target():
-    trainer = build_trainer("cofi", "cuda", epochs=25, learning_rate=1e-3, eval_steps=12)
-    trainer.prune.reg_learning_rate = 0.1
-    trainer.gate_optimizer.param_groups[0]["lr"] = trainer.lagrangian_optimizer.param_groups[0]["lr"] = 0.1
+def test_cuda_pruning_reaches_its_target(task):
+    """tests/test_trainer.py's control run (fine-grid model, keep_multiple 4, λ2 from 100) on CUDA."""
+    prune = PruneConfig(target_sparsity=0.8, distill_epochs=1, sparsity_warmup_epochs=8, reg_learning_rate=0.1,
+                        lambda_2_init=100.0, gates=GateConfig(keep_multiple=4))
+    trainer = make_trainer(task, prune=prune, model=FINE_GRID, epochs=25, eval_steps=12, device="cuda")
     result = trainer.fit()
     assert {p.device.type for p in trainer.model.parameters()} == {"cuda"}
-    assert abs(trainer.history[-1]["mask_sparsity"] - 0.5) <= 0.02
-    assert result.target_reached and abs(result.best_metrics["sparsity"] - 0.5) <= trainer.prune.sparsity_tolerance
+    assert abs(trainer.history[-1]["mask_sparsity"] - 0.8) <= 0.02
+    assert result.target_reached and abs(result.best_metrics["sparsity"] - 0.8) <= trainer.prune.sparsity_tolerance
 
 
 @cuda
@@ -162,7 +165,7 @@ def test_cuda_compaction_is_exact_in_fp32():
 
 @cuda
 def test_cuda_bf16_autocast_training_steps():
-    trainer = build_trainer("cofi", "cuda", bf16=True, epochs=1, log_steps=1)
+    trainer = build_trainer("cofi", "cuda", bf16=True, warmup_epochs=0.5, epochs=1, log_steps=1)
     assert trainer.bf16 == torch.cuda.is_bf16_supported(including_emulation=False)
     result = trainer.fit()
     assert len(trainer.history) == trainer.total_steps

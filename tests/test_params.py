@@ -93,6 +93,9 @@ BAD = [
     ("no targets", {"prune.targets": []}, ["prune.targets = []: must have at least 1 item"]),
     ("temperature 0", {"prune.temperature": 0}, ["prune.temperature = 0: must be > 0"]),
     ("NaN", {"prune.epochs": float("nan")}, ["prune.epochs = nan: must be a finite number"]),
+    ("epochs map empty", {"prune.epochs": {}}, ["prune.epochs = {}: must be a number of epochs or a map with at least one target"]),
+    ("epochs keyed by a name", {"prune.epochs": {"high": 2.0}}, ["prune.epochs = {'high': 2.0}: key 'high' must be a target sparsity in [0, 1)"]),
+    ("epochs entry 0", {"prune.epochs": {0.6: 1.25, 0.9: 0}}, ["prune.epochs = {0.6: 1.25, 0.9: 0}: entry 0.9 must be > 0"]),
     ("prediction_weight 1.5", {"prune.prediction_weight": 1.5}, ["prune.prediction_weight = 1.5: must be in [0, 1]"]),
     ("learning_rate 0", {"teacher.learning_rate": 0}, ["teacher.learning_rate = 0: must be > 0"]),
     ("warmup_ratio 1", {"teacher.warmup_ratio": 1.0}, ["teacher.warmup_ratio = 1.0: must be in [0, 1)"]),
@@ -128,7 +131,7 @@ BAD = [
         {"prune.sparsity_warmup_epochs": 3.5},
         [
             "sparsity warm-up longer than training: prune.distill_epochs (0.15) + "
-            "prune.sparsity_warmup_epochs (3.5) must be < prune.epochs (1.75)"
+            "prune.sparsity_warmup_epochs (3.5) must be < prune.epochs (1.25)"
         ],
     ),
     ("custom task without data.custom", {"data.task": "custom"}, ["data.task 'custom' requires data.custom"]),
@@ -231,6 +234,33 @@ def test_every_problem_is_reported(tmp_path):
         assert sum(text in line for line in lines[1:]) == 1, text
     # the warm-up rule needs prune's own fields valid; targets and families are not here
     assert "warm-up" not in message
+
+
+def test_prune_epochs_per_target():
+    """A map gives its entries' targets their epochs, targets between two entries the
+    linear interpolation, targets beyond them the nearest entry's."""
+    data = yaml.safe_load(REAL.read_text())
+    data["prune"].update(epochs={0.6: 1.25, 0.9: 2.25}, targets=[0.5, 0.6, 0.8, 0.9, 0.95])
+    prune = validate_params(data).prune
+    assert [prune.epochs_for(t) for t in (0.5, 0.6, 0.9, 0.95)] == [1.25, 1.25, 2.25, 2.25]
+    assert prune.epochs_for(0.8) == pytest.approx(1.25 + (2.25 - 1.25) * 0.2 / 0.3, abs=1e-12)
+    data["prune"]["epochs"] = 2
+    assert validate_params(data).prune.epochs_for(0.9) == 2.0
+    # the warm-up rule holds for every swept target's own length
+    data["prune"].update(epochs={0.6: 0.7, 0.9: 2.25}, targets=[0.9])
+    assert validate_params(data).prune.epochs_for(0.9) == 2.25
+    data["prune"]["targets"] = [0.6, 0.9]
+    with pytest.raises(ParamsError, match=r"must be < prune.epochs \(0.7\)"):
+        validate_params(data)
+
+
+def test_the_prune_stage_reruns_on_every_prune_param():
+    """dvc.yaml lists the prune stage's params one by one (prune.targets is left out: a new
+    target adds a stage, it does not change the others); a Prune field missing there would
+    leave a changed param without a rerun."""
+    listed = set(yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]["prune"]["do"]["params"])
+    fields = {f"prune.{name}" for name in Params.model_fields["prune"].annotation.model_fields} - {"prune.targets"}
+    assert fields <= listed, sorted(fields - listed)
 
 
 def test_resolve_source(tmp_path):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -29,7 +30,7 @@ TINY = {
     "data": {"source": str(DATA_DIR), "max_length": 32, "train_limit": 64},
     "compute": {"bf16": True},
     "teacher": {"epochs": 1, "batch_size": 16},
-    "prune": {"targets": TARGETS, "epochs": 2, "distill_epochs": 0.25, "sparsity_warmup_epochs": 0.75,
+    "prune": {"targets": TARGETS, "epochs": {0.3: 2, 0.5: 2.5}, "distill_epochs": 0.25, "sparsity_warmup_epochs": 0.75,
               "batch_size": 16, "reg_learning_rate": 0.5, "evals_per_epoch": 2},
     "finetune": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 1},
     "benchmark": {"batch_sizes": [1], "sequence_lengths": [16], "precisions": ["fp32"], "warmup": 1, "repeats": 2},
@@ -45,8 +46,11 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 
 def merge(base: dict, override: dict) -> dict:
-    return {k: merge(base[k], override[k]) if isinstance(override.get(k), dict) and isinstance(base[k], dict)
-            else override.get(k, base[k]) for k in base}
+    """``base`` with ``override``'s values; a mapping with keys ``base`` lacks (a map value
+    such as prune.epochs) replaces the base's instead of merging into it."""
+    def nested(k):
+        return isinstance(override.get(k), dict) and isinstance(base[k], dict) and set(override[k]) <= set(base[k])
+    return {k: merge(base[k], override[k]) if nested(k) else override.get(k, base[k]) for k in base}
 
 
 def copy_project(project: Path, overrides: dict) -> Path:
@@ -88,6 +92,9 @@ def test_repro_writes_every_output_and_metric(project):
         assert 0.0 <= compact["accuracy"] <= 1.0
         # the masks' sparsity is the sparsity counted in the compact model's tensors
         assert compact["sparsity_counted"] == pytest.approx(compact["sparsity_masks"], abs=1e-9)
+    # prune.epochs per target: 2 and 2.5 epochs of 4 steps (64 examples, batch 16)
+    last_step = {t: pd.read_csv(project / "plots" / f"prune-{t}.csv")["step"].max() for t in ("0.3", "0.5")}
+    assert last_step["0.5"] - last_step["0.3"] == 2
     bench = {p.stem: json.loads(p.read_text()) for p in (project / "metrics" / "benchmark").glob("*.json")}
     assert set(bench) == {"teacher", "cofi-0.3", "cofi-0.5"}
     assert bench["teacher"]["speedup_torch_fp32_b1_s16"] == pytest.approx(1.0)

@@ -18,7 +18,7 @@ from cofi.gates import GateConfig
 from cofi.manifest import ManifestError, read_manifest
 from cofi.sparsity import ModelShape, mask_sparsity, model_sparsity
 from cofi.trainer import NonFiniteLossError, PruneConfig, TrainConfig, Trainer, TrainerCallback, TrainingInterrupted
-from tests.conftest import synthetic_task, tiny_model
+from tests.conftest import FINE_GRID, synthetic_task, tiny_model
 
 
 def make_trainer(task, *, prune=None, teacher=True, checkpoint_dir=None, callbacks=(), model=None, **train):
@@ -83,8 +83,7 @@ def test_the_lagrangian_controls_the_sparsity_of_the_shipped_masks(task):
     Lagrangian sees is the sparsity of the deterministic masks (computed here the
     independent way, from the masks themselves), the smooth ŝ is not, and the shipped
     model reaches its target."""
-    # 3 layers of 8 heads of 4 and 128 FFN units: sparsity levels fine enough for ε = 0.01
-    model = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=8, intermediate_size=128)
+    model = FINE_GRID
     prune = PruneConfig(target_sparsity=0.8, distill_epochs=1, sparsity_warmup_epochs=8, reg_learning_rate=0.1,
                         lambda_2_init=100.0, gates=GateConfig(keep_multiple=4))
     recorder = Recorder()
@@ -117,7 +116,7 @@ def test_a_large_initial_lambda_2_keeps_the_sparsity_on_the_target_ramp(task):
     """The target ramps from the masks' initial sparsity; from λ2 = 0 (the paper) λ1
     winds up and the sparsity leaves the ramp by 0.25 on this model, from λ2 = 100
     (the pipeline's default) it stays within 0.05 of it (measured: 0.253 and 0.026)."""
-    model = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=8, intermediate_size=128)
+    model = FINE_GRID
     worst = {}
     for lambda_2_init in (0.0, 100.0):
         prune = PruneConfig(target_sparsity=0.7, distill_epochs=1, sparsity_warmup_epochs=8, reg_learning_rate=0.1,
