@@ -87,7 +87,7 @@ def compact(model: CofiForSequenceClassification, masks: Masks) -> CofiForSequen
     state["pooler.weight"], state["pooler.bias"] = _fold_linear(model.pooler, cols=keep)
     state["classifier.weight"], state["classifier.bias"] = _fold_linear(model.classifier)
 
-    config = _compact_config(model.config, keep.numel(), num_heads, widths)
+    config = compact_config(model.config, keep.numel(), num_heads, widths)
     return _build(config, state, training=model.training)
 
 
@@ -233,7 +233,7 @@ def _layer_state(
     return state, heads.numel(), units.numel()
 
 
-def _compact_config(
+def compact_config(
     config: CofiConfig, hidden_size: int, num_heads: list[int], widths: list[int]
 ) -> CofiConfig:
     """A copy of ``config`` (labels, head size, classifier width, ...) with the kept structure.

@@ -49,15 +49,16 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
     return path
 
 
-def onnx_session(path: Path, threads: int = 0):
-    """An ONNX Runtime CPU session; ``threads`` 0 lets ORT choose."""
+def onnx_session(model: Path | bytes, threads: int = 0):
+    """An ONNX Runtime CPU session of a model file (or its bytes); ``threads`` 0 lets ORT choose."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def onnx_feed(session, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

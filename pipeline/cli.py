@@ -109,6 +109,17 @@ def baseline(
 
 
 @app.command()
+def profile(
+    name: str = typer.Argument(..., help="A deployment target's name (a key of deployments)."),
+    params: Path = PARAMS,
+) -> None:
+    """Measure a latency model of the teacher's sublayers on one deployment target, and check its fit."""
+    p = _params(params)
+    _one_of(name, list(p.deployments), "deployments")
+    _stage("profile", p, name, params.parent)
+
+
+@app.command()
 def benchmark(params: Path = PARAMS) -> None:
     """Time and evaluate the teacher and every compact model the same way."""
     _stage("benchmark", _params(params), params.parent)

@@ -20,7 +20,7 @@ from pipeline import cli
 from pipeline.params import ParamsError, load_params
 from pipeline.processes import LAUNCHER_PID, StageRunning, lock_path, stage_lock
 
-STAGES = {"data", "teacher", "prune", "finetune", "compact", "baseline", "benchmark", "report"}
+STAGES = {"data", "teacher", "prune", "finetune", "compact", "baseline", "profile", "benchmark", "report"}
 TRAINING_STAGES = {"teacher", "prune", "finetune", "baseline"}
 
 

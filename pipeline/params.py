@@ -250,6 +250,34 @@ class Baselines(_Section):
     magnitude_rounds: Count
 
 
+class DeploymentTarget(_Section):
+    """Where compact models will serve (cofi.latency.Deployment); the profile stage measures there."""
+
+    device: Literal["cpu", "cuda"]
+    runtime: Literal["torch", "onnxruntime"]
+    precision: Literal["fp32", "bf16"]
+    batch_size: Count
+    sequence_length: Annotated[int, Field(ge=1, le=512)]
+    threads: Threads
+
+
+def _deployment_names(targets: dict) -> dict:
+    """Names become file and stage names; ONNX Runtime is measured on the CPU in fp32."""
+    for name, target in targets.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise PydanticCustomError(
+                "conflict",
+                f"deployments: name {name!r} must be letters, digits, '.', '_' or '-' (it names files and a stage)",
+            )
+        if target.runtime == "onnxruntime" and (target.device, target.precision) != ("cpu", "fp32"):
+            raise PydanticCustomError(
+                "conflict",
+                f"deployments.{name}: runtime onnxruntime is measured on the CPU in fp32, "
+                f"not {target.device} {target.precision}",
+            )
+    return targets
+
+
 class Mlflow(_Section):
     experiment: Text
     register_models: bool
@@ -264,6 +292,7 @@ class Params(_Section):
     finetune: Finetune
     benchmark: Benchmark
     baselines: Baselines
+    deployments: Annotated[dict[str, DeploymentTarget], AfterValidator(_deployment_names)]
     mlflow: Mlflow
 
     @model_validator(mode="after")

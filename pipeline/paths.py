@@ -71,6 +71,9 @@ class Paths:
     def onnx(self, model_name: str) -> Path:
         return self.root / "outputs" / "onnx" / f"{model_name}.onnx"
 
+    def latency_model(self, deployment: str) -> Path:
+        return self.root / "outputs" / "latency" / f"{deployment}.json"
+
     def benchmark_metrics(self, model_name: str) -> Path:
         return self.root / "metrics" / "benchmark" / f"{model_name}.json"
 

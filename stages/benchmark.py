@@ -56,7 +56,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 
     with mlflow_run(STAGE, params, paths.root, tags=lineage.data_tags(paths.teacher)):
         models = {name: load_model(path, verify=True).to(device) for name, path in sources.items()}
-        sessions = {}
+        onnx_files = {}
         check_inputs = collate(data.validation[:32])
         for name, model in models.items():
             preds, labels = predict(model, data.validation, collate, bf16=False)
@@ -76,8 +76,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             if bench.onnx:  # exported from a fresh fp32 CPU copy: the timed model stays where it is
                 cpu_model = copy.deepcopy(model).float().cpu()
                 path = export_onnx(cpu_model, paths.onnx(name))
-                sessions[name] = onnx_session(path, threads)
-                difference = max_logit_difference(cpu_model, sessions[name], check_inputs)
+                onnx_files[name] = path
+                difference = max_logit_difference(cpu_model, onnx_session(path, threads), check_inputs)
                 if difference > ONNX_TOLERANCE:
                     raise OnnxMismatchError(
                         f"{name}: ONNX Runtime logits differ from PyTorch by {difference:.3g} > {ONNX_TOLERANCE} ({path})"
@@ -91,9 +91,13 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                     for name, model in models.items():
                         timing = time_forward(model, batch, length, precision, bench.warmup, bench.repeats)
                         results["models"][name]["timings"].append(timing.as_dict())
-                for name, session in sessions.items():
+                for name, path in onnx_files.items():
+                    # one live session at a time: an idle session's threads spin after each run and
+                    # steal the cores from the one being timed (with three live: the 90% model 1.5-2.3x slower at batch 1)
+                    session = onnx_session(path, threads)
                     timing = time_onnx(session, models[name].config.vocab_size, batch, length, threads,
                                        bench.warmup, bench.repeats)
+                    del session
                     results["models"][name]["timings"].append(timing.as_dict())
         add_speedups(results["models"])
 

@@ -18,6 +18,7 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cofi.configuration_cofi import CofiConfig  # noqa: E402
+from cofi.latency import LatencyModel, Structure  # noqa: E402
 from cofi.structure import structure_table  # noqa: E402
 from pipeline import lineage, tracking  # noqa: E402
 from pipeline.params import Params  # noqa: E402
@@ -141,6 +142,35 @@ def curves_figure(curve: pd.DataFrame, title: str) -> plt.Figure:
     return fig
 
 
+def latency_section(params: Params, paths: Paths, models: dict, env: dict) -> list[str]:
+    """Each deployment's latency model: its fit, and each CoFi model's predicted speedup
+    beside the benchmark's measurement in the same configuration (when it was measured)."""
+    if not params.deployments:
+        return []
+    lines = ["## Latency models", "",
+             "Measured by `profile@<name>` on each deployment target (cofi/latency.py); the fit compares predicted "
+             "and measured speedups of random compact structures.", ""]
+    for deployment in params.deployments:
+        model = LatencyModel.from_dict(json.loads(paths.latency_model(deployment).read_text()))
+        fit, key = model.fit, model.deployment.key
+        lines += [f"### {deployment}: {key} on {model.deployment.device}", "",
+                  f"Fit on {fit['structures']} random structures: worst |error| {fit['worst_relative_error']:.1%}, "
+                  f"mean {fit['mean_relative_error']:.1%}. Unpruned model: {model.reference_ms:.2f} ms.", ""]
+        if model.hardware.get("cpu") != env.get("cpu") or model.hardware.get("gpu") != env.get("gpu"):
+            warning = (f"profiled on {model.hardware.get('gpu') or model.hardware.get('cpu')}, benchmarked on "
+                       f"{env.get('gpu') or env.get('cpu')}: predictions are for the former")
+            print(f"warning: latency model {deployment} {warning}", flush=True)
+            lines += [f"**Warning:** {warning}.", ""]
+        lines += ["| model | predicted speedup | measured speedup |", "|---|---|---|"]
+        for t in params.prune.targets:
+            name = f"cofi-{target_name(t)}"
+            predicted = model.speedup(Structure.of(CofiConfig.from_pretrained(paths.compact(t))))
+            measured = next((m["speedup"] for m in models.get(name, {}).get("timings", []) if m["key"] == key), None)
+            lines.append(f"| {name} | {predicted:.2f}× | {f'{measured:.2f}×' if measured else 'not measured'} |")
+        lines.append("")
+    return lines
+
+
 def run(params: Params, root: Path = Path(".")) -> str:
     paths = Paths(root)
     spec = task_spec_of(params)
@@ -191,6 +221,8 @@ def run(params: Params, root: Path = Path(".")) -> str:
             (out / "curves" / name).mkdir(parents=True, exist_ok=True)
             curve[present].to_csv(out / "curves" / name / f"{t}.csv", index=False)
         lines += [f"![pruning curves](curves-{t}.png)", ""]
+
+    lines += latency_section(params, paths, models, env)
 
     for filename, fig in figures.items():
         fig.savefig(out / filename, dpi=110)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import torch
@@ -113,3 +115,24 @@ def stop_process_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+@contextmanager
+def isolated_mlflow(tracking_uri: str | None = None) -> Iterator[None]:
+    """Runs the body with ``tracking_uri`` (or none from outside) and undoes what MLflow sets
+    process-wide meanwhile: active runs, the tracking URI (set_tracking_uri exports
+    MLFLOW_TRACKING_URI) and any other environment variable (MLFLOW_HTTP_* and the like)."""
+    import mlflow
+
+    saved = dict(os.environ)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    try:
+        yield
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+        os.environ.clear()
+        os.environ.update(saved)

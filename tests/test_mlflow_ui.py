@@ -32,7 +32,7 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set $CHROMIUM)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
 
-from conftest import stop_process_group  # noqa: E402
+from conftest import isolated_mlflow, stop_process_group  # noqa: E402
 from pipeline import tracking  # noqa: E402
 from stages.benchmark import log_model_results  # noqa: E402
 
@@ -92,12 +92,10 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def filled(server, tmp_path_factory) -> str:
     """One pipeline execution's runs and models on the server; returns the experiment id."""
-    saved = dict(os.environ)
-    os.environ["MLFLOW_TRACKING_URI"] = server
     project = tmp_path_factory.mktemp("ui-project")
     common = dict(params={"prune": {"targets": [0.6, 0.9]}, "data": {"task": "sst2"}}, group=GROUP, tags={},
                   project_dir=project, experiment=EXPERIMENT, system_metrics=False)
-    try:
+    with isolated_mlflow(server):
         for stage in ("data", "teacher"):
             with tracking.stage_run(stage, **common):
                 mlflow.log_metric("done", 1.0)
@@ -119,12 +117,6 @@ def filled(server, tmp_path_factory) -> str:
         with tracking.stage_run("report", **common):
             tracking.set_best_aliases({"cofi-0.6": ("best at ~2.1×", 2.1)})
         return mlflow.MlflowClient(server).get_experiment_by_name(EXPERIMENT).experiment_id
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
-        mlflow.set_tracking_uri(None)
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import operator
+import re
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,24 @@ BAD = [
     ("no targets", {"prune.targets": []}, ["prune.targets = []: must have at least 1 item"]),
     ("temperature 0", {"prune.temperature": 0}, ["prune.temperature = 0: must be > 0"]),
     ("NaN", {"prune.epochs": float("nan")}, ["prune.epochs = nan: must be a finite number"]),
+    (
+        "deployment of ONNX Runtime in bf16",
+        {"deployments": {"ort": {"device": "cpu", "runtime": "onnxruntime", "precision": "bf16",
+                                 "batch_size": 1, "sequence_length": 128, "threads": 0}}},
+        ["deployments.ort: runtime onnxruntime is measured on the CPU in fp32, not cpu bf16"],
+    ),
+    (
+        "deployment name with a slash",
+        {"deployments": {"a/b": {"device": "cpu", "runtime": "torch", "precision": "fp32",
+                                 "batch_size": 1, "sequence_length": 128, "threads": 0}}},
+        ["deployments: name 'a/b' must be letters, digits, '.', '_' or '-' (it names files and a stage)"],
+    ),
+    (
+        "deployment without a batch size",
+        {"deployments": {"cpu": {"device": "cpu", "runtime": "torch", "precision": "fp32",
+                                 "sequence_length": 128, "threads": 0}}},
+        ["deployments.cpu.batch_size: missing"],
+    ),
     ("epochs map empty", {"prune.epochs": {}}, ["prune.epochs = {}: must be a number of epochs or a map with at least one target"]),
     ("epochs keyed by a name", {"prune.epochs": {"high": 2.0}}, ["prune.epochs = {'high': 2.0}: key 'high' must be a target sparsity in [0, 1)"]),
     ("epochs entry 0", {"prune.epochs": {0.6: 1.25, 0.9: 0}}, ["prune.epochs = {0.6: 1.25, 0.9: 0}: entry 0.9 must be > 0"]),
@@ -131,7 +150,7 @@ BAD = [
         {"prune.sparsity_warmup_epochs": 3.5},
         [
             "sparsity warm-up longer than training: prune.distill_epochs (0.15) + "
-            "prune.sparsity_warmup_epochs (3.5) must be < prune.epochs (1.25)"
+            "prune.sparsity_warmup_epochs (3.5) must be < prune.epochs (1.75)"
         ],
     ),
     ("custom task without data.custom", {"data.task": "custom"}, ["data.task 'custom' requires data.custom"]),
@@ -269,3 +288,13 @@ def test_resolve_source(tmp_path):
     assert resolve_source({"data": {"source": "hub"}}, PROJECT) is None
     assert resolve_source({"data": {"source": str(tmp_path)}}, PROJECT) == tmp_path.resolve()
     assert resolve_source({"data": {"source": "glue"}}, tmp_path) == tmp_path.resolve() / "glue"
+
+
+def test_the_readme_deployments_validate():
+    """The README's `deployments` example is valid params, as printed."""
+    readme = (PROJECT / "README.md").read_text()
+    block = re.search(r"```yaml\n(deployments:\n.*?)```", readme, re.S).group(1)
+    data = yaml.safe_load(REAL.read_text())
+    data.update(yaml.safe_load(block))
+    deployments = validate_params(data).deployments
+    assert set(deployments) == {"cpu-b32", "ort-b1"} and deployments["ort-b1"].runtime == "onnxruntime"

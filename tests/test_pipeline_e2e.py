@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,8 @@ TINY = {
               "batch_size": 16, "reg_learning_rate": 0.5, "evals_per_epoch": 2},
     "finetune": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 1},
     "benchmark": {"batch_sizes": [1], "sequence_lengths": [16], "precisions": ["fp32"], "warmup": 1, "repeats": 2},
+    "deployments": {"cpu-b1": {"device": "cpu", "runtime": "torch", "precision": "fp32", "batch_size": 1,
+                               "sequence_length": 16, "threads": 1}},
 }
 
 
@@ -111,8 +114,25 @@ def test_repro_writes_every_output_and_metric(project):
     assert "accuracy vs speedup" in rendered
     assert {f"report/curves/{kind}/{t}.csv" for kind in ("sparsity", "multipliers", "losses") for t in ("0.3", "0.5")} <= rendered
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    expected = {"data", "teacher", "benchmark", "report"} | {f"{s}@{t}" for s in ("prune", "finetune", "compact") for t in ("0.3", "0.5")}
+    expected = {"data", "teacher", "profile@cpu-b1", "benchmark", "report"}
+    expected |= {f"{s}@{t}" for s in ("prune", "finetune", "compact") for t in ("0.3", "0.5")}
     assert set(lock["stages"]) == expected
+
+
+def test_the_profile_stage_writes_a_checked_latency_model(project):
+    from cofi.latency import LatencyModel
+
+    model = LatencyModel.from_dict(json.loads((project / "outputs" / "latency" / "cpu-b1.json").read_text()))
+    assert model.deployment.key == "torch_fp32_b1_s16" and model.hardware["cpu"]
+    assert model.hidden_grid == [288, 384] and model.head_grid[-1] == 12 and model.unit_grid[-1] == 1536
+    metrics = json.loads((project / "metrics" / "profile-cpu-b1.json").read_text())
+    assert metrics["structures"] == 20 == len(model.fit["rows"])
+    assert metrics["fingerprint"] == model.fingerprint
+    assert metrics["worst_relative_error"] == max(abs(r["relative_error"]) for r in model.fit["rows"])
+    report = (project / "report" / "report.md").read_text()
+    assert "### cpu-b1: torch_fp32_b1_s16 on cpu" in report
+    for t in ("0.3", "0.5"):  # predicted beside measured: the benchmark timed the same configuration
+        assert re.search(rf"\| cofi-{t} \| [0-9.]+× \| [0-9.]+× \|", report), report
 
 
 def test_second_repro_does_nothing(project):
@@ -144,7 +164,7 @@ def test_one_mlflow_run_per_stage_with_lineage_tags(project):
     (parent,) = [r for r in everything if r.data.tags.get("cofi.role") == "pipeline"]  # one pipeline execution
     runs = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]  # its stages
     stages = sorted(r.data.tags["cofi.stage"] for r in runs)
-    assert len(runs) == 10 and len(set(stages)) == 10, stages
+    assert len(runs) == 11 and len(set(stages)) == 11, stages
     assert {r.data.tags["cofi.group"] for r in everything} == {parent.data.tags["cofi.group"]}
     (benchmark,) = [r for r in runs if r.data.tags["cofi.stage"] == "benchmark"]
     per_model = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == benchmark.info.run_id]
@@ -190,3 +210,20 @@ def test_lineage_verifies_then_detects_a_corrupt_weight_file(project):
     bad = run([*cofi, "lineage", "outputs/compact/0.5"], project, check=False)
     assert bad.returncode == 1
     assert "model.safetensors" in bad.stdout + bad.stderr
+
+
+# last: it adds report runs to the pipeline execution that the tests above count
+def test_a_latency_model_from_other_hardware_is_flagged(project):
+    path = project / "outputs" / "latency" / "cpu-b1.json"
+    original = path.read_text()
+    moved = json.loads(original)
+    moved["hardware"]["cpu"] = "Another CPU 9000"
+    path.write_text(json.dumps(moved))
+    try:
+        out = run([sys.executable, "-m", "pipeline.launch", "report"], project)
+        assert "warning: latency model cpu-b1 profiled on Another CPU 9000, benchmarked on " in out.stdout
+        assert "**Warning:** profiled on Another CPU 9000, benchmarked on " in (project / "report" / "report.md").read_text()
+    finally:
+        path.write_text(original)
+        run(["dvc", "repro", "--single-item", "--force", "report"], project)  # the report of the real files again
+

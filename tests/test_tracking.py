@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import stop_process_group
+from conftest import isolated_mlflow, stop_process_group
 
 mlflow = pytest.importorskip("mlflow")
 pd = pytest.importorskip("pandas")
@@ -64,15 +64,9 @@ def _isolated_env(tmp_path, monkeypatch):
     """No tracking URI from outside; whatever a test sets (mlflow.set_tracking_uri exports
     MLFLOW_TRACKING_URI, check_tracking_server sets MLFLOW_HTTP_*) is undone. The working
     directory is a temporary one, so MLflow's default store (./mlflow.db) is never the repo's."""
-    saved = dict(os.environ)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
     monkeypatch.chdir(tmp_path)
-    yield
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-    os.environ.clear()
-    os.environ.update(saved)
+    with isolated_mlflow():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -164,21 +158,18 @@ class Logged:
 @pytest.fixture(scope="module", params=["sqlite", "server"])
 def logged(request, tmp_path_factory, template_db) -> Logged:
     """One stage run with everything the pipeline logs, against the embedded store or the server."""
-    saved = dict(os.environ)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     project = tmp_path_factory.mktemp(f"project-{request.param}")
     commit = _git_repo(project)
-    if request.param == "server":
-        os.environ["MLFLOW_TRACKING_URI"] = request.getfixturevalue("server")
-    else:
+    server = request.getfixturevalue("server") if request.param == "server" else None
+    if server is None:
         shutil.copy(template_db, project / "mlflow.db")
     model_dir = project / "models" / "compact"
     model_dir.mkdir(parents=True)
     (model_dir / "config.json").write_text('{"model_type": "cofi"}')
     (model_dir / "model.safetensors").write_bytes(os.urandom(2048))
     frame = pd.DataFrame({"sentence": ["good", "bad", "fine"], "label": [1, 0, 1]})
-    try:
+    with isolated_mlflow(server):
+        os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
         with stage_run("prune@0.6", params=PARAMS, group="sweep-1", tags={"extra": "yes"},
                        project_dir=project, experiment=EXPERIMENT) as run:
             callback = MlflowCallback(flush_every=2)
@@ -201,12 +192,6 @@ def logged(request, tmp_path_factory, template_db) -> Logged:
             _wait_for_system_metrics(run.info.run_id)
         uri = tracking.tracking_uri(project)
         yield Logged(request.param, uri, run.info.run_id, model, version, model_dir, commit)
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
-        mlflow.set_tracking_uri(None)
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def test_store_kind(logged):

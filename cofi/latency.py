@@ -1,0 +1,319 @@
+"""A latency model of CoFi structures on one deployment target.
+
+A compact model with residual width d and, in layer l, h_l heads and u_l FFN
+units is modelled as
+
+    T = F(d) + Σ_l A(h_l, d) + Σ_l B(u_l, d),     A(0, d) = B(0, d) = 0
+
+F is the fixed cost (embeddings, pooler, classifier), A an attention sublayer
+(projections, scores, its LayerNorm), B an FFN sublayer. A sublayer with nothing
+kept does no work, so it costs nothing.
+
+``profile`` measures F, A and B on grids of d, h and u by timing *whole models*
+whose layers are all alike: L attention-only layers of h heads take
+F(d) + L·A(h, d). Every number is the runtime's own whole-model latency (PyTorch
+or ONNX Runtime, through the benchmark's harness), as a fraction of the unpruned
+model's latency timed in the same round, so a prediction is directly a speedup.
+Between grid points the tables are interpolated linearly in h (or u), then in d.
+``check_fit`` compares predicted and measured speedups on random structures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import statistics
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from cofi.benchmark import environment, time_forward, time_onnx
+from cofi.compact import compact_config
+from cofi.configuration_cofi import CofiConfig
+from cofi.modeling_cofi import CofiForSequenceClassification
+
+RUNTIMES = ("torch", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Where the compact model will serve: what the latency model is measured on."""
+
+    device: str = "cpu"
+    runtime: str = "torch"  # "torch" or "onnxruntime" (CPU, fp32)
+    precision: str = "fp32"  # "fp32" or "bf16" (torch only)
+    batch_size: int = 32
+    sequence_length: int = 128
+    threads: int = 0  # 0: the runtime's default
+
+    def __post_init__(self):
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime={self.runtime!r}; allowed: {', '.join(RUNTIMES)}")
+        if self.runtime == "onnxruntime" and (self.device, self.precision) != ("cpu", "fp32"):
+            raise ValueError(f"ONNX Runtime is timed on the CPU in fp32, not {self.device} {self.precision}")
+
+    @property
+    def key(self) -> str:
+        """The benchmark's name for this configuration: torch_fp32_b32_s128."""
+        return f"{self.runtime}_{self.precision}_b{self.batch_size}_s{self.sequence_length}"
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What a compact model keeps: residual width, heads and FFN units per layer."""
+
+    hidden: int
+    heads: tuple[int, ...]
+    units: tuple[int, ...]
+
+    @classmethod
+    def of(cls, config: CofiConfig) -> Structure:
+        return cls(config.hidden_size, tuple(config.layer_num_heads), tuple(config.layer_intermediate_size))
+
+
+def hardware_fingerprint(device: str) -> dict:
+    """What the timings depend on besides the deployment config: processor (or GPU), cores, library versions."""
+    env = environment()
+    keys = ("cpu", "cores", "torch", "onnxruntime", "gpu")
+    return {k: env[k] for k in keys if k in env} | {"device": device}
+
+
+def fingerprint(deployment: Deployment, hardware: dict) -> str:
+    """A short hash naming one (hardware, deployment) pair."""
+    text = json.dumps({"deployment": asdict(deployment), "hardware": hardware}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Piecewise-linear through (xs, ys), xs increasing; linear extrapolation beyond the ends."""
+    if len(xs) == 1:
+        return ys[0]
+    i = min(max(1, sum(1 for v in xs if v < x)), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+@dataclass
+class LatencyModel:
+    """Measured tables of F(d), A(h, d) and B(u, d), each as a fraction of the unpruned
+    model's latency measured in the same round (see ``profile``), and that latency in ms."""
+
+    deployment: Deployment
+    hardware: dict
+    reference_ms: float  # the unpruned model (the teacher's shape), median over the rounds
+    hidden_grid: list[int]
+    head_grid: list[int]
+    unit_grid: list[int]
+    fixed: list[float]  # [hidden]
+    attention: list[list[float]]  # [hidden][head]
+    ffn: list[list[float]]  # [hidden][unit]
+    scale: float = 1.0  # measured ÷ additive prediction on mixed structures (median): see ``profile``
+    fit: dict = field(default_factory=dict)  # check_fit's summary
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.deployment, self.hardware)
+
+    def _at(self, d: int, grid: Sequence[int], table: Sequence[Sequence[float]], x: int) -> float:
+        return _interp(d, self.hidden_grid, [_interp(x, grid, row) for row in table])
+
+    def additive(self, s: Structure) -> float:
+        """F + ΣA + ΣB for structure ``s``, from the tables alone (a fraction of the unpruned latency)."""
+        fixed = _interp(s.hidden, self.hidden_grid, self.fixed)
+        attention = sum(self._at(s.hidden, self.head_grid, self.attention, h) for h in s.heads if h)
+        ffn = sum(self._at(s.hidden, self.unit_grid, self.ffn, u) for u in s.units if u)
+        return fixed + attention + ffn
+
+    def relative(self, s: Structure) -> float:
+        """Predicted latency of a compact model of structure ``s`` ÷ the unpruned model's."""
+        return self.scale * self.additive(s)
+
+    def speedup(self, s: Structure) -> float:
+        return 1.0 / self.relative(s)
+
+    def predict_ms(self, s: Structure) -> float:
+        return self.relative(s) * self.reference_ms
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LatencyModel:
+        data = {k: v for k, v in data.items() if k != "fingerprint"}
+        return cls(**{**data, "deployment": Deployment(**data["deployment"])})
+
+
+# ---- measuring ------------------------------------------------------------------------
+# This 2-core machine drifts by up to 2x over minutes (other tenants, clocks), far
+# more than a pass varies within seconds. So every model is timed in interleaved
+# rounds against the unpruned model timed just before it, and the tables hold the
+# median of those ratios: drift cancels, and a speedup is exactly such a ratio.
+
+Stopwatch = Callable[[torch.nn.Module], Callable[[], float]]
+REFERENCE_EVERY = 6  # models timed per timing of the reference
+
+
+def model_of(config: CofiConfig, s: Structure) -> CofiForSequenceClassification:
+    """A compact model of structure ``s`` cut from ``config``'s full shape, random weights
+    (latency depends on the shapes alone)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # a removed sublayer's empty weight "cannot be initialised"
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return CofiForSequenceClassification(compact_config(config, s.hidden, list(s.heads), list(s.units))).eval()
+
+
+def full_structure(config: CofiConfig) -> Structure:
+    L = config.num_hidden_layers
+    return Structure(config.hidden_size, (config.num_attention_heads,) * L, (config.intermediate_size,) * L)
+
+
+def stopwatch(deployment: Deployment, repeats: int = 2) -> Stopwatch:
+    """``prepare(model)`` readies a model for ``deployment`` (moved, or exported to ONNX and
+    loaded in a session), runs one discarded pass, and returns a function timing it:
+    the median of ``repeats`` passes, in ms."""
+    if deployment.threads:
+        torch.set_num_threads(deployment.threads)
+    if deployment.runtime == "torch":
+        device = torch.device(deployment.device)
+
+        def prepare_torch(model: torch.nn.Module) -> Callable[[], float]:
+            model = model.to(device)
+            run = lambda warmup, n: time_forward(  # noqa: E731
+                model, deployment.batch_size, deployment.sequence_length, deployment.precision, warmup, n).median_ms
+            run(1, 1)
+            return lambda: run(0, repeats)
+
+        return prepare_torch
+
+    from cofi.onnx_export import export_onnx, onnx_session
+
+    def prepare_ort(model: torch.nn.Module) -> Callable[[], float]:
+        with tempfile.TemporaryDirectory() as tmp:
+            graph = export_onnx(model, Path(tmp) / "model.onnx").read_bytes()
+        vocab = model.config.vocab_size
+
+        def run(warmup: int, n: int) -> float:
+            # a session per timing: an idle session's threads spin after each run and
+            # would steal the cores from the next model's (34 live: the unpruned model 3.6x slower at batch 1)
+            session = onnx_session(graph, deployment.threads)
+            return time_onnx(session, vocab, deployment.batch_size, deployment.sequence_length, deployment.threads,
+                             warmup, n).median_ms
+
+        return lambda: run(1, repeats)
+
+    return prepare_ort
+
+
+def relative_latencies(
+    timers: Sequence[Callable[[], float]], reference: Callable[[], float], rounds: int
+) -> tuple[list[float], float]:
+    """Each timer's latency ÷ the reference's timed shortly before it, median over
+    ``rounds`` interleaved rounds; and the reference's median in ms."""
+    ratios: list[list[float]] = [[] for _ in timers]
+    reference_ms: list[float] = []
+    for _ in range(rounds):
+        for i, time_model in enumerate(timers):
+            if i % REFERENCE_EVERY == 0:
+                reference_ms.append(reference())
+            ratios[i].append(time_model() / reference_ms[-1])
+    return [statistics.median(r) for r in ratios], statistics.median(reference_ms)
+
+
+def default_grids(config: CofiConfig, keep_multiple: int = 16) -> tuple[list[int], list[int], list[int]]:
+    """Hidden widths, head counts and FFN widths to measure: enough points for the fit
+    measured in the README, few enough for a profile in about a minute here."""
+    d, H, U = config.hidden_size, config.num_attention_heads, config.intermediate_size
+    step = max(keep_multiple, 1)
+
+    def rounded(x: float, top: int) -> int:
+        return min(top, max(step, int(round(x / step)) * step))
+
+    hidden = sorted({rounded(d * f, d) for f in (0.75, 1.0)})  # CoFi keeps most of the residual width
+    heads = sorted({max(1, round(H * f)) for f in (1 / H, 0.25, 0.5, 0.75, 1.0)})
+    units = sorted({rounded(U * f, U) for f in (1 / 96, 1 / 24, 0.125, 0.25, 0.5, 0.75, 1.0)})
+    return hidden, heads, units
+
+
+def profile(
+    config: CofiConfig,
+    deployment: Deployment,
+    grids: tuple[list[int], list[int], list[int]] | None = None,
+    prepare: Stopwatch | None = None,
+    rounds: int = 3,
+    calibration: Sequence[Structure] = (),
+    progress: Callable[[str], None] = lambda _: None,
+) -> LatencyModel:
+    """Measure F, A and B for ``config``'s shape on ``deployment`` (see the module docstring).
+
+    Layers of a real compact model differ, and on a CPU such a model runs a little
+    faster than the sum of its parts measured in all-alike models (about 10% here:
+    caches and threads are shared differently). ``calibration`` structures, timed in
+    the same rounds, fix that scale: the median of measured ÷ additive prediction."""
+    hidden_grid, head_grid, unit_grid = grids or default_grids(config)
+    prepare = prepare or stopwatch(deployment)
+    L, none = config.num_hidden_layers, (0,) * config.num_hidden_layers
+    shapes = [Structure(d, none, none) for d in hidden_grid]
+    shapes += [Structure(d, (h,) * L, none) for d in hidden_grid for h in head_grid]
+    shapes += [Structure(d, none, (u,) * L) for d in hidden_grid for u in unit_grid]
+    shapes += list(calibration)
+    progress(f"preparing {len(shapes)} models")
+    timers = [prepare(model_of(config, s)) for s in shapes]
+    progress(f"timing them in {rounds} rounds")
+    relative, reference_ms = relative_latencies(timers, prepare(model_of(config, full_structure(config))), rounds)
+    n, H, U = len(hidden_grid), len(head_grid), len(unit_grid)
+    fixed = relative[:n]
+    attention = [[(relative[n + i * H + j] - fixed[i]) / L for j in range(H)] for i in range(n)]
+    base = n + n * H
+    ffn = [[(relative[base + i * U + j] - fixed[i]) / L for j in range(U)] for i in range(n)]
+    model = LatencyModel(deployment, hardware_fingerprint(deployment.device), reference_ms, list(hidden_grid),
+                         list(head_grid), list(unit_grid), fixed, attention, ffn)
+    measured = relative[base + n * U:]
+    if calibration:
+        model.scale = statistics.median(m / model.additive(s) for s, m in zip(calibration, measured))
+    return model
+
+
+def random_structures(config: CofiConfig, n: int, keep_multiple: int = 16, seed: int = 0) -> list[Structure]:
+    """``n`` structures as pruning makes them: per layer a kept fraction drawn uniformly,
+    a quarter of the sublayers removed, half of them with a narrower residual stream
+    (at least 3/4 of it), widths rounded up to ``keep_multiple``."""
+    rng = random.Random(seed)
+    d, H, U, L = config.hidden_size, config.num_attention_heads, config.intermediate_size, config.num_hidden_layers
+    step = max(keep_multiple, 1)
+
+    def width(top: int) -> int:
+        return min(top, -(-max(1, round(top * rng.uniform(0.05, 1.0))) // step) * step)
+
+    out = []
+    for _ in range(n):
+        heads = tuple(0 if rng.random() < 0.25 else rng.randint(1, H) for _ in range(L))
+        units = tuple(0 if rng.random() < 0.25 else width(U) for _ in range(L))
+        hidden = d if rng.random() < 0.5 else min(d, -(-round(d * rng.uniform(0.75, 1.0)) // step) * step)
+        out.append(Structure(hidden, heads, units))
+    return out
+
+
+def check_fit(
+    model: LatencyModel,
+    config: CofiConfig,
+    structures: Sequence[Structure],
+    prepare: Stopwatch | None = None,
+    rounds: int = 3,
+) -> dict:
+    """Predicted against measured speedup over the unpruned model on ``structures``
+    (timed like ``profile``); stores the summary in ``model.fit`` and returns it."""
+    prepare = prepare or stopwatch(model.deployment)
+    timers = [prepare(model_of(config, s)) for s in structures]
+    measured, _ = relative_latencies(timers, prepare(model_of(config, full_structure(config))), rounds)
+    rows = [{"hidden": s.hidden, "heads": list(s.heads), "units": list(s.units), "measured_speedup": 1 / m,
+             "predicted_speedup": model.speedup(s), "relative_error": model.relative(s) / m - 1}
+            for s, m in zip(structures, measured)]
+    errors = [abs(r["relative_error"]) for r in rows]
+    model.fit = {"structures": len(rows), "worst_relative_error": max(errors),
+                 "mean_relative_error": sum(errors) / len(errors), "rows": rows}
+    return model.fit

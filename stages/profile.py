@@ -1,0 +1,68 @@
+"""Stage `profile@<name>`: a latency model of the teacher's shape on one deployment target.
+
+Measures F(d), A(h, d) and B(u, d) (cofi/latency.py) on deployments[<name>], each
+as a fraction of the unpruned model's latency in interleaved rounds, then checks
+the model on random compact structures: predicted against measured speedup.
+Writes outputs/latency/<name>.json (the tables, the hardware fingerprint and the
+fit, row by row) and metrics/profile-<name>.json (the fit's summary, the stage's
+own time); logs both to MLflow."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+
+from cofi.configuration_cofi import CofiConfig
+from cofi.latency import Deployment, check_fit, default_grids, profile, random_structures, stopwatch
+from cofi.manifest import atomic_write
+from pipeline import lineage
+from pipeline.params import Params
+from pipeline.paths import Paths
+from pipeline.runtime import mlflow_run, seed_everything, write_json
+
+STAGE = "profile"
+FIT_STRUCTURES = 20  # random compact structures the fit is checked on
+CALIBRATION_STRUCTURES = 8  # others, for the latency model's scale
+ROUNDS, REPEATS = 3, 2  # interleaved rounds (median ratio kept), timed passes per model per round
+
+
+def run(params: Params, name: str, root: Path = Path(".")) -> dict:
+    target = params.deployments[name]
+    seed_everything(params.seed)  # not setup(): compute.threads is for training, the deployment has its own
+    if target.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"deployments '{name}': device cuda, but torch sees no CUDA GPU on this machine")
+    paths = Paths(root)
+    config = CofiConfig.from_pretrained(paths.teacher)  # the shape; no weights needed
+    deployment = Deployment(target.device, target.runtime, target.precision, target.batch_size,
+                            target.sequence_length, target.threads)
+    keep_multiple = params.prune.keep_multiple
+    with mlflow_run(f"{STAGE}@{name}", params, paths.root, tags=lineage.data_tags(paths.teacher)):
+        start = time.perf_counter()
+        prepare = stopwatch(deployment, REPEATS)
+        calibration = random_structures(config, CALIBRATION_STRUCTURES, keep_multiple, params.seed + 1)
+        model = profile(config, deployment, default_grids(config, keep_multiple), prepare, ROUNDS, calibration,
+                        progress=lambda m: print(m, flush=True))
+        print(f"checking the fit on {FIT_STRUCTURES} random structures", flush=True)
+        fit = check_fit(model, config, random_structures(config, FIT_STRUCTURES, keep_multiple, params.seed),
+                        prepare, ROUNDS)
+        seconds = time.perf_counter() - start
+        metrics = {
+            "worst_relative_error": fit["worst_relative_error"],
+            "mean_relative_error": fit["mean_relative_error"],
+            "structures": fit["structures"],
+            "reference_ms": model.reference_ms,
+            "profile_seconds": seconds,
+        }
+        out = paths.latency_model(name)
+        atomic_write(out, json.dumps(model.to_dict(), indent=1))
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags({"cofi.deployment": deployment.key, "cofi.latency.fingerprint": model.fingerprint})
+        mlflow.log_artifact(str(out))
+        write_json(paths.metrics(f"{STAGE}-{name}"), {**metrics, "fingerprint": model.fingerprint})
+    print(f"{name} ({deployment.key}): worst |error| {metrics['worst_relative_error']:.1%}, "
+          f"mean {metrics['mean_relative_error']:.1%} on {FIT_STRUCTURES} structures; {seconds:.0f} s")
+    return metrics

@@ -1,0 +1,137 @@
+"""The latency model (cofi/latency.py): exact where the cost is what the model assumes,
+a file format that round-trips, and a real profile that runs on both runtimes."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cofi import CofiConfig
+from cofi.latency import (
+    Deployment, LatencyModel, Structure, check_fit, default_grids, fingerprint, full_structure, model_of, profile,
+    random_structures, relative_latencies,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = CofiConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128)
+
+
+def additive_cost(model) -> float:
+    """A runtime whose latency is exactly F(d) + Σ A(h, d) + Σ B(u, d), bilinear in
+    (h, d) and (u, d): what the model's tables interpolate exactly."""
+    s = Structure.of(model.config)
+    fixed = 1.0 + 0.01 * s.hidden
+    attention = sum(0.3 + 0.002 * h * s.hidden for h in s.heads if h)
+    ffn = sum(0.2 + 0.0001 * u * s.hidden + 0.001 * u for u in s.units if u)
+    return fixed + attention + ffn
+
+
+def exact(model):
+    """A stopwatch whose every pass takes additive_cost(model) ms."""
+    return lambda: additive_cost(model)
+
+
+FULL_MS = additive_cost(model_of(CONFIG, full_structure(CONFIG)))
+
+
+def test_an_additive_runtime_is_predicted_exactly():
+    model = profile(CONFIG, Deployment(), prepare=exact)
+    assert model.reference_ms == FULL_MS
+    structures = random_structures(CONFIG, 20, keep_multiple=16, seed=1)
+    fit = check_fit(model, CONFIG, structures, prepare=exact)
+    assert fit["structures"] == 20 and fit["worst_relative_error"] <= 1e-12
+    # off the grids too: widths between and beyond the measured ones
+    for s in (Structure(40, (1, 3, 4), (8, 100, 128)), Structure(64, (0, 0, 0), (0, 0, 0)), Structure(24, (2, 0, 1), (0, 16, 0))):
+        assert model.predict_ms(s) == pytest.approx(additive_cost(model_of(CONFIG, s)), rel=1e-12)
+        assert model.speedup(s) == pytest.approx(FULL_MS / additive_cost(model_of(CONFIG, s)), rel=1e-12)
+    assert model.speedup(full_structure(CONFIG)) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_a_removed_sublayer_costs_nothing():
+    model = profile(CONFIG, Deployment(), prepare=exact)
+    empty = Structure(48, (0, 0, 0), (0, 0, 0))
+    assert model.predict_ms(empty) == pytest.approx(1.0 + 0.01 * 48, rel=1e-12)  # F(48) alone
+
+
+def test_drift_between_rounds_cancels():
+    """A machine that slows down by 1% on every pass: ratios to the reference timed just
+    before stay within that drift, raw times would not."""
+    clock = {"factor": 1.0}
+
+    def drifting(cost):
+        def time_once():
+            clock["factor"] *= 1.01
+            return cost * clock["factor"]
+        return time_once
+
+    ratios, _ = relative_latencies([drifting(c) for c in (1.0, 2.0, 3.0)], drifting(10.0), rounds=5)
+    assert ratios == pytest.approx([0.1, 0.2, 0.3], rel=0.05)
+
+
+def test_the_model_round_trips_through_json_and_names_its_target():
+    model = profile(CONFIG, Deployment(batch_size=1), prepare=exact)
+    loaded = LatencyModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert loaded == model and loaded.fingerprint == model.fingerprint
+    s = random_structures(CONFIG, 1, seed=3)[0]
+    assert loaded.speedup(s) == model.speedup(s)
+    other = dataclasses.replace(model.deployment, runtime="onnxruntime")
+    assert fingerprint(other, model.hardware) != model.fingerprint
+    assert fingerprint(model.deployment, {**model.hardware, "cpu": "another CPU"}) != model.fingerprint
+
+
+def test_deployment_settings_are_checked():
+    with pytest.raises(ValueError, match="runtime='tensorrt'"):
+        Deployment(runtime="tensorrt")
+    with pytest.raises(ValueError, match="ONNX Runtime is timed on the CPU in fp32, not cpu bf16"):
+        Deployment(runtime="onnxruntime", precision="bf16")
+    assert Deployment(runtime="onnxruntime", batch_size=1).key == "onnxruntime_fp32_b1_s128"
+
+
+def test_random_structures_are_what_pruning_makes():
+    structures = random_structures(CONFIG, 50, keep_multiple=16, seed=0)
+    assert structures == random_structures(CONFIG, 50, keep_multiple=16, seed=0)
+    assert all(len(s.heads) == len(s.units) == 3 for s in structures)
+    assert all(0 <= h <= 4 for s in structures for h in s.heads)
+    assert all(u % 16 == 0 and 0 <= u <= 128 for s in structures for u in s.units)
+    assert all(s.hidden % 16 == 0 and 48 <= s.hidden <= 64 for s in structures)
+    assert any(0 in s.heads for s in structures) and any(0 in s.units for s in structures)
+
+
+def test_default_grids_span_the_shape():
+    hidden, heads, units = default_grids(CofiConfig(hidden_size=384, num_attention_heads=12, intermediate_size=1536))
+    assert hidden == [288, 384] and heads[0] == 1 and heads[-1] == 12
+    assert units[0] == 16 and units[-1] == 1536 and all(u % 16 == 0 for u in units)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_the_latency_benchmark_runs_at_a_tiny_size(tmp_path, runtime):
+    spec = importlib.util.spec_from_file_location("bench_latency_model", ROOT / "benchmarks" / "bench_latency_model.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "latency.json"
+    result = bench.main(["--shape", "tiny", "--runtime", runtime, "--batch-size", "2", "--seq-len", "8",
+                         "--structures", "3", "--repeats", "1", "--rounds", "1", "--threads", "1", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["deployment"] == f"{runtime}_fp32_b2_s8" == result["deployment"]
+    model = LatencyModel.from_dict(saved["model"])
+    assert model.fit["structures"] == 3 and all(r["measured_speedup"] > 0 for r in model.fit["rows"])
+    assert model.fingerprint == saved["model"]["fingerprint"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")
+def test_a_cuda_deployment_without_a_gpu_is_refused_before_any_work(tmp_path):
+    from pipeline.params import validate_params
+    from stages import profile as profile_stage
+
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["deployments"] = {"gpu": {"device": "cuda", "runtime": "torch", "precision": "fp32", "batch_size": 32,
+                                   "sequence_length": 128, "threads": 0}}
+    with pytest.raises(ValueError, match="^deployments 'gpu': device cuda, but torch sees no CUDA GPU on this machine$"):
+        profile_stage.run(validate_params(data), "gpu", tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written
