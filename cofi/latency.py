@@ -173,9 +173,9 @@ def full_structure(config: CofiConfig) -> Structure:
 
 
 def stopwatch(deployment: Deployment, repeats: int = 2) -> Stopwatch:
-    """``prepare(model)`` readies a model for ``deployment`` (moved, or exported to ONNX and
-    loaded in a session), runs one discarded pass, and returns a function timing it:
-    the median of ``repeats`` passes, in ms."""
+    """``prepare(model)`` readies a model for ``deployment`` (moved to its device and run once,
+    or exported to ONNX) and returns a function timing it: the median of ``repeats`` passes,
+    in ms (ONNX Runtime: in a new session each time, after one discarded pass)."""
     if deployment.threads:
         torch.set_num_threads(deployment.threads)
     if deployment.runtime == "torch":
