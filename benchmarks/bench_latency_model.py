@@ -18,15 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from cofi import CofiConfig
+from cofi.benchmark import SHAPES, shape_config
 from cofi.latency import Deployment, check_fit, profile, random_structures, stopwatch
-
-SHAPES = {  # hidden, layers, heads, intermediate
-    "minilm": (384, 6, 12, 1536),
-    "bert-base": (768, 12, 12, 3072),
-    "tiny": (32, 2, 4, 64),
-}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -47,9 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    hidden, layers, heads, intermediate = SHAPES[args.shape]
-    config = CofiConfig(vocab_size=30522 if args.shape != "tiny" else 100, hidden_size=hidden,
-                        num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate)
+    config = shape_config(args.shape, vocab_size=30522 if args.shape != "tiny" else 100)
     keep_multiple = 16 if args.shape != "tiny" else 4
     deployment = Deployment(args.device, args.runtime, args.precision, args.batch_size, args.seq_len, args.threads)
     prepare = stopwatch(deployment, repeats=args.repeats)

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from cofi import CofiConfig, CofiForSequenceClassification
+from cofi import CofiForSequenceClassification
 from cofi.batching import Collator
-from cofi.benchmark import environment, time_forward
+from cofi.benchmark import SHAPES, environment, shape_config, time_forward
 from cofi.compact import compact
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
 from cofi.flops import forward_flops
@@ -42,13 +42,6 @@ from cofi.gates import GateConfig, HardConcreteGates
 from cofi.metrics import accuracy
 from cofi.sparsity import ModelShape, mask_sparsity
 from cofi.trainer import PruneConfig, TrainConfig, Trainer
-
-SHAPES = {  # hidden, layers, heads, intermediate
-    "bert-base": (768, 12, 12, 3072),
-    "minilm": (384, 6, 12, 1536),
-    "tiny": (32, 2, 4, 64),
-}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -70,11 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def random_model(shape: str, seed: int = 0) -> CofiForSequenceClassification:
-    hidden, layers, heads, intermediate = SHAPES[shape]
     torch.manual_seed(seed)
-    config = CofiConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=intermediate, max_position_embeddings=512, num_labels=2)
-    return CofiForSequenceClassification(config)
+    return CofiForSequenceClassification(shape_config(shape))
 
 
 def build_trainer(args: argparse.Namespace, prune: bool, precision: str, log_steps: int = 10) -> Trainer:

@@ -23,6 +23,21 @@ from cofi.onnx_export import onnx_feed
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
+SHAPES = {  # the benchmarks' model shapes: hidden, layers, heads, intermediate
+    "bert-base": (768, 12, 12, 3072),
+    "minilm": (384, 6, 12, 1536),  # all-MiniLM-L6-v2
+    "tiny": (32, 2, 4, 64),
+}
+
+
+def shape_config(shape: str, vocab_size: int = 30522):
+    """A CoFi config of a named shape (random-weight models for timing: speed depends on shapes)."""
+    from cofi.configuration_cofi import CofiConfig
+
+    hidden, layers, heads, intermediate = SHAPES[shape]
+    return CofiConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=intermediate, max_position_embeddings=512, num_labels=2)
+
 
 @dataclass
 class Timing:

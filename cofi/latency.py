@@ -183,8 +183,11 @@ def stopwatch(deployment: Deployment, repeats: int = 2) -> Stopwatch:
 
         def prepare_torch(model: torch.nn.Module) -> Callable[[], float]:
             model = model.to(device)
-            run = lambda warmup, n: time_forward(  # noqa: E731
-                model, deployment.batch_size, deployment.sequence_length, deployment.precision, warmup, n).median_ms
+
+            def run(warmup: int, n: int) -> float:
+                return time_forward(model, deployment.batch_size, deployment.sequence_length, deployment.precision,
+                                    warmup, n).median_ms
+
             run(1, 1)
             return lambda: run(0, repeats)
 
