@@ -5,7 +5,9 @@ default: 12 layers, d=768, 12 heads, d_f=3072):
 
 1. **Step time**: one pruning step (sampled masks, masked forward and backward,
    the Lagrangian, three optimisers) against one plain distillation step, through
-   ``Trainer.train_step``, in fp32 and bf16. The configurations are interleaved
+   ``Trainer.train_step``, in fp32 and bf16; and a pruning step to a speedup
+   target (the Lagrangian on a latency model's expected latency) against one to a
+   sparsity target. The configurations are interleaved
    (one step of each per round, order rotated) so that load from other processes
    hits them alike; warm-up rounds are discarded; medians and IQRs are reported.
 2. **Host-read cost**: the same pruning steps when the host reads the logged
@@ -39,6 +41,7 @@ from cofi.compact import compact
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
 from cofi.flops import forward_flops
 from cofi.gates import GateConfig, HardConcreteGates
+from cofi.latency import Deployment, LatencyModel, default_grids
 from cofi.metrics import accuracy
 from cofi.sparsity import ModelShape, mask_sparsity
 from cofi.trainer import PruneConfig, TrainConfig, Trainer
@@ -67,8 +70,19 @@ def random_model(shape: str, seed: int = 0) -> CofiForSequenceClassification:
     return CofiForSequenceClassification(shape_config(shape))
 
 
-def build_trainer(args: argparse.Namespace, prune: bool, precision: str, log_steps: int = 10) -> Trainer:
-    """A trainer whose every step prunes (``prune``) or only distils, on one batch of random tokens."""
+def flop_latency_model(config) -> LatencyModel:
+    """A latency model of ``config``'s shape on the default grids whose tables are FLOP
+    shares (no timing): the constraint's cost per step depends on the grids, not the values."""
+    hidden, heads, units = default_grids(config)
+    d, H, U, L = config.hidden_size, config.num_attention_heads, config.intermediate_size, config.num_hidden_layers
+    return LatencyModel(Deployment(), {}, 1.0, hidden, heads, units, fixed=[0.05 * x / d for x in hidden],
+                        attention=[[0.35 * (h / H) * (x / d) / L for h in heads] for x in hidden],
+                        ffn=[[0.6 * (u / U) * (x / d) / L for u in units] for x in hidden])
+
+
+def build_trainer(args: argparse.Namespace, prune: str | None, precision: str, log_steps: int = 10) -> Trainer:
+    """A trainer whose every step prunes (``prune``: "sparsity" or "speedup" target) or
+    only distils (None), on one batch of random tokens."""
     student, teacher = random_model(args.shape), random_model(args.shape)
     layers = student.config.num_hidden_layers
     distill = DistillationLoss(PredictionDistillLoss(2.0),
@@ -79,8 +93,10 @@ def build_trainer(args: argparse.Namespace, prune: bool, precision: str, log_ste
     # many epochs: the learning rate and the target sparsity stay about constant over the benchmark
     config = TrainConfig(epochs=100_000, batch_size=args.batch_size, bf16=precision == "bf16", device=args.device,
                          progress=False, log_steps=log_steps)
-    schedule = PruneConfig(target_sparsity=0.6, distill_epochs=0, sparsity_warmup_epochs=1_000,
-                           gates=GateConfig(keep_multiple=args.keep_multiple)) if prune else None
+    target = {"sparsity": {"target_sparsity": 0.6},
+              "speedup": {"target_speedup": 2.0, "latency": flop_latency_model(student.config)}}.get(prune)
+    schedule = PruneConfig(**target, distill_epochs=0, sparsity_warmup_epochs=1_000,
+                           gates=GateConfig(keep_multiple=args.keep_multiple)) if target else None
     trainer = Trainer(student, data, data[:8], config, metric_fn=accuracy, primary_metric="accuracy",
                       collate=Collator(0), teacher=teacher, distill=distill, prune=schedule)
     trainer.model.train()
@@ -98,8 +114,9 @@ def summary(ms: list[float]) -> dict:
 
 
 def step_times(args: argparse.Namespace) -> dict:
-    configs = {f"{'prune' if p else 'distill'}/{precision}": build_trainer(args, p, precision)
-               for precision in args.precision for p in (False, True)}
+    kinds = {"distill": None, "prune": "sparsity", "prune-speedup": "speedup"}
+    configs = {f"{name}/{precision}": build_trainer(args, kind, precision)
+               for precision in args.precision for name, kind in kinds.items()}
     indices = list(range(args.batch_size))
     times: dict[str, list[float]] = {name: [] for name in configs}
     names = list(configs)
@@ -116,8 +133,9 @@ def step_times(args: argparse.Namespace) -> dict:
         print(f"  step round {r + 1}/{args.warmup + args.repeats}", file=sys.stderr)
     results = {name: summary(ms) for name, ms in times.items()}
     for precision in args.precision:
-        results[f"prune_over_distill/{precision}"] = (
-            results[f"prune/{precision}"]["median_ms"] / results[f"distill/{precision}"]["median_ms"])
+        median = {name: results[f"{name}/{precision}"]["median_ms"] for name in kinds}
+        results[f"prune_over_distill/{precision}"] = median["prune"] / median["distill"]
+        results[f"speedup_over_sparsity_target/{precision}"] = median["prune-speedup"] / median["prune"]
     return results
 
 
@@ -127,7 +145,7 @@ def read_cost(args: argparse.Namespace) -> dict:
     indices = list(range(args.batch_size))
     results = {}
     for log_steps in (1, 10):
-        trainer = build_trainer(args, True, precision, log_steps)
+        trainer = build_trainer(args, "sparsity", precision, log_steps)
         for _ in range(args.warmup):
             trainer.train_step(indices)
         trainer.read_logged()
@@ -195,12 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}}
 
     results["steps"] = step_times(args)
-    print(f"\n{'step':16s} {'median ms':>10s} {'IQR ms':>8s}")
+    print(f"\n{'step':20s} {'median ms':>10s} {'IQR ms':>8s}")
     for name, s in results["steps"].items():
         if isinstance(s, dict):
-            print(f"{name:16s} {s['median_ms']:10.1f} {s['iqr_ms']:8.1f}")
+            print(f"{name:20s} {s['median_ms']:10.1f} {s['iqr_ms']:8.1f}")
     for precision in args.precision:
-        print(f"prune / distill, {precision}: {results['steps'][f'prune_over_distill/{precision}']:.3f}")
+        print(f"prune / distill, {precision}: {results['steps'][f'prune_over_distill/{precision}']:.3f}; "
+              f"speedup target / sparsity target: {results['steps'][f'speedup_over_sparsity_target/{precision}']:.3f}")
 
     if args.read_steps:
         results["host_reads"] = read_cost(args)

@@ -27,7 +27,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from cofi.sparsity import FAMILIES, ModelShape, expected_sparsity, size_of_counts
+from cofi.sparsity import FAMILIES, ModelShape, expected_sparsity, group_counts, size_of_counts
 
 BETA = 2.0 / 3.0  # temperature of the concrete distribution (Louizos et al., 2018)
 LIMIT_L, LIMIT_R = -0.1, 1.1  # stretch interval: z hits exactly 0 and 1 with positive probability
@@ -151,22 +151,26 @@ class HardConcreteGates(nn.Module):
             for f, a in self.log_alpha.items()
         }
 
+    def expected_counts(self) -> dict[str, Tensor]:
+        """Expected units kept per group (``sparsity.group_counts``), differentiable in log α."""
+        return group_counts(self.keep_probabilities())
+
+    @torch.no_grad()
+    def deterministic_counts(self) -> dict[str, Tensor]:
+        """Units ``deterministic()``'s masks keep per group, float64 on the gates' device:
+        hidden (), the others (L,). From the kept counts alone (no argsort, no host read):
+        the masks zero exactly ``N − kept_count`` units per group and keep the others non-zero."""
+        return {f: kept_count(self._per_layer(f, a), self._keep_multiple(f)).double() for f, a in self.log_alpha.items()}
+
     def expected_sparsity(self) -> Tensor:
         """ŝ = 1 − E/M with E from the keep probabilities (differentiable)."""
         return expected_sparsity(self.shape, self.keep_probabilities())
 
     @torch.no_grad()
     def deterministic_sparsity(self) -> Tensor:
-        """Sparsity of ``deterministic()``'s masks, a float64 tensor on the gates' device.
-
-        Computed from the kept counts alone (no argsort, no host read): the masks
-        zero exactly ``N − kept_count`` units per group and keep the others non-zero,
-        so this equals ``mask_sparsity(shape, deterministic())``.
-        """
-        counts = {  # hidden (), the others (L,): the shapes size_of_counts takes
-            f: kept_count(self._per_layer(f, a), self._keep_multiple(f)).double() for f, a in self.log_alpha.items()
-        }
-        return 1.0 - size_of_counts(self.shape, counts) / self.shape.prunable_size
+        """Sparsity of ``deterministic()``'s masks (equal to ``mask_sparsity(shape, deterministic())``),
+        a float64 tensor on the gates' device."""
+        return 1.0 - size_of_counts(self.shape, self.deterministic_counts()) / self.shape.prunable_size
 
     @torch.no_grad()
     def clamp_(self) -> None:

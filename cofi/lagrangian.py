@@ -3,7 +3,10 @@
     L_c = λ1·(s − t) + λ2·(s − t)²
 
 with s the sparsity of the deterministic masks, carrying the gradient of the
-smooth expected sparsity ŝ (``controlled_sparsity``). The log α minimise L_c
+smooth expected sparsity ŝ (``controlled_sparsity``). For a speedup target, s is
+the fraction of the unpruned latency the deterministic structure saves, 1 − T/T_full
+(cofi.latency), with the gradient of the same fraction for the expected kept units,
+and t = 1 − 1/speedup: the same machinery, another measure of size. The log α minimise L_c
 (gradient descent) while λ1, λ2 maximise it (gradient ascent, an optimizer with
 ``maximize=True``). If s stays below the target t, λ1 grows negative, which
 makes ∂L_c/∂s = λ1 + 2λ2(s − t) negative: descent then raises ŝ, and with it s.

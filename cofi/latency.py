@@ -28,14 +28,16 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
+from torch import Tensor
 
 from cofi.benchmark import environment, time_forward, time_onnx
 from cofi.compact import compact_config
 from cofi.configuration_cofi import CofiConfig
 from cofi.modeling_cofi import CofiForSequenceClassification
+from cofi.sparsity import ModelShape, complete_counts
 
 RUNTIMES = ("torch", "onnxruntime")
 
@@ -89,12 +91,14 @@ def fingerprint(deployment: Deployment, hardware: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Piecewise-linear through (xs, ys), xs increasing; linear extrapolation beyond the ends."""
+def _interp(x: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
+    """Piecewise-linear through (xs, ys[..., k]) at x, xs increasing (the last dim of ys),
+    linear beyond the ends; differentiable in x (and ys). x: () or (L,) → ys.shape[:-1] + x.shape."""
     if len(xs) == 1:
-        return ys[0]
-    i = min(max(1, sum(1 for v in xs if v < x)), len(xs) - 1)
-    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        first = ys[..., 0]
+        return first.reshape(first.shape + (1,) * x.dim()).expand(first.shape + x.shape)
+    i = torch.searchsorted(xs, x.detach().contiguous()).clamp(1, len(xs) - 1)  # segment [xs[i-1], xs[i]]
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[..., i - 1], ys[..., i]
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
@@ -119,25 +123,84 @@ class LatencyModel:
     def fingerprint(self) -> str:
         return fingerprint(self.deployment, self.hardware)
 
-    def _at(self, d: int, grid: Sequence[int], table: Sequence[Sequence[float]], x: int) -> float:
-        return _interp(d, self.hidden_grid, [_interp(x, grid, row) for row in table])
+    def _tables(self, like: Tensor) -> dict[str, Tensor]:
+        """The tables as tensors of ``like``'s dtype and device. The head and unit grids
+        start at (0, 0), a sublayer with nothing kept costs nothing, then (1, the first
+        segment extrapolated): a real count ≥ 1 below the grid is extrapolated as before,
+        and only an expected count under one unit falls linearly to 0."""
+        def t(x) -> Tensor:
+            return torch.tensor(x, dtype=like.dtype, device=like.device)
+
+        def from_zero(grid: list[int], table: list[list[float]]) -> tuple[Tensor, Tensor]:
+            if grid[0] <= 1:
+                return t([0] + grid), t([[0.0] + row for row in table])
+            one = [_interp(t(1.0), t(grid), t(row)).item() for row in table]
+            return t([0, 1] + grid), t([[0.0, v] + row for v, row in zip(one, table)])
+
+        heads, attention = from_zero(self.head_grid, self.attention)
+        units, ffn = from_zero(self.unit_grid, self.ffn)
+        return {"hidden": t(self.hidden_grid), "fixed": t(self.fixed), "heads": heads, "attention": attention,
+                "units": units, "ffn": ffn}
+
+    def relative_of_counts(self, shape: ModelShape, counts: Mapping[str, Tensor], calibrated: bool = True) -> Tensor:
+        """Predicted latency ÷ the unpruned model's, from the units kept per group:
+
+            T = scale · [F(d) + Σ_l mha(l)·A(heads(l), d) + Σ_l ffn(l)·B(units(l), d)]
+
+        ``counts`` are ``sparsity.size_of_counts``'s (a missing family keeps everything):
+        exact counts give the prediction for that structure; expected counts (sums of
+        keep probabilities, layer gates' P(z>0)) give the expected latency, to first
+        order, differentiable in log α: the gradient the latency constraint follows.
+        Each term is at least 0 (extrapolated tables could dip below), the whole at least 1e-3."""
+        c = complete_counts(shape, counts)
+        t = self._tables(c["hidden"])
+        d = c["hidden"]
+        fixed = _interp(d, t["hidden"], t["fixed"]).clamp(min=0)
+        attention = _interp(d, t["hidden"], _interp(c["head"], t["heads"], t["attention"]).T).clamp(min=0)  # (L,)
+        ffn = _interp(d, t["hidden"], _interp(c["intermediate"], t["units"], t["ffn"]).T).clamp(min=0)  # (L,)
+        total = fixed + (c["mha"] * attention).sum() + (c["ffn"] * ffn).sum()
+        return (self.scale * total if calibrated else total).clamp(min=1e-3)
+
+    def _counts(self, s: Structure) -> dict[str, Tensor]:
+        def t(x) -> Tensor:
+            return torch.tensor(x, dtype=torch.float64)
+
+        return {"hidden": t(s.hidden), "head": t(s.heads), "intermediate": t(s.units)}
+
+    def _shape(self, s: Structure) -> ModelShape:
+        # full sizes matter only for missing families; a Structure names them all
+        return ModelShape(len(s.heads), max(self.head_grid), 1, max(self.hidden_grid), max(self.unit_grid))
 
     def additive(self, s: Structure) -> float:
         """F + ΣA + ΣB for structure ``s``, from the tables alone (a fraction of the unpruned latency)."""
-        fixed = _interp(s.hidden, self.hidden_grid, self.fixed)
-        attention = sum(self._at(s.hidden, self.head_grid, self.attention, h) for h in s.heads if h)
-        ffn = sum(self._at(s.hidden, self.unit_grid, self.ffn, u) for u in s.units if u)
-        return fixed + attention + ffn
+        return float(self.relative_of_counts(self._shape(s), self._counts(s), calibrated=False))
 
     def relative(self, s: Structure) -> float:
         """Predicted latency of a compact model of structure ``s`` ÷ the unpruned model's."""
-        return self.scale * self.additive(s)
+        return float(self.relative_of_counts(self._shape(s), self._counts(s)))
 
     def speedup(self, s: Structure) -> float:
         return 1.0 / self.relative(s)
 
     def predict_ms(self, s: Structure) -> float:
         return self.relative(s) * self.reference_ms
+
+    def max_speedup(self, shape: ModelShape, families: Sequence[str], keep_multiple: int = 1) -> float:
+        """The largest speedup pruning ``families`` can reach by this model: everything they
+        can remove removed, the residual stream (if pruned) at its narrowest, ``keep_multiple``."""
+        least = {f: torch.zeros(shape.num_layers, dtype=torch.float64) for f in families if f != "hidden"}
+        if "hidden" in families:
+            least["hidden"] = torch.tensor(float(min(keep_multiple, shape.hidden_size)), dtype=torch.float64)
+        return 1.0 / float(self.relative_of_counts(shape, least))
+
+    def check_reachable(self, speedup: float, shape: ModelShape, families: Sequence[str], keep_multiple: int = 1) -> None:
+        """ValueError naming the largest speedup if ``speedup`` is beyond ``max_speedup``."""
+        fastest = self.max_speedup(shape, families, keep_multiple)
+        if speedup > fastest:
+            raise ValueError(
+                f"target_speedup={speedup:g} cannot be reached on {self.deployment.key}: the latency model allows "
+                f"at most {fastest:.2f}x (the fixed costs remain when {', '.join(families)} are pruned away)"
+            )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "fingerprint": self.fingerprint}

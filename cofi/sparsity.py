@@ -70,6 +70,17 @@ def group_counts(keep: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
     }
 
 
+def complete_counts(shape: ModelShape, counts: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``counts`` (units kept per group, the shapes of ``group_counts``) with every family
+    present: a missing family (not pruned) keeps everything."""
+    given = next(iter(counts.values()), None)
+    like = {"dtype": torch.float64} if given is None else {"dtype": given.dtype, "device": given.device}
+    L = shape.num_layers
+    full = {"hidden": ((), shape.hidden_size), "head": ((L,), shape.num_heads), "mha": ((L,), 1),
+            "intermediate": ((L,), shape.intermediate_size), "ffn": ((L,), 1)}
+    return {f: torch.full(size, n, **like) if counts.get(f) is None else counts[f] for f, (size, n) in full.items()}
+
+
 def size_of_counts(shape: ModelShape, counts: Mapping[str, Tensor]) -> Tensor:
     """E = hidden · [4·D·Σ_l mha(l)·heads(l) + 2·Σ_l ffn(l)·units(l)].
 
@@ -78,19 +89,10 @@ def size_of_counts(shape: ModelShape, counts: Mapping[str, Tensor]) -> Tensor:
     expected counts (sums of keep probabilities) or exact ones (deterministic
     masks). A missing family keeps everything.
     """
-    given = next(iter(counts.values()), None)
-    like = {"dtype": torch.float64} if given is None else {"dtype": given.dtype, "device": given.device}
-    L = shape.num_layers
-    full = {"hidden": ((), shape.hidden_size), "head": ((L,), shape.num_heads), "mha": ((L,), 1),
-            "intermediate": ((L,), shape.intermediate_size), "ffn": ((L,), 1)}
-
-    def get(family: str) -> Tensor:  # a family switched off keeps everything
-        value = counts.get(family)
-        return torch.full(full[family][0], full[family][1], **like) if value is None else value
-
-    heads = (get("mha") * get("head")).sum()
-    units = (get("ffn") * get("intermediate")).sum()
-    return get("hidden") * (4 * shape.head_size * heads + 2 * units)
+    c = complete_counts(shape, counts)
+    heads = (c["mha"] * c["head"]).sum()
+    units = (c["ffn"] * c["intermediate"]).sum()
+    return c["hidden"] * (4 * shape.head_size * heads + 2 * units)
 
 
 def remaining_size(shape: ModelShape, keep: Mapping[str, Tensor | None]) -> Tensor:

@@ -11,6 +11,12 @@ fine-tuning with a fixed structure.
   ``expected_sparsity`` (ŝ of the keep probabilities). The best checkpoint is
   chosen among evaluations whose deterministic-mask sparsity is within
   ``sparsity_tolerance`` of the final target.
+  With ``target_speedup`` the controlled number is instead the fraction of the
+  unpruned latency saved, 1 − T/T_full, as a latency model (cofi.latency) predicts
+  it: of the deterministic structure for the value, of the expected kept units for
+  the gradient. Steps log ``predicted_speedup`` (controlled), ``expected_speedup``
+  and ``target_speedup``; candidates are evaluations whose predicted speedup is
+  within ``speedup_tolerance`` (relative) of the target.
 - Fixed structure: fixed masks on the full model, or a compacted model.
 
 The loop is seeded and resumable: the example order of an epoch is a function of
@@ -39,7 +45,7 @@ import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +61,9 @@ from cofi.gates import GateConfig, HardConcreteGates
 from cofi.lagrangian import Lagrangian, controlled_sparsity, target_sparsity
 from cofi.metrics import MetricFn
 from cofi.sparsity import ModelShape, mask_sparsity, max_sparsity
+
+if TYPE_CHECKING:
+    from cofi.latency import LatencyModel
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +100,42 @@ class TrainConfig:
 
 @dataclass
 class PruneConfig:
-    target_sparsity: float
+    """What pruning aims at: ``target_sparsity``, or ``target_speedup`` over the unpruned
+    model as ``latency`` (a latency model of the deployment) predicts it. Either way the
+    Lagrangian controls one number of the deterministic structure: its sparsity, or the
+    fraction of the unpruned latency it saves, 1 − 1/speedup."""
+
+    target_sparsity: float | None = None
     distill_epochs: float = 1.0  # distillation only, before any mask is sampled
-    sparsity_warmup_epochs: float = 2.0  # target rises linearly from the masks' initial sparsity over this span
+    sparsity_warmup_epochs: float = 2.0  # target rises linearly from the masks' initial value over this span
     reg_learning_rate: float = 0.01  # for log α (descent) and λ1, λ2 (ascent)
     lambda_2_init: float = 0.0  # λ2's start (the paper: 0); lagrangian.py says why the pipeline starts it at 100
     sparsity_tolerance: float = 0.01  # ε: checkpoints this close to the target are candidates
     gates: GateConfig = field(default_factory=GateConfig)
+    target_speedup: float | None = None  # instead of target_sparsity
+    latency: LatencyModel | None = None  # predicts the speedup of a structure; needed by target_speedup
+    speedup_tolerance: float = 0.03  # relative: checkpoints whose predicted speedup is this close are candidates
 
     def __post_init__(self) -> None:
-        _check_range("target_sparsity", self.target_sparsity, 0.0, 1.0, high_open=True)
+        if (self.target_sparsity is None) == (self.target_speedup is None):
+            raise ValueError("give one of target_sparsity and target_speedup")
+        if self.target_sparsity is not None:
+            _check_range("target_sparsity", self.target_sparsity, 0.0, 1.0, high_open=True)
+        else:
+            _check_range("target_speedup", self.target_speedup, 1.0, math.inf, low_open=True)
+            if self.latency is None:
+                raise ValueError("target_speedup needs a latency model (latency)")
         _check_range("distill_epochs", self.distill_epochs, 0.0, math.inf)
         _check_range("sparsity_warmup_epochs", self.sparsity_warmup_epochs, 0.0, math.inf)
         _check_range("reg_learning_rate", self.reg_learning_rate, 0.0, math.inf, low_open=True)
         _check_range("lambda_2_init", self.lambda_2_init, 0.0, math.inf)
         _check_range("sparsity_tolerance", self.sparsity_tolerance, 0.0, 1.0, low_open=True)
+        _check_range("speedup_tolerance", self.speedup_tolerance, 0.0, 1.0, low_open=True)
+
+    @property
+    def controlled_target(self) -> float:
+        """The final target of the controlled number: a sparsity, or the latency saved."""
+        return self.target_sparsity if self.target_speedup is None else 1.0 - 1.0 / self.target_speedup
 
 
 def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
@@ -318,16 +348,20 @@ class Trainer:
                     f">= {self.total_steps} steps)"
                 )
             self.shape = ModelShape.from_config(model.config)
-            reachable = max_sparsity(self.shape, prune.gates.families)
-            if prune.target_sparsity > reachable:
-                raise ValueError(
-                    f"target_sparsity={prune.target_sparsity:g} cannot be reached by pruning only "
-                    f"{', '.join(prune.gates.families)}: at most {reachable:.4f} (add families)"
-                )
+            families = prune.gates.families
+            if prune.target_speedup is None:
+                reachable = max_sparsity(self.shape, families)
+                if prune.target_sparsity > reachable:
+                    raise ValueError(
+                        f"target_sparsity={prune.target_sparsity:g} cannot be reached by pruning only "
+                        f"{', '.join(families)}: at most {reachable:.4f} (add families)"
+                    )
+            else:
+                prune.latency.check_reachable(prune.target_speedup, self.shape, families, prune.gates.keep_multiple)
             gates = HardConcreteGates(self.shape, prune.gates)
             # where the target ramp starts: read here, on the host, before the gates
             # move to the device (seeded, so the same on every process and on resume)
-            self.initial_sparsity = float(gates.deterministic_sparsity())
+            self.initial_controlled = float(self._controlled(gates)[1])
             self.gates = gates.to(self.device)
             self.lagrangian = Lagrangian(prune.lambda_2_init).to(self.device)
             self.gate_optimizer = torch.optim.AdamW(self.gates.parameters(), lr=prune.reg_learning_rate, weight_decay=0.0)
@@ -358,6 +392,17 @@ class Trainer:
                 config.layer_num_heads, config.layer_intermediate_size, self.device)
         return self._structure_exists
 
+    def _controlled(self, gates: HardConcreteGates) -> tuple[Tensor, Tensor]:
+        """What the Lagrangian controls, (expected, deterministic): the sparsity, or for a
+        speedup target the fraction of the unpruned latency saved, 1 − T/T_full, of the
+        expected counts (differentiable in log α) and of the deterministic structure
+        (``keep_multiple`` and the layer-drop rule included)."""
+        if self.prune.target_speedup is None:
+            return gates.expected_sparsity(), gates.deterministic_sparsity()
+        latency = self.prune.latency
+        return (1 - latency.relative_of_counts(self.shape, gates.expected_counts()),
+                1 - latency.relative_of_counts(self.shape, gates.deterministic_counts()))
+
     def _losses(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         """Every loss part of one micro-batch: "data" (the per-example loss, a mean over
         the micro-batch) and, while pruning, the "lagrangian" (a global term)."""
@@ -379,14 +424,17 @@ class Trainer:
             )
             parts["data"] = parts["distill"]
         if pruning:
-            expected = self.gates.expected_sparsity()
-            shipped = self.gates.deterministic_sparsity()  # on the device: no host read
+            expected, shipped = self._controlled(self.gates)  # shipped: on the device, no host read
             target = target_sparsity(
-                step, self.prune.target_sparsity, self.prune_start, self.sparsity_warmup, self.initial_sparsity)
+                step, self.prune.controlled_target, self.prune_start, self.sparsity_warmup, self.initial_controlled)
             parts["lagrangian"] = self.lagrangian(controlled_sparsity(expected, shipped), target)
-            parts["expected_sparsity"] = expected.detach()
-            parts["mask_sparsity"] = shipped
-            parts["target_sparsity"] = torch.full((), target, device=self.device)  # a fill, not a host copy
+            target = torch.full((), target, device=self.device)  # a fill, not a host copy
+            if self.prune.target_speedup is None:
+                parts |= {"expected_sparsity": expected.detach(), "mask_sparsity": shipped, "target_sparsity": target}
+            else:  # the latency saved, shown as the speedup it means; the sparsity alongside
+                parts |= {"expected_speedup": 1 / (1 - expected.detach()), "predicted_speedup": 1 / (1 - shipped),
+                          "target_speedup": 1 / (1 - target), "expected_sparsity": self.gates.expected_sparsity().detach(),
+                          "mask_sparsity": self.gates.deterministic_sparsity()}
             parts["lambda_1"] = self.lagrangian.lambda_1.detach()
             parts["lambda_2"] = self.lagrangian.lambda_2.detach()
         return parts
@@ -426,6 +474,8 @@ class Trainer:
             masks = self.gates.deterministic()
             metrics["sparsity"] = mask_sparsity(self.shape, masks)
             metrics["expected_sparsity"] = float(self.gates.expected_sparsity())
+            if self.prune.target_speedup is not None:
+                metrics["predicted_speedup"] = 1 / (1 - float(self._controlled(self.gates)[1]))
         preds, labels = self._predict(masks)
         metrics.update(self.metric_fn(preds, labels))
         metrics["step"] = self.step
@@ -450,6 +500,9 @@ class Trainer:
     def _is_candidate(self, metrics: Mapping[str, float]) -> bool:
         if self.prune is None:
             return True
+        if self.prune.target_speedup is not None:
+            return ("predicted_speedup" in metrics
+                    and abs(metrics["predicted_speedup"] / self.prune.target_speedup - 1) <= self.prune.speedup_tolerance)
         return "sparsity" in metrics and abs(metrics["sparsity"] - self.prune.target_sparsity) <= self.prune.sparsity_tolerance
 
     def _weights(self) -> dict[str, Any]:
@@ -622,17 +675,21 @@ class Trainer:
             self.history.append({"step": step + 1, **read})
             for cb in self.callbacks:
                 cb.on_step(step + 1, read)
-        shown = {k: read[k] for k in ("loss", "pred", "layer", "lagrangian", "mask_sparsity", "target_sparsity") if k in read}
+        shown = {k: read[k] for k in ("loss", "pred", "layer", "lagrangian", "mask_sparsity", "target_sparsity",
+                                      "predicted_speedup", "target_speedup") if k in read}
         self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
 
     def _finish(self) -> TrainResult:
         target_reached = self.best is not None
-        if not target_reached:  # pruning never came within ε of the target: keep the final weights
+        if not target_reached:  # pruning never came within tolerance of the target: keep the final weights
             last = self.evaluations[-1]
-            log.warning(
-                "no evaluation within %.3f of target sparsity %.3f; keeping the final weights (sparsity %.4f)",
-                self.prune.sparsity_tolerance, self.prune.target_sparsity, last.get("sparsity", 0.0),
-            )
+            if self.prune.target_speedup is None:
+                log.warning("no evaluation within %.3f of target sparsity %.3f; keeping the final weights (sparsity %.4f)",
+                            self.prune.sparsity_tolerance, self.prune.target_sparsity, last.get("sparsity", 0.0))
+            else:
+                log.warning("no evaluation within %.1f%% of target speedup %.2fx; keeping the final weights "
+                            "(predicted %.2fx)", 100 * self.prune.speedup_tolerance, self.prune.target_speedup,
+                            last.get("predicted_speedup", 1.0))
             self.best = {"step": self.step, "metrics": last, "state": self._weights()}
         self._load_weights(self.best["state"])
         return TrainResult(

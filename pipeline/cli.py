@@ -23,7 +23,10 @@ from pipeline.processes import die_with_launcher
 app = typer.Typer(help="CoFi structured pruning of BERT-family classifiers.", no_args_is_help=True)
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="The params file, validated before any work.")
-TARGET = typer.Option(..., "--target", help="A target sparsity; must be one of prune.targets in the params file.")
+TARGET = typer.Option(
+    ..., "--target",
+    help="A target sparsity (0.6), one of prune.targets, or a target speedup (2x), one of prune.speedups.",
+)
 ABLATION = typer.Option(
     None, "--ablation",
     help="Run this ablation of baselines.ablations (CoFi with one part switched off) at --target, "
@@ -53,19 +56,27 @@ def _stage(name: str, *args: Any, **kwargs: Any) -> None:
     importlib.import_module(f"stages.{name}").run(*args, **kwargs)
 
 
-def _sweep_stage(name: str, params_path: Path, target: float, ablation: str | None) -> None:
-    """A stage run once per target sparsity (prune, finetune, compact), or for an ablation."""
+def _sweep_stage(name: str, params_path: Path, target: str, ablation: str | None) -> None:
+    """A stage run once per target (prune, finetune, compact), or for an ablation."""
     from pipeline.params import ablated
-    from pipeline.paths import ablation_variant
+    from pipeline.paths import Speedup, ablation_variant, parse_target
 
     p = _params(params_path)
-    target = _one_of(target, p.prune.targets, "prune.targets")
+    try:
+        parsed = parse_target(target)
+    except ValueError as e:
+        typer.echo(f"error: --target {e}", err=True)
+        raise typer.Exit(2) from None
+    if isinstance(parsed, Speedup):
+        _one_of(parsed.factor, p.prune.speedups, "prune.speedups")
+    else:
+        _one_of(parsed, p.prune.targets, "prune.targets")
     if ablation is None:
-        _stage(name, p, target, params_path.parent)
+        _stage(name, p, parsed, params_path.parent)
         return
     _one_of(ablation, p.baselines.ablations, "baselines.ablations")
-    _one_of(target, [p.baselines.target], "baselines.target")
-    _stage(name, ablated(p, ablation), target, params_path.parent, ablation_variant(ablation))
+    _one_of(parsed, [p.baselines.target], "baselines.target")
+    _stage(name, ablated(p, ablation), parsed, params_path.parent, ablation_variant(ablation))
 
 
 @app.command()
@@ -81,19 +92,19 @@ def teacher(params: Path = PARAMS) -> None:
 
 
 @app.command()
-def prune(target: float = TARGET, ablation: Optional[str] = ABLATION, params: Path = PARAMS) -> None:
-    """CoFi pruning of a copy of the teacher to one target sparsity."""
+def prune(target: str = TARGET, ablation: Optional[str] = ABLATION, params: Path = PARAMS) -> None:
+    """CoFi pruning of a copy of the teacher to one target sparsity or speedup."""
     _sweep_stage("prune", params, target, ablation)
 
 
 @app.command()
-def finetune(target: float = TARGET, ablation: Optional[str] = ABLATION, params: Path = PARAMS) -> None:
+def finetune(target: str = TARGET, ablation: Optional[str] = ABLATION, params: Path = PARAMS) -> None:
     """Fine-tune the pruned (compacted) structure with distillation; finetune.epochs 0 passes it on as it is."""
     _sweep_stage("finetune", params, target, ablation)
 
 
 @app.command()
-def compact(target: float = TARGET, ablation: Optional[str] = ABLATION, params: Path = PARAMS) -> None:
+def compact(target: str = TARGET, ablation: Optional[str] = ABLATION, params: Path = PARAMS) -> None:
     """Export the compact model (remote code, tokenizer, manifest) and register it in MLflow."""
     _sweep_stage("compact", params, target, ablation)
 

@@ -25,6 +25,7 @@ from cofi.ablations import ABLATIONS
 from cofi.data import TASKS
 from cofi.metrics import METRICS
 from cofi.sparsity import FAMILIES
+from pipeline.paths import Speedup, Target
 
 
 class ParamsError(ValueError):
@@ -181,7 +182,10 @@ class Teacher(_Section):
 
 
 class Prune(_Section):
-    targets: _unique_list(Ratio)
+    targets: Annotated[list[Ratio], AfterValidator(_unique)]  # sparsities
+    speedups: Annotated[list[Annotated[float, Field(gt=1)]], AfterValidator(_unique)]  # over the teacher, on deployment
+    deployment: Text | None  # a key of deployments: the latency model speedup targets are pruned against
+    speedup_tolerance: Annotated[float, Field(gt=0, lt=1)]  # relative
     epochs: Annotated[Any, AfterValidator(_epochs_per_target)]  # a number, or a map target → epochs (see epochs_for)
     distill_epochs: NonNegative
     sparsity_warmup_epochs: NonNegative
@@ -199,11 +203,18 @@ class Prune(_Section):
     sparsity_tolerance: Annotated[float, Field(gt=0, lt=1)]
     evals_per_epoch: Count
 
-    def epochs_for(self, target: float) -> float:
+    @property
+    def all_targets(self) -> list[Target]:
+        return [*self.targets, *map(Speedup, self.speedups)]
+
+    def epochs_for(self, target: Target) -> float:
         """The pruning epochs of ``target``: prune.epochs, or, from a map, its entry for
-        ``target``, linear between the two nearest entries, the nearest one beyond them."""
+        ``target``, linear between the two nearest entries, the nearest one beyond them.
+        A speedup k takes the epochs of sparsity 1 − 1/k (the map's keys are sparsities)."""
         if not isinstance(self.epochs, dict):
             return self.epochs
+        if isinstance(target, Speedup):
+            target = 1 - 1 / target.factor
         points = sorted(self.epochs.items())
         below = [p for p in points if p[0] <= target] or points[:1]
         above = [p for p in points if p[0] >= target] or points[-1:]
@@ -212,7 +223,9 @@ class Prune(_Section):
 
     @model_validator(mode="after")
     def _warmup_within_training(self) -> Prune:
-        shortest = min(self.epochs_for(t) for t in self.targets)
+        if not self.all_targets:
+            raise PydanticCustomError("conflict", "prune.targets and prune.speedups are both empty: nothing to prune")
+        shortest = min(self.epochs_for(t) for t in self.all_targets)
         if self.distill_epochs + self.sparsity_warmup_epochs >= shortest:
             raise PydanticCustomError(
                 "conflict",
@@ -294,6 +307,19 @@ class Params(_Section):
     baselines: Baselines
     deployments: Annotated[dict[str, DeploymentTarget], AfterValidator(_deployment_names)]
     mlflow: Mlflow
+
+    @model_validator(mode="after")
+    def _speedups_have_a_deployment(self) -> Params:
+        p = self.prune
+        if p.speedups and p.deployment not in self.deployments:
+            known = ", ".join(self.deployments) or "none are defined"
+            raise PydanticCustomError(
+                "conflict",
+                f"prune.deployment = {p.deployment!r}: the speedup targets prune.speedups "
+                f"({', '.join(f'{k:g}' for k in p.speedups)}) need the name of a deployment to measure them on, "
+                f"a key of deployments ({known})",
+            )
+        return self
 
     @model_validator(mode="after")
     def _baseline_target_in_sweep(self) -> Params:

@@ -3,15 +3,40 @@ directory holding params.yaml and dvc.yaml, where DVC runs the commands)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 # Files a pruned model directory holds besides the model (written by stage prune, read by finetune)
 MASKS_FILE, GATES_FILE, LAYER_MAP_FILE = "masks.safetensors", "gates.safetensors", "layer_map.safetensors"
 
 
-def target_name(target: float) -> str:
-    """A target sparsity as it appears in paths and stage names: 0.6 → "0.6"."""
-    return f"{target:g}"
+@dataclass(frozen=True)
+class Speedup:
+    """A speedup target (one of prune.speedups) over the teacher, on prune.deployment."""
+
+    factor: float
+
+    def __str__(self) -> str:
+        return f"{self.factor:g}x"
+
+
+Target = Union[float, Speedup]  # a sparsity (one of prune.targets) or a speedup
+
+
+def target_name(target: Target) -> str:
+    """A target as it appears in paths and stage names: sparsity 0.6 → "0.6", speedup 2 → "2x"."""
+    return str(target) if isinstance(target, Speedup) else f"{target:g}"
+
+
+def parse_target(text: str) -> Target:
+    """The inverse of ``target_name``: "0.6" → 0.6, "2x" → Speedup(2.0); ValueError otherwise."""
+    speedup = text.endswith("x")
+    try:
+        value = float(text[:-1] if speedup else text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a sparsity (0.6) nor a speedup (2x)") from None
+    return Speedup(value) if speedup else value
 
 
 def ablation_variant(name: str) -> str:
@@ -28,10 +53,10 @@ class Paths:
         self.root = Path(root).resolve()
         self.variant = variant
 
-    def model_name(self, target: float) -> str:
+    def model_name(self, target: Target) -> str:
         return f"{self.variant}-{target_name(target)}" if self.variant else target_name(target)
 
-    def run_name(self, stage: str, target: float) -> str:
+    def run_name(self, stage: str, target: Target) -> str:
         """The stage's name in MLflow and its checkpoint directory: prune@0.6."""
         return f"{stage}@{self.model_name(target)}"
 
@@ -52,13 +77,13 @@ class Paths:
     def teacher(self) -> Path:
         return self.root / "outputs" / "teacher"
 
-    def pruned(self, target: float) -> Path:
+    def pruned(self, target: Target) -> Path:
         return self.root / "outputs" / "pruned" / self.model_name(target)
 
-    def finetuned(self, target: float) -> Path:
+    def finetuned(self, target: Target) -> Path:
         return self.root / "outputs" / "finetuned" / self.model_name(target)
 
-    def compact(self, target: float) -> Path:
+    def compact(self, target: Target) -> Path:
         return self.root / "outputs" / "compact" / self.model_name(target)
 
     def baseline(self, method: str) -> Path:
@@ -78,11 +103,11 @@ class Paths:
         return self.root / "metrics" / "benchmark" / f"{model_name}.json"
 
     # metrics, plots, report
-    def metrics(self, stage: str, target: float | None = None) -> Path:
+    def metrics(self, stage: str, target: Target | None = None) -> Path:
         suffix = "" if target is None else f"-{self.model_name(target)}"
         return self.root / "metrics" / f"{stage}{suffix}.json"
 
-    def curve(self, stage: str, target: float | None = None) -> Path:
+    def curve(self, stage: str, target: Target | None = None) -> Path:
         suffix = "" if target is None else f"-{self.model_name(target)}"
         return self.root / "plots" / f"{stage}{suffix}.csv"
 

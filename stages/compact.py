@@ -4,8 +4,9 @@ Writes outputs/compact/<target>: a self-contained Hugging Face directory (model,
 remote code, tokenizer, manifest.json) that loads with
 ``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)``,
 registers it in the MLflow model registry with its lineage, and writes
-metrics/compact-<target>.json with fp32 dev accuracy and the three sparsities:
-expected (gates), of the deterministic masks, and counted from the tensors."""
+metrics/compact-<target>.json with fp32 dev accuracy, the target (and for a speedup
+target the latency model's predicted speedup) and the three sparsities: expected
+(gates), of the deterministic masks, and counted from the tensors."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import json
 from pathlib import Path
 
 import mlflow
-import torch
 from transformers import AutoTokenizer
 
 from cofi.compact import load_model, save_model
@@ -22,14 +22,14 @@ from cofi.sparsity import count_prunable_parameters, model_sparsity
 from cofi.trainer import predict
 from pipeline import lineage, tracking
 from pipeline.params import Params
-from pipeline.paths import Paths, target_name
+from pipeline.paths import Paths, Target, target_name
 from pipeline.runtime import collator, mlflow_run, setup, task_spec_of, write_json
 from pipeline.training import load_stage_data
 
 STAGE = "compact"
 
 
-def run(params: Params, target: float, root: Path = Path("."), variant: str | None = None) -> dict:
+def run(params: Params, target: Target, root: Path = Path("."), variant: str | None = None) -> dict:
     setup(params)
     paths = Paths(root, variant)
     data = load_stage_data(paths)
@@ -52,7 +52,8 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
         preds, labels = predict(shipped, data.validation, collator(data.meta["pad_token_id"]), bf16=False)
         metrics = {
             **spec.metric_fn(preds, labels),
-            "target_sparsity": target,
+            # the target (sparsity, or speedup with its latency model's prediction)
+            **{k: prune_metrics[k] for k in ("target_sparsity", "target_speedup", "predicted_speedup") if k in prune_metrics},
             "sparsity_expected": prune_metrics["expected_sparsity"],
             "sparsity_masks": prune_metrics["sparsity"],
             "sparsity_counted": model_sparsity(shipped),
@@ -66,7 +67,8 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
         # a LoggedModel (the deliverable's files as its artifacts when it is registered)
         registered = params.mlflow.register_models
         logged = tracking.log_model(out if registered else None, paths.variant or f"cofi-{target_name(target)}", tags=tags,
-                                    params={"target": target, "variant": paths.variant or "cofi"}, metrics=metrics,
+                                    params={"target": target_name(target), "variant": paths.variant or "cofi",
+                                            **({"deployment": prune_metrics["deployment"]} if "deployment" in prune_metrics else {})}, metrics=metrics,
                                     weights_sha256=manifest["digest"])
         if registered:
             tracking.register_model(out, name=f"cofi-{params.data.task}-{paths.model_name(target)}", tags=tags,

@@ -18,14 +18,14 @@ from cofi.compact import compact, load_model
 from cofi.trainer import predict
 from cofi.manifest import read_manifest
 from pipeline.params import Params
-from pipeline.paths import LAYER_MAP_FILE, MASKS_FILE, Paths
+from pipeline.paths import LAYER_MAP_FILE, MASKS_FILE, Paths, Target
 from pipeline.runtime import collator, distillation, setup, task_spec_of, train_config, write_curve
 from pipeline.training import Manifest, Trained, load_stage_data, result_metrics, run_training_stage, train
 
 STAGE = "finetune"
 
 
-def run(params: Params, target: float, root: Path = Path("."), variant: str | None = None) -> dict:
+def run(params: Params, target: Target, root: Path = Path("."), variant: str | None = None) -> dict:
     setup(params)
     paths = Paths(root, variant)
     data = load_stage_data(paths)

@@ -17,12 +17,12 @@ import mlflow
 import torch
 
 from cofi.configuration_cofi import CofiConfig
-from cofi.latency import Deployment, check_fit, default_grids, profile, random_structures, stopwatch
+from cofi.latency import check_fit, default_grids, profile, random_structures, stopwatch
 from cofi.manifest import atomic_write
 from pipeline import lineage
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.runtime import mlflow_run, seed_everything, write_json
+from pipeline.runtime import deployment_of, mlflow_run, seed_everything, write_json
 
 STAGE = "profile"
 FIT_STRUCTURES = 20  # random compact structures the fit is checked on
@@ -37,8 +37,7 @@ def run(params: Params, name: str, root: Path = Path(".")) -> dict:
         raise ValueError(f"deployments '{name}': device cuda, but torch sees no CUDA GPU on this machine")
     paths = Paths(root)
     config = CofiConfig.from_pretrained(paths.teacher)  # the shape; no weights needed
-    deployment = Deployment(target.device, target.runtime, target.precision, target.batch_size,
-                            target.sequence_length, target.threads)
+    deployment = deployment_of(params, name)
     keep_multiple = params.prune.keep_multiple
     with mlflow_run(f"{STAGE}@{name}", params, paths.root, tags=lineage.data_tags(paths.teacher)):
         start = time.perf_counter()

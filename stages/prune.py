@@ -1,4 +1,6 @@
-"""Stage `prune@<target>`: CoFi pruning of a copy of the teacher to one target sparsity.
+"""Stage `prune@<target>`: CoFi pruning of a copy of the teacher to one target sparsity,
+or (stage `prune-speedup@<k>`, target "<k>x") to a speedup over the teacher on
+prune.deployment, predicted by that deployment's latency model (outputs/latency/).
 
 Reads outputs/teacher and outputs/data; writes outputs/pruned/<target> (the
 full-size student, its deterministic masks, gate log α and the layer-distillation
@@ -7,26 +9,46 @@ map, manifest.json), metrics/prune-<target>.json and plots/prune-<target>.csv.""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from cofi.compact import compact, load_model
+from cofi.configuration_cofi import CofiConfig
+from cofi.latency import LatencyModel
+from cofi.sparsity import ModelShape
 from cofi.manifest import read_manifest
 from cofi.structure import structure_summary, structure_table
 from pipeline import tracking
 from pipeline.params import Params
 from pipeline.plotting import structure_figure
-from pipeline.paths import GATES_FILE, LAYER_MAP_FILE, MASKS_FILE, Paths
+from pipeline.paths import GATES_FILE, LAYER_MAP_FILE, MASKS_FILE, Paths, Speedup, Target
 from pipeline.runtime import distillation, is_main_process, prune_config, setup, train_config
 from pipeline.training import Manifest, Trained, load_stage_data, result_metrics, run_training_stage, train
 
 STAGE = "prune"
 
 
-def run(params: Params, target: float, root: Path = Path("."), variant: str | None = None) -> dict:
+def load_latency_model(paths: Paths, deployment: str) -> LatencyModel:
+    path = paths.latency_model(deployment)
+    if not path.exists():
+        raise FileNotFoundError(f"prune.deployment {deployment!r}: no latency model at {path}; "
+                                f"stage profile@{deployment} measures it (dvc repro profile@{deployment})")
+    return LatencyModel.from_dict(json.loads(path.read_text()))
+
+
+def run(params: Params, target: Target, root: Path = Path("."), variant: str | None = None) -> dict:
     setup(params)
     paths = Paths(root, variant)
+    latency = None  # first: a missing or too slow latency model stops the stage before any loading
+    if isinstance(target, Speedup):
+        latency = load_latency_model(paths, params.prune.deployment)
+        shape = ModelShape.from_config(CofiConfig.from_pretrained(paths.teacher))  # the shape; no weights needed
+        latency.check_reachable(target.factor, shape, params.prune.families, params.prune.keep_multiple)
+        aim = {"target_speedup": target.factor, "deployment": params.prune.deployment}
+    else:
+        aim = {"target_sparsity": target}
     data = load_stage_data(paths)
     teacher_digest = read_manifest(paths.teacher)["digest"]
     student = load_model(paths.teacher, verify=True)  # CoFi starts from the fine-tuned teacher
@@ -40,7 +62,7 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
         trainer, result = train(
             name, params, paths, data, student, config,
             teacher_digest, paths.curve(STAGE, target),
-            teacher=teacher, distill=distill, prune=prune_config(params, target),
+            teacher=teacher, distill=distill, prune=prune_config(params, target, latency),
         )
         if not is_main_process():
             return Trained(trainer.model, {}, [trainer])
@@ -52,7 +74,7 @@ def run(params: Params, target: float, root: Path = Path("."), variant: str | No
                                summary=structure_summary(table, *shape))
         metrics = {
             **result_metrics(result),
-            "target_sparsity": target,
+            **aim,
             "target_reached": result.target_reached,
             "hidden_size": structure.hidden_size,
             "heads": sum(structure.layer_num_heads),

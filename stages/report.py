@@ -22,39 +22,48 @@ from cofi.latency import LatencyModel, Structure  # noqa: E402
 from cofi.structure import structure_table  # noqa: E402
 from pipeline import lineage, tracking  # noqa: E402
 from pipeline.params import Params  # noqa: E402
-from pipeline.paths import Paths, target_name  # noqa: E402
+from pipeline.paths import Paths, Speedup, target_name  # noqa: E402
 from pipeline.plotting import structure_figure  # noqa: E402
-from pipeline.runtime import mlflow_run, task_spec_of, write_curve  # noqa: E402
+from pipeline.runtime import deployment_of, mlflow_run, task_spec_of, write_curve  # noqa: E402
 
 STAGE = "report"
-HEADLINE = "torch_fp32_b32_s128"  # the configuration of the sweep plot, when measured
+HEADLINE = "torch_fp32_b32_s128"  # the configuration of the sweep plot, when measured (see headline_key)
 CURVES = {  # report/curves/<name>/<target>.csv, drawn by the top-level plots of dvc.yaml
     "sparsity": ["mask_sparsity", "expected_sparsity", "target_sparsity"],
+    "speedup": ["predicted_speedup", "expected_speedup", "target_speedup"],  # speedup targets
     "multipliers": ["lambda_1", "lambda_2"],
     "losses": ["loss", "pred", "layer", "lagrangian"],
 }
 
 
-def headline_timing(timings: list[dict]) -> dict:
-    """The headline configuration if measured, else the first one."""
-    return next((t for t in timings if t["key"] == HEADLINE), timings[0])
+def headline_key(params: Params, models: dict) -> str:
+    """The configuration models are compared in: the speedup targets' deployment when the
+    benchmark timed it (they were pruned for it), else HEADLINE, else the first one timed."""
+    timed = [t["key"] for t in models["teacher"]["timings"]]
+    deployment = params.prune.speedups and deployment_of(params, params.prune.deployment).key
+    return next((k for k in (deployment, HEADLINE) if k in timed), timed[0])
+
+
+def headline_timing(timings: list[dict], key: str) -> dict:
+    return next(t for t in timings if t["key"] == key)
 
 
 SAME_SPEED = 1.10  # models whose headline speedups are within 10% compete at "the same speed"
 STYLES = {  # method → matplotlib marker style for the sweep figure
     "teacher": dict(color="C1", marker="*", s=120),
     "cofi": dict(color="C0", marker="o"),
+    "cofi-speedup": dict(color="C5", marker="D"),
     "baseline-layer_subset": dict(color="C2", marker="s"),
     "baseline-magnitude": dict(color="C3", marker="X"),
 }
 ABLATION_STYLE = dict(color="C4", marker="^")
 
 
-def winners(models: dict, metric: str) -> dict[str, str]:
+def winners(models: dict, metric: str, key: str) -> dict[str, str]:
     """{model: "best at ~k×"} for the most accurate model of each group of similar speed
     (headline speedups within SAME_SPEED of the group's slowest), where the group holds
     more than one method. The teacher is not a contender."""
-    speed = {n: headline_timing(e["timings"])["speedup"] for n, e in models.items() if n != "teacher"}
+    speed = {n: headline_timing(e["timings"], key)["speedup"] for n, e in models.items() if n != "teacher"}
     groups: list[list[str]] = []
     for name in sorted(speed, key=speed.get):
         if groups and speed[name] <= SAME_SPEED * speed[groups[-1][0]]:
@@ -69,23 +78,23 @@ def winners(models: dict, metric: str) -> dict[str, str]:
     return marks
 
 
-def best_marks(models: dict, metric: str) -> dict[str, tuple[str, float]]:
+def best_marks(models: dict, metric: str, key: str) -> dict[str, tuple[str, float]]:
     """The winners as weights_sha256 -> (label, speedup), for MLflow's tags and registry aliases."""
     marks = {}
-    for name, label in winners(models, metric).items():
+    for name, label in winners(models, metric, key).items():
         weights = models[name].get("weights_sha256")
         if weights:
             marks[weights] = (label, float(re.search(r"~([0-9.]+)×", label).group(1)))
     return marks
 
 
-def results_table(models: dict, metric: str) -> list[str]:
+def results_table(models: dict, metric: str, key: str) -> list[str]:
     """Markdown rows: one per model; speedup and efficiency per timed configuration."""
     keys = [t["key"] for t in models["teacher"]["timings"]]
     header = ["model", "method", "sparsity", "parameters", "prunable (nonzero)", metric, "GFLOPs/example"]
     header += [f"{k}: ms · speedup · eff." for k in keys]
     header.append("wins")
-    marks = winners(models, metric)
+    marks = winners(models, metric, key)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in models.items():
         by_key = {t["key"]: t for t in entry["timings"]}
@@ -100,7 +109,7 @@ def results_table(models: dict, metric: str) -> list[str]:
     return lines
 
 
-def sweep_figure(rows: list[dict], metric: str) -> plt.Figure:
+def sweep_figure(rows: list[dict], metric: str, key: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     labelled = set()
     for row in rows:
@@ -110,9 +119,10 @@ def sweep_figure(rows: list[dict], metric: str) -> plt.Figure:
         ax.scatter(row["speedup"], row[metric], label=None if label in labelled else label, **style)
         labelled.add(label)
         ax.annotate(row["model"], (row["speedup"], row[metric]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    cofi = sorted((r for r in rows if r["method"] == "cofi"), key=lambda r: r["speedup"])
-    ax.plot([r["speedup"] for r in cofi], [r[metric] for r in cofi], color="C0", linewidth=0.8)
-    ax.set_xlabel(f"speedup over teacher ({HEADLINE})")
+    for method in ("cofi", "cofi-speedup"):  # each kind of target's sweep as a line
+        sweep = sorted((r for r in rows if r["method"] == method), key=lambda r: r["speedup"])
+        ax.plot([r["speedup"] for r in sweep], [r[metric] for r in sweep], color=STYLES[method]["color"], linewidth=0.8)
+    ax.set_xlabel(f"speedup over teacher ({key})")
     ax.set_ylabel(f"dev {metric}")
     ax.set_title("accuracy vs speedup")
     ax.grid(alpha=0.3)
@@ -122,24 +132,40 @@ def sweep_figure(rows: list[dict], metric: str) -> plt.Figure:
 
 
 def curves_figure(curve: pd.DataFrame, title: str) -> plt.Figure:
+    """The controlled number (sparsity, or predicted speedup for a speedup target) against
+    its target, the multipliers, and the loss parts."""
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    controlled = "speedup" if "predicted_speedup" in curve else "sparsity"
     if "expected_sparsity" in curve:
-        if "mask_sparsity" in curve:  # curves written before it was logged lack it
+        if controlled == "speedup":
+            axes[0].plot(curve["step"], curve["predicted_speedup"], label="predicted (controlled, shipped)")
+            axes[0].plot(curve["step"], curve["expected_speedup"], label="expected (smooth)", linewidth=0.8)
+            axes[0].plot(curve["step"], curve["target_speedup"], label="target", linestyle="--")
+        else:
             axes[0].plot(curve["step"], curve["mask_sparsity"], label="masks (controlled, shipped)")
-        axes[0].plot(curve["step"], curve["expected_sparsity"], label="expected ŝ (smooth)", linewidth=0.8)
-        axes[0].plot(curve["step"], curve["target_sparsity"], label="target", linestyle="--")
+            axes[0].plot(curve["step"], curve["expected_sparsity"], label="expected ŝ (smooth)", linewidth=0.8)
+            axes[0].plot(curve["step"], curve["target_sparsity"], label="target", linestyle="--")
         axes[1].plot(curve["step"], curve["lambda_1"], label="λ1")
         axes[1].plot(curve["step"], curve["lambda_2"], label="λ2")
     for part in ("pred", "layer", "lagrangian", "ce", "loss"):
         if part in curve:
             axes[2].plot(curve["step"], curve[part], label=part, linewidth=0.8)
-    for ax, name in zip(axes, ("sparsity", "multipliers", "losses")):
+    for ax, name in zip(axes, (controlled, "multipliers", "losses")):
         ax.set_title(f"{title}: {name}")
         ax.set_xlabel("step")
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def speedup_line(target: Speedup, prune_metrics: dict, entry: dict) -> str:
+    """Requested, predicted (latency model) and measured (benchmark) speedup of a speedup target's model."""
+    measured = entry.get("speedup_target", {}).get("measured_speedup")
+    key = entry.get("speedup_target", {}).get("key", "its configuration")
+    shown = f"{measured:.2f}×" if measured is not None else f"not measured (the benchmark did not time {key})"
+    return (f"Speedup over the teacher: requested {target.factor:g}×, predicted {prune_metrics['predicted_speedup']:.2f}× "
+            f"(the latency model, for the shipped structure), measured {shown}.")
 
 
 def latency_section(params: Params, paths: Paths, models: dict, env: dict) -> list[str]:
@@ -161,12 +187,13 @@ def latency_section(params: Params, paths: Paths, models: dict, env: dict) -> li
                        f"{env.get('gpu') or env.get('cpu')}: predictions are for the former")
             print(f"warning: latency model {deployment} {warning}", flush=True)
             lines += [f"**Warning:** {warning}.", ""]
-        lines += ["| model | predicted speedup | measured speedup |", "|---|---|---|"]
-        for t in params.prune.targets:
+        lines += ["| model | requested speedup | predicted speedup | measured speedup |", "|---|---|---|---|"]
+        for t in params.prune.all_targets:
             name = f"cofi-{target_name(t)}"
+            requested = f"{t.factor:g}×" if isinstance(t, Speedup) and params.prune.deployment == deployment else "—"
             predicted = model.speedup(Structure.of(CofiConfig.from_pretrained(paths.compact(t))))
             measured = next((m["speedup"] for m in models.get(name, {}).get("timings", []) if m["key"] == key), None)
-            lines.append(f"| {name} | {predicted:.2f}× | {f'{measured:.2f}×' if measured else 'not measured'} |")
+            lines.append(f"| {name} | {requested} | {predicted:.2f}× | {f'{measured:.2f}×' if measured else 'not measured'} |")
         lines.append("")
     return lines
 
@@ -182,8 +209,9 @@ def run(params: Params, root: Path = Path(".")) -> str:
     rows = []
     # the teacher first, then the file's order (JSON files here are written with sorted keys)
     models = {"teacher": bench["models"]["teacher"], **{k: v for k, v in bench["models"].items() if k != "teacher"}}
+    key = headline_key(params, models)
     for name, entry in models.items():
-        t = headline_timing(entry["timings"])
+        t = headline_timing(entry["timings"], key)
         rows.append({"model": name, "method": entry["method"], metric: entry[metric], "sparsity": entry["sparsity"],
                      "speedup": t["speedup"]})
     write_curve(out / "sweep.csv", rows)
@@ -196,11 +224,11 @@ def run(params: Params, root: Path = Path(".")) -> str:
              f"{params.benchmark.repeats} forward passes after {params.benchmark.warmup} warm-up passes; "
              "speedup is over the teacher in the same configuration; efficiency is speedup ÷ FLOP-ratio speedup "
              "(1.0: the model is as fast as its FLOPs allow).", "",
-             *results_table(models, metric)]
+             *results_table(models, metric, key)]
 
-    figures = {"accuracy_vs_speedup.png": sweep_figure(rows, metric)}
+    figures = {"accuracy_vs_speedup.png": sweep_figure(rows, metric, key)}
     lines += ["", "![accuracy vs speedup](accuracy_vs_speedup.png)", ""]
-    for target in params.prune.targets:
+    for target in params.prune.all_targets:
         t = target_name(target)
         config = CofiConfig.from_pretrained(paths.compact(target))  # the structure; no weights needed
         shape = (config.num_attention_heads, config.intermediate_size)
@@ -208,18 +236,26 @@ def run(params: Params, root: Path = Path(".")) -> str:
         figures[f"structure-{t}.png"] = structure_figure(table, *shape, title=f"structure at target {t}")
         prune_metrics = json.loads(paths.metrics("prune", target).read_text())
         compact_metrics = json.loads(paths.metrics("compact", target).read_text())
-        lines += [f"## Target sparsity {t}", "",
-                  f"Sparsity: counted in the compact model {compact_metrics['sparsity_counted']:.4f}, of the "
-                  f"deterministic masks {compact_metrics['sparsity_masks']:.4f} (the value the Lagrangian controls), "
-                  f"smooth expected ŝ {compact_metrics['sparsity_expected']:.4f} (lends its gradient only)"
-                  f"{'' if prune_metrics['target_reached'] else ' (target not reached within tolerance)'}.", "",
-                  f"![structure](structure-{t}.png)", ""]
+        missed = "" if prune_metrics["target_reached"] else " (target not reached within tolerance)"
+        sparsity = (f"counted in the compact model {compact_metrics['sparsity_counted']:.4f}, of the deterministic "
+                    f"masks {compact_metrics['sparsity_masks']:.4f}, smooth expected ŝ "
+                    f"{compact_metrics['sparsity_expected']:.4f}")
+        if isinstance(target, Speedup):
+            target_line = speedup_line(target, prune_metrics, models.get(f"cofi-{t}", {})) + missed
+            lines += [f"## Target speedup {t} on {prune_metrics['deployment']}", "", target_line, "",
+                      f"Sparsity: {sparsity}.", ""]
+        else:
+            lines += [f"## Target sparsity {t}", "",
+                      f"Sparsity: {sparsity.replace('masks', 'masks (the value the Lagrangian controls)', 1)} "
+                      f"(ŝ lends its gradient only){missed}.", ""]
+        lines += [f"![structure](structure-{t}.png)", ""]
         curve = pd.read_csv(paths.curve("prune", target))
         figures[f"curves-{t}.png"] = curves_figure(curve, f"prune@{t}")
         for name, columns in CURVES.items():
-            present = ["step"] + [c for c in columns if c in curve]
+            if not set(columns) <= set(curve):  # dvc plots draws every column: a sparsity target has no speedup curve
+                continue
             (out / "curves" / name).mkdir(parents=True, exist_ok=True)
-            curve[present].to_csv(out / "curves" / name / f"{t}.csv", index=False)
+            curve[["step", *columns]].to_csv(out / "curves" / name / f"{t}.csv", index=False)
         lines += [f"![pruning curves](curves-{t}.png)", ""]
 
     lines += latency_section(params, paths, models, env)
@@ -233,5 +269,5 @@ def run(params: Params, root: Path = Path(".")) -> str:
         mlflow.log_artifacts(str(out), artifact_path="report")
         mlflow.log_text(report, "report.md")
         compared = [e["weights_sha256"] for e in models.values() if e.get("weights_sha256")]
-        tracking.set_best_aliases(best_marks(models, metric), compared=compared)
+        tracking.set_best_aliases(best_marks(models, metric, key), compared=compared)
     return report

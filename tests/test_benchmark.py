@@ -104,7 +104,8 @@ def test_the_prune_step_benchmark_runs_at_a_tiny_size(tmp_path):
                        "--warmup", "0", "--read-steps", "2", "--eval-batch", "2", "--eval-seq", "8",
                        "--keep-multiple", "4", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert {"distill/fp32", "prune/fp32", "prune_over_distill/bf16"} <= set(results["steps"])
+    assert {"distill/fp32", "prune/fp32", "prune-speedup/fp32", "prune_over_distill/bf16",
+            "speedup_over_sparsity_target/fp32"} <= set(results["steps"])
     assert set(results["host_reads"]) == {"log_steps_1/bf16_ms_per_step", "log_steps_10/bf16_ms_per_step"}
     for target in ("0.6", "0.95"):
         r = results["compact"][f"sparsity_{target}"]

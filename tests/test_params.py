@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import operator
 import re
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import yaml
 
 from pipeline.params import Params, ParamsError, load_params, resolve_source, validate_params
+from pipeline.paths import Speedup
 
 PROJECT = Path(__file__).resolve().parents[1]
 REAL = PROJECT / "params.yaml"
@@ -91,7 +91,16 @@ BAD = [
     ("target 1.0", {"prune.targets": [0.6, 1.0]}, ["prune.targets[1] = 1.0: must be in [0, 1)"]),
     ("target -0.1", {"prune.targets": [-0.1, 0.9]}, ["prune.targets[0] = -0.1: must be in [0, 1)"]),
     ("duplicate targets", {"prune.targets": [0.6, 0.9, 0.6]}, ["prune.targets = [0.6, 0.9, 0.6]: must not repeat 0.6"]),
-    ("no targets", {"prune.targets": []}, ["prune.targets = []: must have at least 1 item"]),
+    ("no targets", {"prune.targets": []}, ["prune.targets and prune.speedups are both empty: nothing to prune"]),
+    ("speedup 1x", {"prune.speedups": [2, 1], "prune.deployment": "x"}, ["prune.speedups[1] = 1: must be > 1"]),
+    ("speedup without deployment", {"prune.speedups": [2, 4]},
+     ["prune.deployment = None: the speedup targets prune.speedups (2, 4) need the name of a deployment to measure "
+      "them on, a key of deployments (none are defined)"]),
+    ("speedup on an unknown deployment", {"prune.speedups": [2], "prune.deployment": "gpu",
+                                          "deployments": {"cpu": {"device": "cpu", "runtime": "torch", "precision": "fp32",
+                                                                  "batch_size": 1, "sequence_length": 128, "threads": 0}}},
+     ["prune.deployment = 'gpu': the speedup targets prune.speedups (2) need the name of a deployment to measure "
+      "them on, a key of deployments (cpu)"]),
     ("temperature 0", {"prune.temperature": 0}, ["prune.temperature = 0: must be > 0"]),
     ("NaN", {"prune.epochs": float("nan")}, ["prune.epochs = nan: must be a finite number"]),
     (
@@ -273,13 +282,22 @@ def test_prune_epochs_per_target():
         validate_params(data)
 
 
-def test_the_prune_stage_reruns_on_every_prune_param():
-    """dvc.yaml lists the prune stage's params one by one (prune.targets is left out: a new
-    target adds a stage, it does not change the others); a Prune field missing there would
-    leave a changed param without a rerun."""
-    listed = set(yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]["prune"]["do"]["params"])
-    fields = {f"prune.{name}" for name in Params.model_fields["prune"].annotation.model_fields} - {"prune.targets"}
-    assert fields <= listed, sorted(fields - listed)
+SPEEDUP_ONLY = {"prune.deployment", "prune.speedup_tolerance"}  # read by speedup targets alone
+
+
+def test_the_prune_stages_rerun_on_every_prune_param_they_read():
+    """dvc.yaml lists the prune stages' params one by one (the target lists are left out: a
+    new target adds a stage, it does not change the others); a Prune field missing there
+    would leave a changed param without a rerun. The sparsity stage does not list what only
+    speedup targets read, so that changing those reruns no sparsity run."""
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    fields = {f"prune.{name}" for name in Params.model_fields["prune"].annotation.model_fields}
+    fields -= {"prune.targets", "prune.speedups"}
+    sparsity, speedup = (set(stages[name]["do"]["params"]) for name in ("prune", "prune-speedup"))
+    assert fields - SPEEDUP_ONLY <= sparsity, sorted(fields - SPEEDUP_ONLY - sparsity)
+    assert not sparsity & (SPEEDUP_ONLY | {"prune", "prune.speedups"})
+    assert fields <= speedup, sorted(fields - speedup)
+    assert not speedup & {"prune", "prune.targets", "prune.speedups"}
 
 
 def test_resolve_source(tmp_path):
@@ -298,3 +316,25 @@ def test_the_readme_deployments_validate():
     data.update(yaml.safe_load(block))
     deployments = validate_params(data).deployments
     assert set(deployments) == {"cpu-b32", "ort-b1"} and deployments["ort-b1"].runtime == "onnxruntime"
+
+
+def test_the_readme_speed_targets_validate_and_make_their_stages(tmp_path):
+    """The README's speed-target params, as printed, are valid, and DVC makes the stages it
+    names from them (the e2e test runs the same keys through `dvc repro` at a tiny size)."""
+    import subprocess
+
+    readme = (PROJECT / "README.md").read_text()
+    block = yaml.safe_load(re.search(r"```yaml\n(prune:\n  targets: \[\].*?)```", readme, re.S).group(1))
+    data = yaml.safe_load(REAL.read_text())
+    data["prune"].update(block["prune"])
+    data["deployments"] = block["deployments"]
+    params = validate_params(data)
+    assert params.prune.speedups == [2, 4] and params.prune.targets == []
+    assert params.prune.epochs_for(Speedup(4)) == params.prune.epochs_for(0.75)
+    (tmp_path / "dvc.yaml").write_text((PROJECT / "dvc.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    listed = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=tmp_path, capture_output=True, text=True)
+    stages = set(listed.stdout.split())
+    assert {"profile@ort-b1", "prune-speedup@2", "prune-speedup@4", "compact-speedup@4"} <= stages, listed
+    assert not any(s.startswith("prune@") for s in stages)

@@ -20,6 +20,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT.parent / "shared" / "data" / "glue"
 TARGETS = [0.3, 0.5]
+SPEEDUP = 1.5  # a speedup target on deployment cpu-b1
+MODELS = ("0.3", "0.5", "1.5x")  # every pruned model's name
 
 pytestmark = [
     pytest.mark.integration,
@@ -31,8 +33,9 @@ TINY = {
     "data": {"source": str(DATA_DIR), "max_length": 32, "train_limit": 64},
     "compute": {"bf16": True},
     "teacher": {"epochs": 1, "batch_size": 16},
-    "prune": {"targets": TARGETS, "epochs": {0.3: 2, 0.5: 2.5}, "distill_epochs": 0.25, "sparsity_warmup_epochs": 0.75,
-              "batch_size": 16, "reg_learning_rate": 0.5, "evals_per_epoch": 2},
+    "prune": {"targets": TARGETS, "speedups": [SPEEDUP], "deployment": "cpu-b1", "epochs": {0.3: 2, 0.5: 2.5},
+              "distill_epochs": 0.25, "sparsity_warmup_epochs": 0.75, "batch_size": 16, "reg_learning_rate": 0.5,
+              "evals_per_epoch": 2},
     "finetune": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 1},
     "benchmark": {"batch_sizes": [1], "sequence_lengths": [16], "precisions": ["fp32"], "warmup": 1, "repeats": 2},
     "deployments": {"cpu-b1": {"device": "cpu", "runtime": "torch", "precision": "fp32", "batch_size": 1,
@@ -88,7 +91,7 @@ def project(tmp_path_factory) -> Path:
 
 
 def test_repro_writes_every_output_and_metric(project):
-    for t in ("0.3", "0.5"):
+    for t in MODELS:
         for kind in ("pruned", "finetuned", "compact"):
             assert (project / "outputs" / kind / t / "manifest.json").exists()
         compact = json.loads((project / "metrics" / f"compact-{t}.json").read_text())
@@ -99,10 +102,10 @@ def test_repro_writes_every_output_and_metric(project):
     last_step = {t: pd.read_csv(project / "plots" / f"prune-{t}.csv")["step"].max() for t in ("0.3", "0.5")}
     assert last_step["0.5"] - last_step["0.3"] == 2
     bench = {p.stem: json.loads(p.read_text()) for p in (project / "metrics" / "benchmark").glob("*.json")}
-    assert set(bench) == {"teacher", "cofi-0.3", "cofi-0.5"}
+    assert set(bench) == {"teacher", "cofi-0.3", "cofi-0.5", "cofi-1.5x"}
     assert bench["teacher"]["speedup_torch_fp32_b1_s16"] == pytest.approx(1.0)
     assert bench["teacher"]["efficiency_onnxruntime_fp32_b1_s16"] == pytest.approx(1.0)
-    for name in ("cofi-0.3", "cofi-0.5"):
+    for name in ("cofi-0.3", "cofi-0.5", "cofi-1.5x"):
         assert bench[name]["onnx_max_abs_logit_difference"] <= 1e-4
         assert bench[name]["flops_s16"] < bench["teacher"]["flops_s16"]
         assert (project / "outputs" / "onnx" / f"{name}.onnx").exists()
@@ -113,10 +116,45 @@ def test_repro_writes_every_output_and_metric(project):
     rendered = set(plots["data"])
     assert "accuracy vs speedup" in rendered
     assert {f"report/curves/{kind}/{t}.csv" for kind in ("sparsity", "multipliers", "losses") for t in ("0.3", "0.5")} <= rendered
+    assert {f"report/curves/{kind}/1.5x.csv" for kind in ("speedup", "multipliers", "losses")} <= rendered
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     expected = {"data", "teacher", "profile@cpu-b1", "benchmark", "report"}
     expected |= {f"{s}@{t}" for s in ("prune", "finetune", "compact") for t in ("0.3", "0.5")}
+    expected |= {f"{s}-speedup@1.5" for s in ("prune", "finetune", "compact")}
     assert set(lock["stages"]) == expected
+
+
+def test_a_speedup_target_is_pruned_against_the_latency_model(project):
+    """prune-speedup@1.5 reads the deployment's latency model: the Lagrangian controls its
+    predicted speedup (the curve), the metrics, the benchmark and the report show requested,
+    predicted and measured speedup, and MLflow's LoggedModel carries all three."""
+    from cofi.configuration_cofi import CofiConfig
+    from cofi.latency import LatencyModel, Structure
+
+    prune = json.loads((project / "metrics" / "prune-1.5x.json").read_text())
+    assert prune["target_speedup"] == SPEEDUP and prune["deployment"] == "cpu-b1" and "target_sparsity" not in prune
+    latency = LatencyModel.from_dict(json.loads((project / "outputs" / "latency" / "cpu-b1.json").read_text()))
+    structure = Structure.of(CofiConfig.from_pretrained(project / "outputs" / "compact" / "1.5x"))
+    assert prune["predicted_speedup"] == pytest.approx(latency.speedup(structure), rel=1e-6)  # of the shipped model
+    if prune["target_reached"]:
+        assert abs(prune["predicted_speedup"] / SPEEDUP - 1) <= 0.03
+    curve = pd.read_csv(project / "plots" / "prune-1.5x.csv")
+    pruning = curve.dropna(subset=["target_speedup"])
+    assert pruning["target_speedup"].iloc[-1] == pytest.approx(SPEEDUP)
+    assert {"predicted_speedup", "expected_speedup", "mask_sparsity"} <= set(curve)
+
+    compact = json.loads((project / "metrics" / "compact-1.5x.json").read_text())
+    assert (compact["target_speedup"], compact["predicted_speedup"]) == (SPEEDUP, prune["predicted_speedup"])
+    bench = json.loads((project / "metrics" / "benchmark" / "cofi-1.5x.json").read_text())
+    assert bench["target_speedup"] == SPEEDUP
+    assert bench["measured_speedup"] == bench["speedup_torch_fp32_b1_s16"]  # cpu-b1's configuration, benchmarked
+    report = (project / "report" / "report.md").read_text()
+    assert "## Target speedup 1.5x on cpu-b1" in report
+    assert (f"requested 1.5×, predicted {prune['predicted_speedup']:.2f}× (the latency model, for the shipped "
+            f"structure), measured {bench['measured_speedup']:.2f}×") in report
+    assert re.search(r"\| cofi-1.5x \| 1.5× \| [0-9.]+× \| [0-9.]+× \|", report), report
+    assert (project / "report" / "curves" / "speedup" / "1.5x.csv").exists()
+    assert not (project / "report" / "curves" / "speedup" / "0.3.csv").exists()
 
 
 def test_the_profile_stage_writes_a_checked_latency_model(project):
@@ -132,7 +170,7 @@ def test_the_profile_stage_writes_a_checked_latency_model(project):
     report = (project / "report" / "report.md").read_text()
     assert "### cpu-b1: torch_fp32_b1_s16 on cpu" in report
     for t in ("0.3", "0.5"):  # predicted beside measured: the benchmark timed the same configuration
-        assert re.search(rf"\| cofi-{t} \| [0-9.]+× \| [0-9.]+× \|", report), report
+        assert re.search(rf"\| cofi-{t} \| — \| [0-9.]+× \| [0-9.]+× \|", report), report
 
 
 def test_second_repro_does_nothing(project):
@@ -151,8 +189,8 @@ def test_a_finetune_param_invalidates_only_finetuning_and_what_follows(project):
     finally:
         params_file.write_text(original)
     changed = set(status)
-    assert {"finetune@0.3", "finetune@0.5"} <= changed
-    assert not changed & {"data", "teacher", "prune@0.3", "prune@0.5"}
+    assert {"finetune@0.3", "finetune@0.5", "finetune-speedup@1.5"} <= changed
+    assert not changed & {"data", "teacher", "prune@0.3", "prune@0.5", "prune-speedup@1.5", "profile@cpu-b1"}
 
 
 def test_one_mlflow_run_per_stage_with_lineage_tags(project):
@@ -164,12 +202,14 @@ def test_one_mlflow_run_per_stage_with_lineage_tags(project):
     (parent,) = [r for r in everything if r.data.tags.get("cofi.role") == "pipeline"]  # one pipeline execution
     runs = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]  # its stages
     stages = sorted(r.data.tags["cofi.stage"] for r in runs)
-    assert len(runs) == 11 and len(set(stages)) == 11, stages
+    assert len(runs) == 14 and len(set(stages)) == 14, stages
     assert {r.data.tags["cofi.group"] for r in everything} == {parent.data.tags["cofi.group"]}
     (benchmark,) = [r for r in runs if r.data.tags["cofi.stage"] == "benchmark"]
     per_model = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == benchmark.info.run_id]
     models = {m.name: m for m in client.search_logged_models([experiment.experiment_id])}
-    assert {"teacher", "cofi-0_3", "cofi-0_5"} <= set(models) and len(per_model) == len(models)
+    assert {"teacher", "cofi-0_3", "cofi-0_5", "cofi-1_5x"} <= set(models) and len(per_model) == len(models)
+    requested = {m.key: m.value for m in models["cofi-1_5x"].metrics}
+    assert requested["target_speedup"] == SPEEDUP and {"predicted_speedup", "measured_speedup"} <= set(requested)
     speedups = {name: {m.key for m in model.metrics if m.key.startswith("speedup_")} for name, model in models.items()}
     assert all(speedups.values()), speedups  # per-configuration speedups linked to every model
     teacher_sha = json.loads((project / "outputs" / "teacher" / "manifest.json").read_text())["digest"]
@@ -182,7 +222,8 @@ def test_exp_run_with_a_param_override_shows_in_exp_show_and_metrics_diff(projec
     commit(project, "baseline results")
     out = run(["dvc", "exp", "run", "-S", "prune.temperature=4", "--name", "t4"], project)
     rerun = {line.split("'")[1] for line in (out.stdout + out.stderr).splitlines() if line.startswith("Running stage")}
-    assert rerun == {f"{s}@{t}" for s in ("prune", "finetune", "compact") for t in ("0.3", "0.5")} | {"benchmark", "report"}
+    assert rerun == ({f"{s}@{t}" for s in ("prune", "finetune", "compact") for t in ("0.3", "0.5")}
+                     | {f"{s}-speedup@1.5" for s in ("prune", "finetune", "compact")} | {"benchmark", "report"})
 
     params_diff = json.loads(run(["dvc", "params", "diff", "--json"], project).stdout)
     change = params_diff["params.yaml"]["prune.temperature"]

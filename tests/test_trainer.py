@@ -125,7 +125,7 @@ def test_a_large_initial_lambda_2_keeps_the_sparsity_on_the_target_ramp(task):
         trainer = make_trainer(task, prune=prune, model=model, epochs=25, eval_steps=12, callbacks=[recorder])
         result = trainer.fit()
         pruning = [logs for logs in recorder.steps if "mask_sparsity" in logs]
-        assert pruning[0]["target_sparsity"] == pytest.approx(trainer.initial_sparsity) and trainer.initial_sparsity > 0.05
+        assert pruning[0]["target_sparsity"] == pytest.approx(trainer.initial_controlled) and trainer.initial_controlled > 0.05
         warmup = pruning[: trainer.sparsity_warmup]
         worst[lambda_2_init] = max(abs(logs["mask_sparsity"] - logs["target_sparsity"]) for logs in warmup)
         assert result.target_reached
