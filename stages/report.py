@@ -57,6 +57,7 @@ STYLES = {  # method → matplotlib marker style for the sweep figure
     "baseline-magnitude": dict(color="C3", marker="X"),
 }
 ABLATION_STYLE = dict(color="C4", marker="^")
+LABELS = {"cofi": "CoFi, sparsity target", "cofi-speedup": "CoFi, speedup target"}
 
 
 def winners(models: dict, metric: str, key: str) -> dict[str, str]:
@@ -115,7 +116,7 @@ def sweep_figure(rows: list[dict], metric: str, key: str) -> plt.Figure:
     for row in rows:
         method = row["method"]
         style = STYLES.get(method, ABLATION_STYLE)
-        label = "ablation" if method.startswith("ablation") else method
+        label = "ablation" if method.startswith("ablation") else LABELS.get(method, method)
         ax.scatter(row["speedup"], row[metric], label=None if label in labelled else label, **style)
         labelled.add(label)
         ax.annotate(row["model"], (row["speedup"], row[metric]), textcoords="offset points", xytext=(4, 4), fontsize=7)
