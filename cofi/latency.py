@@ -98,7 +98,11 @@ def _interp(x: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
         first = ys[..., 0]
         return first.reshape(first.shape + (1,) * x.dim()).expand(first.shape + x.shape)
     i = torch.searchsorted(xs, x.detach().contiguous()).clamp(1, len(xs) - 1)  # segment [xs[i-1], xs[i]]
-    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[..., i - 1], ys[..., i]
+
+    def at(values: Tensor, index: Tensor) -> Tensor:  # values[..., index]; index_select reads nothing back
+        return values.index_select(-1, index.reshape(-1)).reshape(values.shape[:-1] + index.shape)
+
+    x0, x1, y0, y1 = at(xs, i - 1), at(xs, i), at(ys, i - 1), at(ys, i)
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
@@ -124,23 +128,30 @@ class LatencyModel:
         return fingerprint(self.deployment, self.hardware)
 
     def _tables(self, like: Tensor) -> dict[str, Tensor]:
-        """The tables as tensors of ``like``'s dtype and device. The head and unit grids
-        start at (0, 0), a sublayer with nothing kept costs nothing, then (1, the first
-        segment extrapolated): a real count ≥ 1 below the grid is extrapolated as before,
-        and only an expected count under one unit falls linearly to 0."""
-        def t(x) -> Tensor:
-            return torch.tensor(x, dtype=like.dtype, device=like.device)
+        """The tables as tensors of ``like``'s dtype and device, built once per (device, dtype):
+        pruning asks every step, and building them on a GPU would copy and read back (a
+        device sync) each time. The head and unit grids start at (0, 0), a sublayer with
+        nothing kept costs nothing, then (1, the first segment extrapolated): a real count
+        ≥ 1 below the grid is extrapolated as before, and only an expected count under one
+        unit falls linearly to 0."""
+        cache = self.__dict__.setdefault("_tables_cache", {})  # not a field: to_dict leaves it out
+        key = (like.device, like.dtype)
+        if key not in cache:
+            def t(x) -> Tensor:
+                return torch.tensor(x, dtype=torch.float64)
 
-        def from_zero(grid: list[int], table: list[list[float]]) -> tuple[Tensor, Tensor]:
-            if grid[0] <= 1:
-                return t([0] + grid), t([[0.0] + row for row in table])
-            one = [_interp(t(1.0), t(grid), t(row)).item() for row in table]
-            return t([0, 1] + grid), t([[0.0, v] + row for v, row in zip(one, table)])
+            def from_zero(grid: list[int], table: list[list[float]]) -> tuple[Tensor, Tensor]:
+                if grid[0] <= 1:
+                    return t([0] + grid), t([[0.0] + row for row in table])
+                one = [float(_interp(t(1.0), t(grid), t(row))) for row in table]
+                return t([0, 1] + grid), t([[0.0, v] + row for v, row in zip(one, table)])
 
-        heads, attention = from_zero(self.head_grid, self.attention)
-        units, ffn = from_zero(self.unit_grid, self.ffn)
-        return {"hidden": t(self.hidden_grid), "fixed": t(self.fixed), "heads": heads, "attention": attention,
-                "units": units, "ffn": ffn}
+            heads, attention = from_zero(self.head_grid, self.attention)
+            units, ffn = from_zero(self.unit_grid, self.ffn)
+            tables = {"hidden": t(self.hidden_grid), "fixed": t(self.fixed), "heads": heads, "attention": attention,
+                      "units": units, "ffn": ffn}
+            cache[key] = {k: v.to(device=like.device, dtype=like.dtype) for k, v in tables.items()}
+        return cache[key]
 
     def relative_of_counts(self, shape: ModelShape, counts: Mapping[str, Tensor], calibrated: bool = True) -> Tensor:
         """Predicted latency ÷ the unpruned model's, from the units kept per group:

@@ -179,3 +179,14 @@ def test_the_prune_stage_prunes_to_a_speedup_and_refuses_an_unreachable_one(tmp_
     masks = load_file(paths.pruned(Speedup(2)) / MASKS_FILE)
     shipped = compact(load_model(paths.pruned(Speedup(2))), masks)
     assert metrics["predicted_speedup"] == pytest.approx(model.speedup(Structure.of(shipped.config)), rel=1e-6)
+
+
+def test_the_latency_constraint_stays_on_the_device(latency):
+    """The latency of counts on the meta device (shapes only): no value is read back to the
+    host and no table is built there per call; a GPU step would wait for the device otherwise."""
+    counts = {k: v.to("meta") for k, v in HardConcreteGates(SHAPE, GateConfig()).deterministic_counts().items()}
+    value = latency.relative_of_counts(SHAPE, counts)
+    assert value.device.type == "meta" and value.shape == ()
+    tables = latency._tables(counts["hidden"])
+    assert latency._tables(counts["hidden"]) is tables  # built once per device and dtype
+    assert "_tables_cache" not in latency.to_dict()
