@@ -19,7 +19,8 @@ CUSTOM = {
              "custom": {"train": "train.csv", "validation": "dev.csv", "text_columns": ["premise", "hypothesis"],
                         "label_column": "label", "metric": "accuracy"}},
     **{k: v for k, v in TINY.items() if k != "data"},
-    "prune": {**TINY["prune"], "targets": [0.5]},
+    "prune": {**TINY["prune"], "targets": [0.5], "speedups": [], "deployment": None},  # speed targets: the main e2e
+    "deployments": {},
     "mlflow": {"register_models": False},
 }
 STAGES = {"data", "teacher", "prune@0.5", "finetune@0.5", "compact@0.5", "benchmark", "report"}
