@@ -20,6 +20,7 @@ Between grid points the tables are interpolated linearly in h (or u), then in d.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import random
@@ -91,19 +92,51 @@ def fingerprint(deployment: Deployment, hardware: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _interp(x: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
-    """Piecewise-linear through (xs, ys[..., k]) at x, xs increasing (the last dim of ys),
-    linear beyond the ends; differentiable in x (and ys). x: () or (L,) → ys.shape[:-1] + x.shape."""
+def _interp1(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Piecewise-linear through (xs, ys) at x, linear beyond the ends (plain floats)."""
     if len(xs) == 1:
-        first = ys[..., 0]
-        return first.reshape(first.shape + (1,) * x.dim()).expand(first.shape + x.shape)
-    i = torch.searchsorted(xs, x.detach().contiguous()).clamp(1, len(xs) - 1)  # segment [xs[i-1], xs[i]]
+        return ys[0]
+    j = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    return ys[j - 1] + (ys[j] - ys[j - 1]) * (x - xs[j - 1]) / (xs[j] - xs[j - 1])
 
-    def at(values: Tensor, index: Tensor) -> Tensor:  # values[..., index]; index_select reads nothing back
-        return values.index_select(-1, index.reshape(-1)).reshape(values.shape[:-1] + index.shape)
 
-    x0, x1, y0, y1 = at(xs, i - 1), at(xs, i), at(ys, i - 1), at(ys, i)
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+class _Grid:
+    """A grid xs (increasing) for piecewise-linear interpolation, linear beyond the ends,
+    its segments precomputed so that a lookup is a few tensor ops: pruning does one every
+    step, and on a GPU each op costs a kernel launch (see ``LatencyModel._tables``)."""
+
+    def __init__(self, xs: Sequence[float], like: Tensor):
+        xs = list(xs) if len(xs) > 1 else [xs[0], xs[0] + 1.0]  # one point: constant
+        x = torch.tensor(xs, dtype=torch.float64)
+        self.size = len(xs)
+        self.inner = x[1:-1].to(like)  # segment j covers [xs[j], xs[j+1]]; beyond the ends, the end segments
+        self.start_and_inverse = torch.stack([x[:-1], 1.0 / x.diff()]).to(like)  # (2, K-1)
+
+    def locate(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(segment index, position t in it: 0 at its start, 1 at its end) of each x; t is
+        differentiable in x, the index is not (nothing is read back to the host)."""
+        j = torch.searchsorted(self.inner, x.detach().contiguous())
+        start, inverse = self.start_and_inverse.index_select(1, j.reshape(-1)).reshape((2,) + x.shape)
+        return j, (x - start) * inverse
+
+    def table(self, ys: Sequence[Sequence[float]], like: Tensor) -> Tensor:
+        """Rows ys (R, K) as [value at each segment's start; change over it]: (2R, K-1)."""
+        y = torch.tensor(ys, dtype=torch.float64)
+        if y.shape[1] == 1:
+            y = torch.cat([y, y], 1)
+        return torch.cat([y[:, :-1], y.diff(dim=1)]).to(like)
+
+
+def _lookup(table: Tensor, j: Tensor, t: Tensor) -> Tensor:
+    """Values of a ``_Grid.table`` at located points: (R,) + t.shape."""
+    start, change = table.index_select(1, j.reshape(-1)).reshape((table.shape[0],) + j.shape).chunk(2)
+    return start + change * t
+
+
+def _between(values: Tensor, j: Tensor, t: Tensor) -> Tensor:
+    """Rows of ``values`` (K, ...) interpolated at one located point (j, t scalars): (...)."""
+    ends = values.index_select(0, torch.stack([j, j + 1]))
+    return ends[0] + (ends[1] - ends[0]) * t
 
 
 @dataclass
@@ -127,30 +160,30 @@ class LatencyModel:
     def fingerprint(self) -> str:
         return fingerprint(self.deployment, self.hardware)
 
-    def _tables(self, like: Tensor) -> dict[str, Tensor]:
-        """The tables as tensors of ``like``'s dtype and device, built once per (device, dtype):
-        pruning asks every step, and building them on a GPU would copy and read back (a
-        device sync) each time. The head and unit grids start at (0, 0), a sublayer with
-        nothing kept costs nothing, then (1, the first segment extrapolated): a real count
-        ≥ 1 below the grid is extrapolated as before, and only an expected count under one
-        unit falls linearly to 0."""
+    def _tables(self, like: Tensor) -> dict:
+        """The grids and tables as tensors of ``like``'s dtype and device, built once per
+        (device, dtype): pruning asks every step, and building them on a GPU would copy
+        and read back (a device sync) each time. The head and unit grids start at (0, 0),
+        a sublayer with nothing kept costs nothing, then (1, the first segment
+        extrapolated): a real count ≥ 1 below the grid is extrapolated as before, and only
+        an expected count under one unit falls linearly to 0."""
         cache = self.__dict__.setdefault("_tables_cache", {})  # not a field: to_dict leaves it out
         key = (like.device, like.dtype)
         if key not in cache:
-            def t(x) -> Tensor:
-                return torch.tensor(x, dtype=torch.float64)
-
-            def from_zero(grid: list[int], table: list[list[float]]) -> tuple[Tensor, Tensor]:
+            def from_zero(grid: list[int], table: list[list[float]]) -> tuple[list[float], list[list[float]]]:
                 if grid[0] <= 1:
-                    return t([0] + grid), t([[0.0] + row for row in table])
-                one = [float(_interp(t(1.0), t(grid), t(row))) for row in table]
-                return t([0, 1] + grid), t([[0.0, v] + row for v, row in zip(one, table)])
+                    return [0] + grid, [[0.0] + row for row in table]
+                return [0, 1] + grid, [[0.0, _interp1(1.0, grid, row)] + row for row in table]
 
             heads, attention = from_zero(self.head_grid, self.attention)
             units, ffn = from_zero(self.unit_grid, self.ffn)
-            tables = {"hidden": t(self.hidden_grid), "fixed": t(self.fixed), "heads": heads, "attention": attention,
-                      "units": units, "ffn": ffn}
-            cache[key] = {k: v.to(device=like.device, dtype=like.dtype) for k, v in tables.items()}
+            if len(self.hidden_grid) == 1:  # the hidden _Grid's second point: the same rows (constant in d)
+                attention, ffn = attention * 2, ffn * 2
+            grids = {"hidden": _Grid(self.hidden_grid, like), "heads": _Grid(heads, like), "units": _Grid(units, like)}
+            cache[key] = {**grids,
+                          "fixed": grids["hidden"].table([self.fixed], like),  # (2, Kd-1)
+                          "attention": grids["heads"].table(attention, like),  # (2·Kd, Kh-1): a row per hidden width
+                          "ffn": grids["units"].table(ffn, like)}  # (2·Kd, Ku-1)
         return cache[key]
 
     def relative_of_counts(self, shape: ModelShape, counts: Mapping[str, Tensor], calibrated: bool = True) -> Tensor:
@@ -165,10 +198,11 @@ class LatencyModel:
         Each term is at least 0 (extrapolated tables could dip below), the whole at least 1e-3."""
         c = complete_counts(shape, counts)
         t = self._tables(c["hidden"])
-        d = c["hidden"]
-        fixed = _interp(d, t["hidden"], t["fixed"]).clamp(min=0)
-        attention = _interp(d, t["hidden"], _interp(c["head"], t["heads"], t["attention"]).T).clamp(min=0)  # (L,)
-        ffn = _interp(d, t["hidden"], _interp(c["intermediate"], t["units"], t["ffn"]).T).clamp(min=0)  # (L,)
+        d = t["hidden"].locate(c["hidden"])  # the residual width's segment of the hidden grid
+        fixed = _lookup(t["fixed"], *d)[0].clamp(min=0)
+        # per layer at every hidden width of the grid (Kd, L), then at the width d: (L,)
+        attention = _between(_lookup(t["attention"], *t["heads"].locate(c["head"])), *d).clamp(min=0)
+        ffn = _between(_lookup(t["ffn"], *t["units"].locate(c["intermediate"])), *d).clamp(min=0)
         total = fixed + (c["mha"] * attention).sum() + (c["ffn"] * ffn).sum()
         return (self.scale * total if calibrated else total).clamp(min=1e-3)
 
@@ -228,7 +262,7 @@ class LatencyModel:
 # rounds against the unpruned model timed just before it, and the tables hold the
 # median of those ratios: drift cancels, and a speedup is exactly such a ratio.
 
-Stopwatch = Callable[[torch.nn.Module], Callable[[], float]]
+Stopwatch = Callable[..., Callable[[], float]]  # prepare(model, onnx=None) -> timer
 REFERENCE_EVERY = 6  # models timed per timing of the reference
 
 
@@ -246,32 +280,38 @@ def full_structure(config: CofiConfig) -> Structure:
     return Structure(config.hidden_size, (config.num_attention_heads,) * L, (config.intermediate_size,) * L)
 
 
-def stopwatch(deployment: Deployment, repeats: int = 2) -> Stopwatch:
-    """``prepare(model)`` readies a model for ``deployment`` (moved to its device and run once,
-    or exported to ONNX) and returns a function timing it: the median of ``repeats`` passes,
-    in ms (ONNX Runtime: in a new session each time, after one discarded pass)."""
+def stopwatch(deployment: Deployment, repeats: int = 2, warmup: int = 1) -> Stopwatch:
+    """``prepare(model, onnx=None)`` readies a model for ``deployment`` (moved to its device, in
+    place, and run ``warmup`` times; or exported to ONNX, unless ``onnx`` is its exported file) and
+    returns a function timing it: the median of ``repeats`` passes, in ms (ONNX Runtime: in a new
+    session each time, after ``warmup`` discarded passes)."""
     if deployment.threads:
         torch.set_num_threads(deployment.threads)
     if deployment.runtime == "torch":
         device = torch.device(deployment.device)
 
-        def prepare_torch(model: torch.nn.Module) -> Callable[[], float]:
+        def prepare_torch(model: torch.nn.Module, onnx: Path | None = None) -> Callable[[], float]:
             model = model.to(device)
 
             def run(warmup: int, n: int) -> float:
                 return time_forward(model, deployment.batch_size, deployment.sequence_length, deployment.precision,
                                     warmup, n).median_ms
 
-            run(1, 1)
+            if warmup:
+                run(warmup - 1, 1)
             return lambda: run(0, repeats)
 
         return prepare_torch
 
     from cofi.onnx_export import export_onnx, onnx_session
 
-    def prepare_ort(model: torch.nn.Module) -> Callable[[], float]:
-        with tempfile.TemporaryDirectory() as tmp:
-            graph = export_onnx(model, Path(tmp) / "model.onnx").read_bytes()
+    def prepare_ort(model: torch.nn.Module, onnx: Path | None = None) -> Callable[[], float]:
+        if onnx is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                onnx = export_onnx(model, Path(tmp) / "model.onnx")
+                graph = onnx.read_bytes()
+        else:
+            graph = onnx.read_bytes()
         vocab = model.config.vocab_size
 
         def run(warmup: int, n: int) -> float:
@@ -281,9 +321,39 @@ def stopwatch(deployment: Deployment, repeats: int = 2) -> Stopwatch:
             return time_onnx(session, vocab, deployment.batch_size, deployment.sequence_length, deployment.threads,
                              warmup, n).median_ms
 
-        return lambda: run(1, repeats)
+        return lambda: run(warmup, repeats)
 
     return prepare_ort
+
+
+@dataclass
+class Rounds:
+    """Timers timed in interleaved rounds against a reference (see ``interleaved_rounds``)."""
+
+    ms: list[list[float]]  # [timer][round]: the timer's latency
+    ratios: list[list[float]]  # [timer][round]: that ÷ the reference's latency timed just before it
+    reference_ms: list[float]  # every timing of the reference
+
+    @property
+    def median_ratios(self) -> list[float]:
+        return [statistics.median(r) for r in self.ratios]
+
+
+def interleaved_rounds(timers: Sequence[Callable[[], float]], reference: Callable[[], float], rounds: int) -> Rounds:
+    """Each round times the reference, then the timers in order (the reference again every
+    REFERENCE_EVERY of them); each timing is also kept as a ratio to the reference's latest."""
+    ms: list[list[float]] = [[] for _ in timers]
+    ratios: list[list[float]] = [[] for _ in timers]
+    reference_ms: list[float] = []
+    for _ in range(rounds):
+        for i, time_model in enumerate(timers):
+            if i % REFERENCE_EVERY == 0:
+                reference_ms.append(reference())
+            ms[i].append(time_model())
+            ratios[i].append(ms[i][-1] / reference_ms[-1])
+    if not timers:
+        reference_ms = [reference() for _ in range(rounds)]
+    return Rounds(ms, ratios, reference_ms)
 
 
 def relative_latencies(
@@ -291,14 +361,8 @@ def relative_latencies(
 ) -> tuple[list[float], float]:
     """Each timer's latency ÷ the reference's timed shortly before it, median over
     ``rounds`` interleaved rounds; and the reference's median in ms."""
-    ratios: list[list[float]] = [[] for _ in timers]
-    reference_ms: list[float] = []
-    for _ in range(rounds):
-        for i, time_model in enumerate(timers):
-            if i % REFERENCE_EVERY == 0:
-                reference_ms.append(reference())
-            ratios[i].append(time_model() / reference_ms[-1])
-    return [statistics.median(r) for r in ratios], statistics.median(reference_ms)
+    timed = interleaved_rounds(timers, reference, rounds)
+    return timed.median_ratios, statistics.median(timed.reference_ms)
 
 
 def default_grids(config: CofiConfig, keep_multiple: int = 16) -> tuple[list[int], list[int], list[int]]:

@@ -249,6 +249,7 @@ class Benchmark(_Section):
     precisions: _unique_list(Literal["fp32", "bf16"])
     warmup: Threads
     repeats: Count
+    rounds: Count
     threads: Threads
     onnx: bool
 

@@ -107,6 +107,14 @@ def deployment_of(params: Params, name: str) -> Deployment:
     return Deployment(d.device, d.runtime, d.precision, d.batch_size, d.sequence_length, d.threads)
 
 
+def require_device(params: Params, name: str) -> Deployment:
+    """deployment_of, refused in one line when its device is a GPU this machine lacks."""
+    deployment = deployment_of(params, name)
+    if deployment.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"deployments '{name}': device cuda, but torch sees no CUDA GPU on this machine")
+    return deployment
+
+
 def prune_config(params: Params, target: Target, latency: LatencyModel | None = None) -> PruneConfig:
     """Pruning to ``target``: a sparsity, or a speedup that ``latency`` (prune.deployment's model) predicts."""
     p = params.prune

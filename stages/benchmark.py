@@ -3,10 +3,11 @@ evaluate each on the dev set in fp32, so accuracy and speed are comparable.
 
 Per model: dev metric, sparsity, parameters (total and prunable), FLOPs per
 example from its actual structure, and per configuration (runtime × precision ×
-batch × sequence) the latency, the measured speedup over the teacher, the
-FLOP-ratio speedup the structure allows, and their quotient, the efficiency.
-With benchmark.onnx each model is exported to ONNX (outputs/onnx/), checked
-against PyTorch in fp32 and timed with ONNX Runtime.
+batch × sequence, then every deployment target in its own configuration) the
+latency, the measured speedup over the teacher (interleaved rounds, as `profile`
+measures), the FLOP-ratio speedup the structure allows, and their quotient, the
+efficiency. With benchmark.onnx each model is exported to ONNX (outputs/onnx/),
+checked against PyTorch in fp32 and timed with ONNX Runtime.
 
 Writes outputs/benchmark.json (everything, with the environment) and
 metrics/benchmark/<model>.json (flat, for `dvc metrics`); logs both to MLflow."""
@@ -14,14 +15,16 @@ metrics/benchmark/<model>.json (flat, for `dvc metrics`); logs both to MLflow.""
 from __future__ import annotations
 
 import copy
+import statistics
 from pathlib import Path
 
 import mlflow
 import torch
 
-from cofi.benchmark import environment, time_forward, time_onnx
+from cofi.benchmark import environment
 from cofi.compact import load_model
 from cofi.flops import forward_flops
+from cofi.latency import Deployment, interleaved_rounds, stopwatch
 from cofi.manifest import read_manifest
 from cofi.onnx_export import export_onnx, max_logit_difference, onnx_session
 from cofi.sparsity import PRUNABLE_LINEARS, count_prunable_parameters
@@ -29,7 +32,7 @@ from cofi.trainer import predict, resolve_device
 from pipeline import lineage, tracking
 from pipeline.params import Params
 from pipeline.paths import Paths, Speedup, target_name
-from pipeline.runtime import collator, deployment_of, mlflow_run, setup, task_spec_of, write_json
+from pipeline.runtime import collator, mlflow_run, require_device, setup, task_spec_of, write_json
 from pipeline.training import load_stage_data
 
 STAGE = "benchmark"
@@ -84,21 +87,12 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                     )
                 entry["onnx"] = {"path": str(path.relative_to(paths.root)), "max_abs_logit_difference": difference}
 
-        # models interleaved within each configuration, so drifting machine load hits all alike
-        for batch in bench.batch_sizes:
-            for length in bench.sequence_lengths:
-                for precision in bench.precisions:
-                    for name, model in models.items():
-                        timing = time_forward(model, batch, length, precision, bench.warmup, bench.repeats)
-                        results["models"][name]["timings"].append(timing.as_dict())
-                for name, path in onnx_files.items():
-                    # one live session at a time: an idle session's threads spin after each run and
-                    # steal the cores from the one being timed (with three live: the 90% model 1.5-2.3x slower at batch 1)
-                    session = onnx_session(path, threads)
-                    timing = time_onnx(session, models[name].config.vocab_size, batch, length, threads,
-                                       bench.warmup, bench.repeats)
-                    del session
-                    results["models"][name]["timings"].append(timing.as_dict())
+        for key, (config, deployment) in configurations(params, device, threads).items():
+            torch.set_num_threads(threads)  # a deployment's own count is set by its stopwatch
+            print(f"timing {len(models)} models: {key}", flush=True)
+            for name, timing in time_configuration(models, onnx_files, config, bench).items():
+                results["models"][name]["timings"].append({**timing, "key": key, "deployment": deployment})
+        torch.set_num_threads(threads)
         add_speedups(results["models"])
         add_speedup_targets(params, results["models"])
 
@@ -144,30 +138,68 @@ def count_nonzero_prunable(model) -> int:
     return sum(int(getattr(layer, n).weight.count_nonzero()) for layer in model.layers for n in PRUNABLE_LINEARS)
 
 
+def configurations(params: Params, device: torch.device, threads: int) -> dict[str, tuple[Deployment, str | None]]:
+    """What to time, by key: the benchmark's grid (batch × sequence × precision with torch on
+    compute.device, and fp32 with ONNX Runtime on the CPU when benchmark.onnx), then every
+    deployment target with its own device, runtime and threads, keyed by its name."""
+    bench = params.benchmark
+    configs: dict[str, tuple[Deployment, str | None]] = {}
+    for batch in bench.batch_sizes:
+        for length in bench.sequence_lengths:
+            grid = [Deployment(device.type, "torch", p, batch, length, threads) for p in bench.precisions]
+            if bench.onnx:
+                grid.append(Deployment("cpu", "onnxruntime", "fp32", batch, length, threads))
+            configs.update({d.key: (d, None) for d in grid})
+    for name in params.deployments:
+        configs[name] = (require_device(params, name), name)
+    return configs
+
+
+def time_configuration(models: dict[str, torch.nn.Module], onnx_files: dict[str, Path], config: Deployment,
+                       bench) -> dict[str, dict]:
+    """Every model timed on ``config`` in ``bench.rounds`` interleaved rounds (cofi.latency, as
+    `profile` times): each round times the teacher, then each model. A model's speedup is the
+    median over rounds of the teacher's latency ÷ its own, each ratio taken seconds apart, so a
+    machine whose speed drifts over minutes shifts latencies but not speedups."""
+    prepare = stopwatch(config, bench.repeats, bench.warmup)
+    others = [n for n in models if n != "teacher"]
+
+    def ready(name: str):
+        model = models[name] if config.runtime == "torch" else copy.deepcopy(models[name]).float().cpu()
+        return prepare(model, onnx_files.get(name))
+
+    timed = interleaved_rounds([ready(n) for n in others], ready("teacher"), bench.rounds)
+    per_round = {"teacher": timed.reference_ms, **dict(zip(others, timed.ms))}
+    speedups = {"teacher": 1.0, **{n: 1.0 / statistics.median(r) for n, r in zip(others, timed.ratios)}}
+    used_threads = torch.get_num_threads() if config.runtime == "torch" else config.threads
+    out = {}
+    for name, ms in per_round.items():
+        q1, median, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
+        out[name] = {"runtime": config.runtime, "precision": config.precision, "batch_size": config.batch_size,
+                     "sequence_length": config.sequence_length, "device": config.device, "threads": used_threads,
+                     "rounds": bench.rounds, "repeats": bench.repeats, "median_ms": median, "q1_ms": q1, "q3_ms": q3,
+                     "iqr_ms": q3 - q1, "speedup": speedups[name]}
+    return out
+
+
 def add_speedups(models: dict) -> None:
-    """Per timing: speedup over the teacher's timing of the same configuration, the
-    FLOP-ratio speedup at that sequence length, and efficiency = speedup / FLOP ratio."""
-    teacher = {t["key"]: t for t in models["teacher"]["timings"]}
+    """Per timing (its speedup measured in rounds): the FLOP-ratio speedup at that sequence
+    length, and efficiency = speedup / FLOP ratio."""
     for entry in models.values():
         for t in entry["timings"]:
             length = str(t["sequence_length"])
-            t["speedup"] = teacher[t["key"]]["median_ms"] / t["median_ms"]
             t["flop_speedup"] = models["teacher"]["flops"][length] / entry["flops"][length]
             t["efficiency"] = t["speedup"] / t["flop_speedup"]
 
 
 def add_speedup_targets(params: Params, models: dict) -> None:
     """For each model pruned to a speedup: the target, its deployment, and the speedup this
-    benchmark measured in the deployment's configuration (None where it timed no such one)."""
-    if not params.prune.speedups:
-        return
+    benchmark measured there (every deployment is timed)."""
     name = params.prune.deployment
-    key = deployment_of(params, name).key
     for k in params.prune.speedups:
         entry = models[f"cofi-{target_name(Speedup(k))}"]
-        timed = [t["speedup"] for t in entry["timings"] if t["key"] == key]
-        entry["speedup_target"] = {"target_speedup": k, "deployment": name, "key": key,
-                                   "measured_speedup": timed[0] if timed else None}
+        measured = next(t["speedup"] for t in entry["timings"] if t["deployment"] == name)
+        entry["speedup_target"] = {"target_speedup": k, "deployment": name, "measured_speedup": measured}
 
 
 def flat_metrics(entry: dict, primary_metric: str) -> dict:
@@ -179,8 +211,7 @@ def flat_metrics(entry: dict, primary_metric: str) -> dict:
     target = entry.get("speedup_target")
     if target:
         out["target_speedup"] = target["target_speedup"]
-        if target["measured_speedup"] is not None:
-            out["measured_speedup"] = target["measured_speedup"]
+        out["measured_speedup"] = target["measured_speedup"]
     if "onnx" in entry:
         out["onnx_max_abs_logit_difference"] = entry["onnx"]["max_abs_logit_difference"]
     for t in entry["timings"]:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import torch
 
 from cofi.configuration_cofi import CofiConfig
 from cofi.latency import check_fit, default_grids, profile, random_structures, stopwatch
@@ -22,7 +21,7 @@ from cofi.manifest import atomic_write
 from pipeline import lineage
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.runtime import deployment_of, mlflow_run, seed_everything, write_json
+from pipeline.runtime import mlflow_run, require_device, seed_everything, write_json
 
 STAGE = "profile"
 FIT_STRUCTURES = 20  # random compact structures the fit is checked on
@@ -31,13 +30,10 @@ ROUNDS, REPEATS = 3, 2  # interleaved rounds (median ratio kept), timed passes p
 
 
 def run(params: Params, name: str, root: Path = Path(".")) -> dict:
-    target = params.deployments[name]
     seed_everything(params.seed)  # not setup(): compute.threads is for training, the deployment has its own
-    if target.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"deployments '{name}': device cuda, but torch sees no CUDA GPU on this machine")
+    deployment = require_device(params, name)
     paths = Paths(root)
     config = CofiConfig.from_pretrained(paths.teacher)  # the shape; no weights needed
-    deployment = deployment_of(params, name)
     keep_multiple = params.prune.keep_multiple
     with mlflow_run(f"{STAGE}@{name}", params, paths.root, tags=lineage.data_tags(paths.teacher)):
         start = time.perf_counter()

@@ -24,7 +24,7 @@ from pipeline import lineage, tracking  # noqa: E402
 from pipeline.params import Params  # noqa: E402
 from pipeline.paths import Paths, Speedup, target_name  # noqa: E402
 from pipeline.plotting import structure_figure  # noqa: E402
-from pipeline.runtime import deployment_of, mlflow_run, task_spec_of, write_curve  # noqa: E402
+from pipeline.runtime import mlflow_run, task_spec_of, write_curve  # noqa: E402
 
 STAGE = "report"
 HEADLINE = "torch_fp32_b32_s128"  # the configuration of the sweep plot, when measured (see headline_key)
@@ -37,10 +37,10 @@ CURVES = {  # report/curves/<name>/<target>.csv, drawn by the top-level plots of
 
 
 def headline_key(params: Params, models: dict) -> str:
-    """The configuration models are compared in: the speedup targets' deployment when the
-    benchmark timed it (they were pruned for it), else HEADLINE, else the first one timed."""
+    """The configuration models are compared in: the speedup targets' deployment (they were
+    pruned for it; the benchmark times every deployment), else HEADLINE if timed, else the first."""
     timed = [t["key"] for t in models["teacher"]["timings"]]
-    deployment = params.prune.speedups and deployment_of(params, params.prune.deployment).key
+    deployment = params.prune.speedups and params.prune.deployment
     return next((k for k in (deployment, HEADLINE) if k in timed), timed[0])
 
 
@@ -162,16 +162,15 @@ def curves_figure(curve: pd.DataFrame, title: str) -> plt.Figure:
 
 def speedup_line(target: Speedup, prune_metrics: dict, entry: dict) -> str:
     """Requested, predicted (latency model) and measured (benchmark) speedup of a speedup target's model."""
-    measured = entry.get("speedup_target", {}).get("measured_speedup")
-    key = entry.get("speedup_target", {}).get("key", "its configuration")
-    shown = f"{measured:.2f}×" if measured is not None else f"not measured (the benchmark did not time {key})"
+    measured = entry["speedup_target"]["measured_speedup"]
     return (f"Speedup over the teacher: requested {target.factor:g}×, predicted {prune_metrics['predicted_speedup']:.2f}× "
-            f"(the latency model, for the shipped structure), measured {shown}.")
+            f"(the latency model, for the shipped structure), measured {measured:.2f}× (the benchmark, on "
+            f"{prune_metrics['deployment']}).")
 
 
 def latency_section(params: Params, paths: Paths, models: dict, env: dict) -> list[str]:
     """Each deployment's latency model: its fit, and each CoFi model's predicted speedup
-    beside the benchmark's measurement in the same configuration (when it was measured)."""
+    beside the benchmark's measurement on that deployment."""
     if not params.deployments:
         return []
     lines = ["## Latency models", "",
@@ -193,8 +192,8 @@ def latency_section(params: Params, paths: Paths, models: dict, env: dict) -> li
             name = f"cofi-{target_name(t)}"
             requested = f"{t.factor:g}×" if isinstance(t, Speedup) and params.prune.deployment == deployment else "—"
             predicted = model.speedup(Structure.of(CofiConfig.from_pretrained(paths.compact(t))))
-            measured = next((m["speedup"] for m in models.get(name, {}).get("timings", []) if m["key"] == key), None)
-            lines.append(f"| {name} | {requested} | {predicted:.2f}× | {f'{measured:.2f}×' if measured else 'not measured'} |")
+            measured = next(m["speedup"] for m in models[name]["timings"] if m["deployment"] == deployment)
+            lines.append(f"| {name} | {requested} | {predicted:.2f}× | {measured:.2f}× |")
         lines.append("")
     return lines
 
@@ -221,9 +220,11 @@ def run(params: Params, root: Path = Path(".")) -> str:
     lines = [f"# CoFi report: {params.data.task}", "",
              f"Measured on {env['device']} ({env['cpu']}{', ' + env['gpu'] if env.get('gpu') else ''}), "
              f"{env['threads']} threads of {env['cores']} cores; torch {env['torch']}, transformers "
-             f"{env['transformers']}, onnxruntime {env['onnxruntime']}. Latency is the median of "
-             f"{params.benchmark.repeats} forward passes after {params.benchmark.warmup} warm-up passes; "
-             "speedup is over the teacher in the same configuration; efficiency is speedup ÷ FLOP-ratio speedup "
+             f"{env['transformers']}, onnxruntime {env['onnxruntime']}. Each configuration times the teacher and "
+             f"then every model in {params.benchmark.rounds} interleaved rounds of {params.benchmark.repeats} "
+             f"forward passes (after {params.benchmark.warmup} warm-up passes): latency is the median over rounds, "
+             "speedup the median over rounds of the teacher's latency ÷ the model's; columns named after a deployment "
+             "are timed in its own configuration; efficiency is speedup ÷ FLOP-ratio speedup "
              "(1.0: the model is as fast as its FLOPs allow).", "",
              *results_table(models, metric, key)]
 
@@ -242,7 +243,7 @@ def run(params: Params, root: Path = Path(".")) -> str:
                     f"masks {compact_metrics['sparsity_masks']:.4f}, smooth expected ŝ "
                     f"{compact_metrics['sparsity_expected']:.4f}")
         if isinstance(target, Speedup):
-            target_line = speedup_line(target, prune_metrics, models.get(f"cofi-{t}", {})) + missed
+            target_line = speedup_line(target, prune_metrics, models[f"cofi-{t}"]) + missed
             lines += [f"## Target speedup {t} on {prune_metrics['deployment']}", "", target_line, "",
                       f"Sparsity: {sparsity}.", ""]
         else:

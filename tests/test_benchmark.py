@@ -110,3 +110,68 @@ def test_the_prune_step_benchmark_runs_at_a_tiny_size(tmp_path):
     for target in ("0.6", "0.95"):
         r = results["compact"][f"sparsity_{target}"]
         assert abs(r["sparsity"] - float(target)) <= 0.1 and r["flop_speedup"] > 1.0
+
+
+# ---- the benchmark stage's timing: interleaved rounds, the grid and every deployment -------------
+
+def test_the_stage_measures_speedups_in_rounds_so_drift_cancels(monkeypatch):
+    """A machine that slows by 5% on every timing: a model's speedup is the median ratio to the
+    teacher timed just before it (exact: 2/g and 4/g² for costs 1/2 and 1/4), while its raw
+    latency drifts with the clock."""
+    from types import SimpleNamespace
+
+    from cofi.latency import Deployment
+    from stages import benchmark
+
+    g, clock = 1.05, {"factor": 1.0}
+
+    def fake_stopwatch(config, repeats, warmup):
+        def prepare(model, onnx=None):
+            def time_once():
+                clock["factor"] *= g
+                return model.cost * clock["factor"]
+            return time_once
+        return prepare
+
+    monkeypatch.setattr(benchmark, "stopwatch", fake_stopwatch)
+    models = {"teacher": SimpleNamespace(cost=10.0), "a": SimpleNamespace(cost=5.0), "b": SimpleNamespace(cost=2.5)}
+    config = Deployment("cpu", "torch", "fp32", 1, 16, 1)
+    timed = benchmark.time_configuration(models, {}, config, SimpleNamespace(rounds=5, repeats=2, warmup=1))
+    assert timed["teacher"]["speedup"] == 1.0
+    assert timed["a"]["speedup"] == pytest.approx(2 / g, rel=1e-12)
+    assert timed["b"]["speedup"] == pytest.approx(4 / g**2, rel=1e-12)
+    assert timed["a"]["median_ms"] == pytest.approx(5.0 * g ** (3 * 2 + 2), rel=1e-12)  # round 3's second timing
+    assert timed["a"]["q1_ms"] < timed["a"]["median_ms"] < timed["a"]["q3_ms"]
+    assert {t["rounds"] for t in timed.values()} == {5} and {t["batch_size"] for t in timed.values()} == {1}
+
+
+def test_the_stage_times_the_grid_then_every_deployment_in_its_own_configuration():
+    import yaml
+
+    from pipeline.params import validate_params
+    from stages.benchmark import configurations
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["benchmark"].update(batch_sizes=[1, 32], sequence_lengths=[128], precisions=["fp32"], onnx=True)
+    params["deployments"] = {"ort-b1": {"device": "cpu", "runtime": "onnxruntime", "precision": "fp32", "batch_size": 1,
+                                        "sequence_length": 64, "threads": 1}}
+    configs = configurations(validate_params(params), torch.device("cpu"), threads=2)
+    assert list(configs) == ["torch_fp32_b1_s128", "onnxruntime_fp32_b1_s128", "torch_fp32_b32_s128",
+                             "onnxruntime_fp32_b32_s128", "ort-b1"]
+    assert {c.threads for c, _ in list(configs.values())[:4]} == {2}
+    deployment, name = configs["ort-b1"]
+    assert name == "ort-b1" and (deployment.runtime, deployment.sequence_length, deployment.threads) == ("onnxruntime", 64, 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_gpu_deployment_on_a_machine_without_one_is_refused_in_one_line():
+    import yaml
+
+    from pipeline.params import validate_params
+    from stages.benchmark import configurations
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["deployments"] = {"gpu-b32": {"device": "cuda", "runtime": "torch", "precision": "bf16", "batch_size": 32,
+                                         "sequence_length": 128, "threads": 0}}
+    with pytest.raises(ValueError, match=r"^deployments 'gpu-b32': device cuda, but torch sees no CUDA GPU on this machine$"):
+        configurations(validate_params(params), torch.device("cpu"), threads=2)

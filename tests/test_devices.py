@@ -183,8 +183,22 @@ def test_cuda_benchmark_harness_times_with_cuda_events():
 @pytest.mark.integration
 @pytest.mark.skipif(not DATA_DIR.exists() or shutil.which("dvc") is None, reason="needs the GLUE data and dvc")
 def test_cuda_dvc_repro_of_the_pipeline(tmp_path):
-    project = copy_project(tmp_path, merge(TINY, {"compute": {"device": "cuda"}, "prune": {"targets": [0.5]}}))
+    """Training on the GPU, and a speedup target on a GPU deployment: profiled, pruned to and benchmarked there."""
+    gpu = {"device": "cuda", "runtime": "torch", "precision": "fp32", "batch_size": 1, "sequence_length": 16, "threads": 0}
+    project = copy_project(tmp_path, merge(TINY, {"compute": {"device": "cuda"},
+                                                  "prune": {"targets": [0.5], "deployment": "gpu-b1"},
+                                                  "deployments": {"gpu-b1": gpu}}))
     run(["dvc", "repro"], project)
     metrics = json.loads((project / "metrics" / "compact-0.5.json").read_text())
     assert metrics["sparsity_counted"] == pytest.approx(metrics["sparsity_masks"], abs=1e-9)
+    profile = json.loads((project / "metrics" / "profile-gpu-b1.json").read_text())
+    latency = json.loads((project / "outputs" / "latency" / "gpu-b1.json").read_text())
+    assert torch.cuda.get_device_name() in json.dumps(latency["hardware"])
+    print(f"gpu-b1 latency model: worst |error| {profile['worst_relative_error']:.1%}, "
+          f"mean {profile['mean_relative_error']:.1%}, {profile['profile_seconds']:.0f} s")
+    pruned = json.loads((project / "metrics" / "compact-1.5x.json").read_text())
+    assert pruned["target_speedup"] == 1.5
+    assert json.loads((project / "metrics" / "prune-1.5x.json").read_text())["deployment"] == "gpu-b1"
+    benchmark = json.loads((project / "metrics" / "benchmark" / "cofi-1.5x.json").read_text())
+    print(f"1.5x on gpu-b1: predicted {pruned['predicted_speedup']:.2f}x, measured {benchmark['measured_speedup']:.2f}x")
     assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}

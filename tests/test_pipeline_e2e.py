@@ -147,7 +147,11 @@ def test_a_speedup_target_is_pruned_against_the_latency_model(project):
     assert (compact["target_speedup"], compact["predicted_speedup"]) == (SPEEDUP, prune["predicted_speedup"])
     bench = json.loads((project / "metrics" / "benchmark" / "cofi-1.5x.json").read_text())
     assert bench["target_speedup"] == SPEEDUP
-    assert bench["measured_speedup"] == bench["speedup_torch_fp32_b1_s16"]  # cpu-b1's configuration, benchmarked
+    assert bench["measured_speedup"] == bench["speedup_cpu-b1"]  # timed on the deployment itself
+    full = json.loads((project / "outputs" / "benchmark.json").read_text())["models"]
+    (on_deployment,) = [t for t in full["cofi-1.5x"]["timings"] if t["deployment"] == "cpu-b1"]
+    assert (on_deployment["key"], on_deployment["threads"], on_deployment["batch_size"]) == ("cpu-b1", 1, 1)
+    assert next(t for t in full["teacher"]["timings"] if t["key"] == "cpu-b1")["speedup"] == 1.0
     report = (project / "report" / "report.md").read_text()
     assert "## Target speedup 1.5x on cpu-b1" in report
     assert (f"requested 1.5×, predicted {prune['predicted_speedup']:.2f}× (the latency model, for the shipped "
@@ -169,7 +173,7 @@ def test_the_profile_stage_writes_a_checked_latency_model(project):
     assert metrics["worst_relative_error"] == max(abs(r["relative_error"]) for r in model.fit["rows"])
     report = (project / "report" / "report.md").read_text()
     assert "### cpu-b1: torch_fp32_b1_s16 on cpu" in report
-    for t in ("0.3", "0.5"):  # predicted beside measured: the benchmark timed the same configuration
+    for t in ("0.3", "0.5"):  # predicted beside measured: the benchmark times every deployment
         assert re.search(rf"\| cofi-{t} \| — \| [0-9.]+× \| [0-9.]+× \|", report), report
 
 
