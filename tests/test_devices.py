@@ -32,9 +32,12 @@ from cofi.gates import GateConfig, HardConcreteGates
 from cofi.metrics import accuracy
 from cofi.sparsity import ModelShape, expected_sparsity
 from cofi.trainer import PruneConfig, TrainConfig, Trainer
+from cofi.latency import Deployment, default_grids, profile
 from pipeline.params import validate_params
+from pipeline.paths import Speedup, Target
 from pipeline.runtime import distillation, prune_config
 from tests.conftest import FINE_GRID, synthetic_task, tiny_model
+from tests.test_latency import exact
 from tests.test_trainer import make_trainer
 from tests.test_pipeline_e2e import DATA_DIR, ROOT, TINY, copy_project, merge, run
 
@@ -67,13 +70,16 @@ def params_with(prune_override: dict):
     return validate_params(data)
 
 
-def build_trainer(name: str, device: str, warmup_epochs: float = 1.0, **train) -> Trainer:
+def build_trainer(name: str, device: str, warmup_epochs: float = 1.0, target: Target = 0.5, **train) -> Trainer:
     """A pruning trainer for ablation ``name`` (as the prune stage builds it), pruning from
-    step 0 with a sparsity warm-up of ``warmup_epochs``."""
+    step 0 with a sparsity warm-up of ``warmup_epochs``; a speedup target on an exact latency model."""
     params = params_with(settings()[name])
     student, teacher = tiny_model(seed=0), tiny_model(seed=0)
     loss = distillation(params, student.config.hidden_size, student.config.num_hidden_layers)
-    prune = prune_config(params, target=0.5)
+    latency = None
+    if isinstance(target, Speedup):
+        latency = profile(student.config, Deployment(), default_grids(student.config, keep_multiple=4), prepare=exact)
+    prune = prune_config(params, target, latency)
     prune.distill_epochs, prune.sparsity_warmup_epochs = 0.0, warmup_epochs
     config = TrainConfig(**{"epochs": 2, "batch_size": 8, "progress": False, "device": device, **train})
     return Trainer(
@@ -171,6 +177,23 @@ def test_cuda_bf16_autocast_training_steps():
     assert len(trainer.history) == trainer.total_steps
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.history)
     assert 0.0 <= result.best_metrics["accuracy"] <= 1.0
+
+
+@cuda
+@pytest.mark.parametrize("target", [0.5, Speedup(1.5)], ids=str)
+def test_cuda_pruning_steps_never_wait_for_the_device(target):
+    """torch's sync debug mode raises on anything in a step that waits for the GPU: a value
+    read back, a blocking copy. Values are read every log_steps only (not within these steps)."""
+    trainer = build_trainer("cofi", "cuda", target=target, log_steps=1000)
+    trainer.train_step(list(range(8)))  # first step: optimiser states, cached latency tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for start in (8, 16, 24):
+            trainer.train_step(list(range(start, start + 8)))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(a.grad is not None for a in trainer.gates.log_alpha.values())
 
 
 @cuda
