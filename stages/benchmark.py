@@ -30,7 +30,7 @@ from cofi.onnx_export import export_onnx, max_logit_difference, onnx_session
 from cofi.sparsity import PRUNABLE_LINEARS, count_prunable_parameters
 from cofi.trainer import predict, resolve_device
 from pipeline import lineage, tracking
-from pipeline.params import Params
+from pipeline.params import Benchmark, Params
 from pipeline.paths import Paths, Speedup, target_name
 from pipeline.runtime import collator, mlflow_run, require_device, setup, task_spec_of, write_json
 from pipeline.training import load_stage_data
@@ -72,7 +72,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "prunable_parameters": count_prunable_parameters(model),
                 "nonzero_prunable_parameters": nonzero,
-                "flops": {str(s): forward_flops(model, s) for s in bench.sequence_lengths},
+                "flops": {str(s): forward_flops(model, s) for s in timed_lengths(params)},
                 "weights_sha256": read_manifest(sources[name])["digest"],
                 "timings": [],
             }
@@ -138,6 +138,11 @@ def count_nonzero_prunable(model) -> int:
     return sum(int(getattr(layer, n).weight.count_nonzero()) for layer in model.layers for n in PRUNABLE_LINEARS)
 
 
+def timed_lengths(params: Params) -> list[int]:
+    """The sequence lengths timed: the grid's and the deployments' (FLOPs are counted at each)."""
+    return sorted(set(params.benchmark.sequence_lengths) | {d.sequence_length for d in params.deployments.values()})
+
+
 def configurations(params: Params, device: torch.device, threads: int) -> dict[str, tuple[Deployment, str | None]]:
     """What to time, by key: the benchmark's grid (batch × sequence × precision with torch on
     compute.device, and fp32 with ONNX Runtime on the CPU when benchmark.onnx), then every
@@ -156,7 +161,7 @@ def configurations(params: Params, device: torch.device, threads: int) -> dict[s
 
 
 def time_configuration(models: dict[str, torch.nn.Module], onnx_files: dict[str, Path], config: Deployment,
-                       bench) -> dict[str, dict]:
+                       bench: Benchmark) -> dict[str, dict]:
     """Every model timed on ``config`` in ``bench.rounds`` interleaved rounds (cofi.latency, as
     `profile` times): each round times the teacher, then each model. A model's speedup is the
     median over rounds of the teacher's latency ÷ its own, each ratio taken seconds apart, so a

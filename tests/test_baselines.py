@@ -100,6 +100,7 @@ def test_iterative_magnitude_pruning_rewinds_and_keeps_zeros():
 # end to end on a tiny random model
 
 
+DEPLOYMENT = "cpu-s8"  # a deployment target, timed by the benchmark stage
 TARGET = 0.5
 
 
@@ -117,15 +118,18 @@ def project(tmp_path_factory) -> Path:
         params["finetune"].update(epochs=1, batch_size=8, evals_per_epoch=1)
         params["compute"]["bf16"] = False
         params["benchmark"].update(batch_sizes=[1], sequence_lengths=[16], precisions=["fp32"], warmup=1, repeats=2)
+        params["deployments"] = {DEPLOYMENT: {"device": "cpu", "runtime": "torch", "precision": "fp32", "batch_size": 2,
+                                              "sequence_length": 8, "threads": 1}}  # a length the grid lacks
         params["baselines"].update(methods=["layer_subset", "magnitude"], ablations=list(ABLATIONS), target=TARGET,
                                    magnitude_rounds=2)
         params["mlflow"]["register_models"] = False
 
     tiny_project(root, tiny)
 
-    from stages import baseline, benchmark, compact, finetune, prune, report
+    from stages import baseline, benchmark, compact, finetune, prune, profile, report
 
     p = load_params(root / "params.yaml")
+    profile.run(p, DEPLOYMENT, root)
     prune.run(p, TARGET, root)
     finetune.run(p, TARGET, root)
     compact.run(p, TARGET, root)
@@ -137,6 +141,19 @@ def project(tmp_path_factory) -> Path:
     benchmark.run(p, root)
     report.run(p, root)
     return root
+
+
+def test_every_model_is_timed_on_the_deployment_in_its_own_configuration(project):
+    import json
+
+    models = json.loads((project / "outputs" / "benchmark.json").read_text())["models"]
+    for name, entry in models.items():
+        (timing,) = [t for t in entry["timings"] if t["deployment"] == DEPLOYMENT]
+        assert (timing["key"], timing["batch_size"], timing["sequence_length"], timing["threads"]) == (DEPLOYMENT, 2, 8, 1)
+        assert timing["flop_speedup"] == models["teacher"]["flops"]["8"] / entry["flops"]["8"]
+        assert timing["speedup"] > 0 and (name != "teacher" or timing["speedup"] == 1.0)
+    report = (project / "report" / "report.md").read_text()
+    assert f"{DEPLOYMENT}: ms · speedup · eff." in report and f"### {DEPLOYMENT}: torch_fp32_b2_s8 on cpu" in report
 
 
 def test_no_fine_tuning_passes_the_compacted_pruned_model_on(project, tmp_path):
