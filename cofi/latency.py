@@ -108,7 +108,6 @@ class _Grid:
     def __init__(self, xs: Sequence[float], like: Tensor):
         xs = list(xs) if len(xs) > 1 else [xs[0], xs[0] + 1.0]  # one point: constant
         x = torch.tensor(xs, dtype=torch.float64)
-        self.size = len(xs)
         self.inner = x[1:-1].to(like)  # segment j covers [xs[j], xs[j+1]]; beyond the ends, the end segments
         self.start_and_inverse = torch.stack([x[:-1], 1.0 / x.diff()]).to(like)  # (2, K-1)
 
