@@ -170,8 +170,8 @@ def time_configuration(models: dict[str, torch.nn.Module], onnx_files: dict[str,
     others = [n for n in models if n != "teacher"]
 
     def ready(name: str):
-        model = models[name] if config.runtime == "torch" else copy.deepcopy(models[name]).float().cpu()
-        return prepare(model, onnx_files.get(name))
+        exported = config.runtime == "torch" or name in onnx_files  # else the stopwatch exports it, in place
+        return prepare(models[name] if exported else copy.deepcopy(models[name]).float().cpu(), onnx_files.get(name))
 
     timed = interleaved_rounds([ready(n) for n in others], ready("teacher"), bench.rounds)
     per_round = {"teacher": timed.reference_ms, **dict(zip(others, timed.ms))}

@@ -168,7 +168,8 @@ def speedup_line(target: Speedup, prune_metrics: dict, entry: dict) -> str:
             f"{prune_metrics['deployment']}).")
 
 
-def latency_section(params: Params, paths: Paths, models: dict, env: dict) -> list[str]:
+def latency_section(params: Params, paths: Paths, models: dict, env: dict,
+                    structures: dict[str, Structure]) -> list[str]:
     """Each deployment's latency model: its fit, and each CoFi model's predicted speedup
     beside the benchmark's measurement on that deployment."""
     if not params.deployments:
@@ -191,7 +192,7 @@ def latency_section(params: Params, paths: Paths, models: dict, env: dict) -> li
         for t in params.prune.all_targets:
             name = f"cofi-{target_name(t)}"
             requested = f"{t.factor:g}×" if isinstance(t, Speedup) and params.prune.deployment == deployment else "—"
-            predicted = model.speedup(Structure.of(CofiConfig.from_pretrained(paths.compact(t))))
+            predicted = model.speedup(structures[name])
             measured = next(m["speedup"] for m in models[name]["timings"] if m["deployment"] == deployment)
             lines.append(f"| {name} | {requested} | {predicted:.2f}× | {measured:.2f}× |")
         lines.append("")
@@ -230,9 +231,11 @@ def run(params: Params, root: Path = Path(".")) -> str:
 
     figures = {"accuracy_vs_speedup.png": sweep_figure(rows, metric, key)}
     lines += ["", "![accuracy vs speedup](accuracy_vs_speedup.png)", ""]
+    structures: dict[str, Structure] = {}  # per CoFi model, for the latency section
     for target in params.prune.all_targets:
         t = target_name(target)
         config = CofiConfig.from_pretrained(paths.compact(target))  # the structure; no weights needed
+        structures[f"cofi-{t}"] = Structure.of(config)
         shape = (config.num_attention_heads, config.intermediate_size)
         table = structure_table(config.layer_num_heads, config.layer_intermediate_size, *shape)
         figures[f"structure-{t}.png"] = structure_figure(table, *shape, title=f"structure at target {t}")
@@ -260,7 +263,7 @@ def run(params: Params, root: Path = Path(".")) -> str:
             curve[["step", *columns]].to_csv(out / "curves" / name / f"{t}.csv", index=False)
         lines += [f"![pruning curves](curves-{t}.png)", ""]
 
-    lines += latency_section(params, paths, models, env)
+    lines += latency_section(params, paths, models, env, structures)
 
     for filename, fig in figures.items():
         fig.savefig(out / filename, dpi=110)
