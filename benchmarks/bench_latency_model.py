@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="0: the runtime's default")
     p.add_argument("--structures", type=int, default=20, help="random structures to check the fit on")
-    p.add_argument("--repeats", type=int, default=2, help="timed passes per measurement (their median)")
+    p.add_argument("--repeats", type=int, default=1, help="timed passes per model per round (the profile stage's)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median ratio is kept)")
     p.add_argument("--calibration", type=int, default=8, help="random structures fixing the model's scale")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")

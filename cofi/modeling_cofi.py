@@ -205,6 +205,12 @@ class CofiForSequenceClassification(CofiPreTrainedModel):
         self.classifier = nn.Linear(config.classifier_hidden_size, config.num_labels)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
     def forward(
         self,
         input_ids: Tensor,

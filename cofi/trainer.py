@@ -6,7 +6,8 @@ fine-tuning with a fixed structure.
   are sampled from the hard-concrete gates and the Lagrangian pulls the sparsity
   of the deterministic masks (the model that ships; with the gradient of the
   smooth expected sparsity, ``lagrangian.controlled_sparsity``) to a target that
-  rises linearly over ``sparsity_warmup_epochs``; the search continues after the
+  rises over ``sparsity_warmup_epochs`` (``ramp``: linear or cubic, see
+  ``lagrangian.target_sparsity``); the search continues after the
   target is reached. Every step logs both: ``mask_sparsity`` (controlled) and
   ``expected_sparsity`` (ŝ of the keep probabilities). The best checkpoint is
   chosen among evaluations whose deterministic-mask sparsity is within
@@ -58,7 +59,7 @@ from cofi.distributed import Processes
 from cofi.checkpoint import load_checkpoint, save_checkpoint
 from cofi.distill import DistillationLoss, existing_layers, existing_layers_of_structure
 from cofi.gates import GateConfig, HardConcreteGates
-from cofi.lagrangian import Lagrangian, controlled_sparsity, target_sparsity
+from cofi.lagrangian import RAMPS, Lagrangian, controlled_sparsity, target_sparsity
 from cofi.metrics import MetricFn
 from cofi.sparsity import ModelShape, mask_sparsity, max_sparsity
 
@@ -79,6 +80,10 @@ class TrainConfig:
     accumulation_steps: int = 1  # micro-batches per process per step; batch_size stays the effective batch
     max_grad_norm: float = 1.0
     bf16: bool = False  # autocast to bfloat16 where the device has it (CPU; CUDA from Ampere); else fp32
+    # The word-embedding table keeps its loaded values. Its gradient is dense (vocabulary ×
+    # width: half of MiniLM's weights) though a batch touches a few hundred rows: freezing
+    # it made CPU pruning steps 11% faster, at about half a point of accuracy (README).
+    freeze_word_embeddings: bool = False
     seed: int = 42
     eval_steps: int = 0  # evaluate (and checkpoint) every this many steps; 0: once per epoch
     eval_batch_size: int = 128
@@ -107,7 +112,8 @@ class PruneConfig:
 
     target_sparsity: float | None = None
     distill_epochs: float = 1.0  # distillation only, before any mask is sampled
-    sparsity_warmup_epochs: float = 2.0  # target rises linearly from the masks' initial value over this span
+    sparsity_warmup_epochs: float = 2.0  # target rises from the masks' initial value over this span
+    ramp: str = "linear"  # how it rises: "linear" (the paper) or "cubic" (lagrangian.target_sparsity)
     reg_learning_rate: float = 0.01  # for log α (descent) and λ1, λ2 (ascent)
     lambda_2_init: float = 0.0  # λ2's start (the paper: 0); lagrangian.py says why the pipeline starts it at 100
     sparsity_tolerance: float = 0.01  # ε: checkpoints this close to the target are candidates
@@ -127,6 +133,8 @@ class PruneConfig:
                 raise ValueError("target_speedup needs a latency model (latency)")
         _check_range("distill_epochs", self.distill_epochs, 0.0, math.inf)
         _check_range("sparsity_warmup_epochs", self.sparsity_warmup_epochs, 0.0, math.inf)
+        if self.ramp not in RAMPS:
+            raise ValueError(f"ramp={self.ramp!r}; allowed: {', '.join(RAMPS)}")
         _check_range("reg_learning_rate", self.reg_learning_rate, 0.0, math.inf, low_open=True)
         _check_range("lambda_2_init", self.lambda_2_init, 0.0, math.inf)
         _check_range("sparsity_tolerance", self.sparsity_tolerance, 0.0, 1.0, low_open=True)
@@ -325,7 +333,10 @@ class Trainer:
         self.total_steps = max(1, round(config.epochs * self.steps_per_epoch))
         self.eval_steps = config.eval_steps or self.steps_per_epoch
 
-        trainable = list(self.model.parameters()) + (list(self.distill.parameters()) if self.distill else [])
+        if config.freeze_word_embeddings:
+            self.model.get_input_embeddings().weight.requires_grad_(False)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable += list(self.distill.parameters()) if self.distill else []
         # fused: one kernel per step instead of ~10 full passes over the weights;
         # on CPU that is ~4x faster for all-MiniLM-L6-v2 (memory-bound update).
         # The meta device (shape-only test runs) has no fused kernel.
@@ -426,7 +437,8 @@ class Trainer:
         if pruning:
             expected, shipped = self._controlled(self.gates)  # shipped: on the device, no host read
             target = target_sparsity(
-                step, self.prune.controlled_target, self.prune_start, self.sparsity_warmup, self.initial_controlled)
+                step, self.prune.controlled_target, self.prune_start, self.sparsity_warmup, self.initial_controlled,
+                self.prune.ramp)
             parts["lagrangian"] = self.lagrangian(controlled_sparsity(expected, shipped), target)
             target = torch.full((), target, device=self.device)  # a fill, not a host copy
             if self.prune.target_speedup is None:

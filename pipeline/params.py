@@ -23,6 +23,7 @@ from pydantic_core import PydanticCustomError
 
 from cofi.ablations import ABLATIONS
 from cofi.data import TASKS
+from cofi.lagrangian import RAMPS
 from cofi.metrics import METRICS
 from cofi.sparsity import FAMILIES
 from pipeline.paths import Speedup, Target
@@ -189,8 +190,10 @@ class Prune(_Section):
     epochs: Annotated[Any, AfterValidator(_epochs_per_target)]  # a number, or a map target → epochs (see epochs_for)
     distill_epochs: NonNegative
     sparsity_warmup_epochs: NonNegative
+    sparsity_ramp: Literal[RAMPS]
     batch_size: Count
     learning_rate: Positive
+    freeze_word_embeddings: bool  # students (prune, finetune, baselines) keep the teacher's word-embedding table
     reg_learning_rate: Positive
     lambda_2_init: NonNegative
     temperature: Positive

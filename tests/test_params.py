@@ -149,6 +149,9 @@ BAD = [
     ("teacher_layers 0-based", {"prune.teacher_layers": [0, 3]}, ["prune.teacher_layers[0] = 0: must be >= 1"]),
     ("unknown task", {"data.task": "sst-2"}, [f"data.task = 'sst-2': must be one of {TASKS}"]),
     ("device tpu", {"compute.device": "tpu"}, ["compute.device = 'tpu': must be one of 'auto', 'cpu' or 'cuda'"]),
+    ("ramp cosine", {"prune.sparsity_ramp": "cosine"}, ["prune.sparsity_ramp = 'cosine': must be one of 'cubic' or 'linear'"]),
+    ("freeze as text", {"prune.freeze_word_embeddings": "yes"},
+     ["prune.freeze_word_embeddings = 'yes': must be true or false"]),
     (
         "precision fp16",
         {"benchmark.precisions": ["fp16"]},
@@ -338,3 +341,15 @@ def test_the_readme_speed_targets_validate_and_make_their_stages(tmp_path):
     stages = set(listed.stdout.split())
     assert {"profile@ort-b1", "prune-speedup@2", "prune-speedup@4", "compact-speedup@4"} <= stages, listed
     assert not any(s.startswith("prune@") for s in stages)
+
+
+def test_frozen_word_embeddings_are_for_students_not_the_teacher():
+    from pipeline.runtime import train_config
+
+    params = load_params(REAL)
+    params = params.model_copy(update={"prune": params.prune.model_copy(update={"freeze_word_embeddings": True})})
+    assert not train_config(params, params.teacher, 1, 100).freeze_word_embeddings
+    for section in (params.prune, params.finetune):  # as the stages pass them: with this run's epochs
+        assert train_config(params, section.model_copy(update={"epochs": 1.0}), 1, 100).freeze_word_embeddings
+    off = params.model_copy(update={"prune": params.prune.model_copy(update={"freeze_word_embeddings": False})})
+    assert not train_config(off, off.prune.model_copy(update={"epochs": 1.0}), 1, 100).freeze_word_embeddings

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ TINY = {
     "teacher": {"epochs": 1, "batch_size": 16},
     "prune": {"targets": TARGETS, "speedups": [SPEEDUP], "deployment": "cpu-b1", "epochs": {0.3: 2, 0.5: 2.5},
               "distill_epochs": 0.25, "sparsity_warmup_epochs": 0.75, "batch_size": 16, "reg_learning_rate": 0.5,
-              "evals_per_epoch": 2},
+              "evals_per_epoch": 2, "freeze_word_embeddings": True, "sparsity_ramp": "cubic"},
     "finetune": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 1},
     "benchmark": {"batch_sizes": [1], "sequence_lengths": [16], "precisions": ["fp32"], "warmup": 1, "repeats": 2},
     "deployments": {"cpu-b1": {"device": "cpu", "runtime": "torch", "precision": "fp32", "batch_size": 1,
@@ -124,6 +125,36 @@ def test_repro_writes_every_output_and_metric(project):
     assert set(lock["stages"]) == expected
 
 
+def test_the_target_rises_on_the_cubic_ramp_of_the_params(project):
+    """prune.sparsity_ramp: cubic (here): 4 steps an epoch, pruning from step 1 (0.25 epoch),
+    warm-up over 3 steps (0.75 epoch); a row's step is the 0-based step + 1."""
+    curve = pd.read_csv(project / "plots" / "prune-0.3.csv").set_index("step")["target_sparsity"]
+    start = curve[2]  # the masks' initial sparsity, where the ramp starts
+    for row, p in ((3, 1 / 3), (4, 2 / 3), (5, 1.0), (6, 1.0)):
+        assert curve[row] == pytest.approx(start + (0.3 - start) * (1 - (1 - p) ** 3), abs=1e-6), row
+
+
+def test_students_keep_the_teachers_word_embeddings(project):
+    """prune.freeze_word_embeddings (on here): pruning and fine-tuning left the table as the
+    teacher's, bit for bit (compaction keeps the columns of the kept hidden dimensions), while
+    the teacher's own training changed it from the base model's."""
+    from safetensors.torch import load_file
+
+    def table(directory: Path):
+        return load_file(directory / "model.safetensors")["embeddings.word_embeddings.weight"]
+
+    teacher = table(project / "outputs/teacher")
+    for t in MODELS:
+        assert torch.equal(table(project / "outputs/pruned" / t), teacher), t
+        kept = load_file(project / "outputs/pruned" / t / "masks.safetensors").get("hidden")
+        columns = teacher if kept is None else teacher[:, kept != 0]
+        assert torch.equal(table(project / "outputs/finetuned" / t), columns), t  # after 1 epoch of fine-tuning
+    from pipeline.runtime import base_model_path
+    base = load_file(Path(base_model_path("all-MiniLM-L6-v2")) / "model.safetensors")
+    (key,) = [k for k in base if k.endswith("word_embeddings.weight")]
+    assert not torch.equal(base[key], teacher)
+
+
 def test_a_speedup_target_is_pruned_against_the_latency_model(project):
     """prune-speedup@1.5 reads the deployment's latency model: the Lagrangian controls its
     predicted speedup (the curve), the metrics, the benchmark and the report show requested,
@@ -186,6 +217,9 @@ def test_second_repro_does_nothing(project):
     ("finetune", "learning_rate", 1.0e-5, {"finetune@0.3", "finetune@0.5", "finetune-speedup@1.5"},
      {"data", "teacher", "prune@0.3", "prune@0.5", "prune-speedup@1.5", "profile@cpu-b1"}),
     ("prune", "temperature", 4.0,  # pruning and fine-tuning distil at that temperature
+     {f"{s}{kind}@{t}" for s in ("prune", "finetune") for kind, t in (("", "0.3"), ("", "0.5"), ("-speedup", "1.5"))},
+     {"data", "teacher", "profile@cpu-b1", "compact@0.3", "benchmark"}),
+    ("prune", "freeze_word_embeddings", False,  # every student's training, not the teacher's
      {f"{s}{kind}@{t}" for s in ("prune", "finetune") for kind, t in (("", "0.3"), ("", "0.5"), ("-speedup", "1.5"))},
      {"data", "teacher", "profile@cpu-b1", "compact@0.3", "benchmark"}),
 ])

@@ -229,6 +229,22 @@ def test_a_checkpoint_replaces_the_last_and_a_damaged_one_is_refused(tmp_path):
         load_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_frozen_word_embeddings_keep_their_values_while_everything_else_prunes(task, freeze):
+    prune = PruneConfig(target_sparsity=0.4, distill_epochs=0.5, sparsity_warmup_epochs=1, reg_learning_rate=0.1)
+    trainer = make_trainer(task, prune=prune, epochs=2, freeze_word_embeddings=freeze)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    after = trainer.model.state_dict()
+    table = "embeddings.word_embeddings.weight"
+    assert trainer.model.get_input_embeddings().weight is trainer.model.embeddings.word_embeddings.weight
+    assert torch.equal(after[table], before[table]) == freeze
+    changed = {k for k in before if k != table and not torch.equal(after[k], before[k])}
+    assert changed == set(before) - {table}  # every other weight trained, position embeddings included
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert (id(trainer.model.get_input_embeddings().weight) in optimised) != freeze
+
+
 def test_bf16_autocast_trains(task):
     trainer = make_trainer(task, epochs=1, bf16=True)
     result = trainer.fit()
