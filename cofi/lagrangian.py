@@ -70,23 +70,24 @@ class Lagrangian(nn.Module):
         return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.0, maximize=True)
 
 
-RAMPS = ("cubic", "linear")
+# The target's share of the way from its start to the final target, at warm-up progress p in [0, 1]
+RAMPS = {
+    "linear": lambda p: p,  # the paper's
+    # Zhu & Gupta (2017): three times as fast at first, where there is much to remove that
+    # costs little, slowing to a stop at the target, so the sparsity is not still lagging
+    # (and λ1 not wound up) when the ramp ends
+    "cubic": lambda p: 1.0 - (1.0 - p) ** 3,
+}
 
 
 def target_sparsity(
     step: int, final_target: float, prune_start: int, warmup_steps: int, initial: float = 0.0, ramp: str = "linear"
 ) -> float:
     """t(step): ``initial`` (the sparsity the masks start with) until pruning starts,
-    then rising to final_target over warmup_steps, then final_target. With progress
-    p in [0, 1] over the warm-up, a "linear" ramp (the paper's) is at p of the way,
-    a "cubic" one at 1 − (1 − p)³ (Zhu & Gupta, 2017): three times as fast at first,
-    where there is much to remove that costs little, slowing to a stop at the target,
-    so the sparsity is not still lagging (and λ1 not wound up) when the ramp ends."""
-    if ramp not in RAMPS:
-        raise ValueError(f"ramp={ramp!r}; allowed: {', '.join(RAMPS)}")
+    then rising to final_target over warmup_steps along ``ramp`` (a key of RAMPS),
+    then final_target."""
     if step < prune_start:
         return initial
     if warmup_steps <= 0:
         return final_target
-    p = min(1.0, (step - prune_start) / warmup_steps)
-    return initial + (final_target - initial) * (p if ramp == "linear" else 1.0 - (1.0 - p) ** 3)
+    return initial + (final_target - initial) * RAMPS[ramp](min(1.0, (step - prune_start) / warmup_steps))

@@ -190,7 +190,7 @@ class Prune(_Section):
     epochs: Annotated[Any, AfterValidator(_epochs_per_target)]  # a number, or a map target → epochs (see epochs_for)
     distill_epochs: NonNegative
     sparsity_warmup_epochs: NonNegative
-    sparsity_ramp: Literal[RAMPS]
+    sparsity_ramp: Literal[tuple(RAMPS)]
     batch_size: Count
     learning_rate: Positive
     freeze_word_embeddings: bool  # students (prune, finetune, baselines) keep the teacher's word-embedding table

@@ -21,6 +21,7 @@ from cofi.gates import (
 from cofi.compact import compact
 from cofi.lagrangian import Lagrangian, controlled_sparsity, target_sparsity
 from cofi.sparsity import FAMILIES, ModelShape, expected_sparsity, mask_sparsity, model_sparsity, remaining_size
+from cofi.trainer import PruneConfig
 from tests.conftest import tiny_model
 
 SHAPE = ModelShape(num_layers=3, num_heads=4, head_size=2, hidden_size=8, intermediate_size=16)
@@ -211,8 +212,8 @@ def test_a_cubic_ramp_rises_fast_then_slows_to_a_stop_at_the_target():
     early = target_sparsity(11, 0.9, 10, 20, ramp="cubic") - target_sparsity(10, 0.9, 10, 20, ramp="cubic")
     late = target_sparsity(30, 0.9, 10, 20, ramp="cubic") - target_sparsity(29, 0.9, 10, 20, ramp="cubic")
     assert early == pytest.approx(3 * 0.9 / 20, rel=0.1) and late == pytest.approx(0.9 * (1 / 20) ** 3, abs=1e-12)
-    with pytest.raises(ValueError, match=r"ramp='cosine'; allowed: cubic, linear"):
-        target_sparsity(15, 0.9, 10, 20, ramp="cosine")
+    with pytest.raises(ValueError, match=r"ramp='cosine'; allowed: linear, cubic"):
+        PruneConfig(target_sparsity=0.9, ramp="cosine")
 
 
 @pytest.mark.parametrize("start, target", [(0.1, 0.5), (0.8, 0.5)])

@@ -149,7 +149,7 @@ BAD = [
     ("teacher_layers 0-based", {"prune.teacher_layers": [0, 3]}, ["prune.teacher_layers[0] = 0: must be >= 1"]),
     ("unknown task", {"data.task": "sst-2"}, [f"data.task = 'sst-2': must be one of {TASKS}"]),
     ("device tpu", {"compute.device": "tpu"}, ["compute.device = 'tpu': must be one of 'auto', 'cpu' or 'cuda'"]),
-    ("ramp cosine", {"prune.sparsity_ramp": "cosine"}, ["prune.sparsity_ramp = 'cosine': must be one of 'cubic' or 'linear'"]),
+    ("ramp cosine", {"prune.sparsity_ramp": "cosine"}, ["prune.sparsity_ramp = 'cosine': must be one of 'linear' or 'cubic'"]),
     ("freeze as text", {"prune.freeze_word_embeddings": "yes"},
      ["prune.freeze_word_embeddings = 'yes': must be true or false"]),
     (
