@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="0: the runtime's default")
     p.add_argument("--structures", type=int, default=20, help="random structures to check the fit on")
     p.add_argument("--repeats", type=int, default=1, help="timed passes per model per round (the profile stage's)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median ratio is kept)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each model's fastest timing is kept)")
     p.add_argument("--calibration", type=int, default=8, help="random structures fixing the model's scale")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)

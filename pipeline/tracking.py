@@ -25,7 +25,6 @@ a file lock, and writes that meet "database is locked" are retried.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import json
@@ -34,7 +33,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -266,20 +264,23 @@ def retry_locked(fn: Callable[[], T], what: str, deadline_s: float = LOCK_RETRY_
             delay = min(delay * 2, 2.0)
 
 
-def _lock_file(uri: str) -> Path:
-    """A lock per store, outside the repository (like MLflow's own db_init_lock)."""
-    key = hashlib.sha256(str(_sqlite_path(uri) or uri).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"cofi-mlflow-{key}.lock"
+def lock_file(db: Path) -> Path:
+    """A SQLite store's lock: beside its database, as SQLite's own -journal and -wal files
+    are, so it goes with the store (one per store path in the temp directory outlived them all)."""
+    return db.with_name(db.name + "-lock")
 
 
 @contextmanager
 def _store_lock(uri: str, timeout_s: float = 600.0) -> Iterator[None]:
-    if _sqlite_path(uri) is None:
+    db = _sqlite_path(uri)
+    if db is None:
         yield
         return
     from filelock import FileLock
 
-    with FileLock(str(_lock_file(uri)), timeout=timeout_s):
+    lock = lock_file(db)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock), timeout=timeout_s):
         yield
 
 

@@ -163,9 +163,10 @@ def configurations(params: Params, device: torch.device, threads: int) -> dict[s
 def time_configuration(models: dict[str, torch.nn.Module], onnx_files: dict[str, Path], config: Deployment,
                        bench: Benchmark) -> dict[str, dict]:
     """Every model timed on ``config`` in ``bench.rounds`` interleaved rounds (cofi.latency, as
-    `profile` times): each round times the teacher, then each model. A model's speedup is the
-    median over rounds of the teacher's latency ÷ its own, each ratio taken seconds apart, so a
-    machine whose speed drifts over minutes shifts latencies but not speedups."""
+    `profile` times): each round times the teacher, then each model. A model's latency is the
+    median over rounds (with its spread); its speedup is the teacher's fastest timing ÷ its own,
+    the estimate a slow spell of the machine's moves least (cofi/latency.py, "measuring"), and
+    the one the latency model predicts."""
     prepare = stopwatch(config, bench.repeats, bench.warmup)
     others = [n for n in models if n != "teacher"]
 
@@ -175,7 +176,7 @@ def time_configuration(models: dict[str, torch.nn.Module], onnx_files: dict[str,
 
     timed = interleaved_rounds([ready(n) for n in others], ready("teacher"), bench.rounds)
     per_round = {"teacher": timed.reference_ms, **dict(zip(others, timed.ms))}
-    speedups = {"teacher": 1.0, **{n: 1.0 / statistics.median(r) for n, r in zip(others, timed.ratios)}}
+    speedups = {"teacher": 1.0, **{n: 1.0 / r for n, r in zip(others, timed.relative)}}
     used_threads = torch.get_num_threads() if config.runtime == "torch" else config.threads
     out = {}
     for name, ms in per_round.items():

@@ -26,7 +26,7 @@ from pipeline.runtime import mlflow_run, require_device, seed_everything, write_
 STAGE = "profile"
 FIT_STRUCTURES = 20  # random compact structures the fit is checked on
 CALIBRATION_STRUCTURES = 8  # others, for the latency model's scale
-# interleaved rounds (median ratio kept), timed passes per model per round: one pass per round
+# interleaved rounds (fastest timings kept), timed passes per model per round: one pass per round
 # halves the time at batch 32 (about 90 s here instead of 160) and fits no worse (README)
 ROUNDS, REPEATS = 3, 1
 

@@ -224,7 +224,7 @@ def run(params: Params, root: Path = Path(".")) -> str:
              f"{env['transformers']}, onnxruntime {env['onnxruntime']}. Each configuration times the teacher and "
              f"then every model in {params.benchmark.rounds} interleaved rounds of {params.benchmark.repeats} "
              f"forward passes (after {params.benchmark.warmup} warm-up passes): latency is the median over rounds, "
-             "speedup the median over rounds of the teacher's latency ÷ the model's; columns named after a deployment "
+             "speedup the teacher's fastest timing ÷ the model's; columns named after a deployment "
              "are timed in its own configuration; efficiency is speedup ÷ FLOP-ratio speedup "
              "(1.0: the model is as fast as its FLOPs allow).", "",
              *results_table(models, metric, key)]

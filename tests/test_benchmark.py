@@ -115,9 +115,9 @@ def test_the_prune_step_benchmark_runs_at_a_tiny_size(tmp_path):
 # ---- the benchmark stage's timing: interleaved rounds, the grid and every deployment -------------
 
 def test_the_stage_measures_speedups_in_rounds_so_drift_cancels(monkeypatch):
-    """A machine that slows by 5% on every timing: a model's speedup is the median ratio to the
-    teacher timed just before it (exact: 2/g and 4/g² for costs 1/2 and 1/4), while its raw
-    latency drifts with the clock."""
+    """A machine that slows by 5% on every timing: a model's speedup is the teacher's fastest
+    timing ÷ its own, each model's first, right after the teacher's (exact: 2/g and 4/g² for
+    costs 1/2 and 1/4), while its median latency drifts with the clock."""
     from types import SimpleNamespace
 
     from cofi.latency import Deployment

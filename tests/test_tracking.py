@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -483,6 +484,7 @@ def test_two_processes_share_a_fresh_sqlite_store(tmp_path):
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     project = tmp_path / "project"
     project.mkdir()
+    temp_before = set(Path(tempfile.gettempdir()).iterdir())
     barrier = context.Barrier(2)
     results = context.Queue()
     procs = [context.Process(target=_worker, args=(str(project), name, barrier, results)) for name in ("w0", "w1")]
@@ -515,6 +517,10 @@ def test_two_processes_share_a_fresh_sqlite_store(tmp_path):
     versions = client.search_model_versions("name = 'concurrent-model'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert {v.run_id for v in versions} == set(run_ids.values())
+    # the store's lock sits beside its database and leaves nothing in the temp directory
+    db = tracking._sqlite_path(tracking.tracking_uri(project))
+    assert tracking.lock_file(db) == db.with_name("mlflow.db-lock") and tracking.lock_file(db).is_file()
+    assert not {p for p in set(Path(tempfile.gettempdir()).iterdir()) - temp_before if "mlflow" in p.name}
 
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
