@@ -2,8 +2,9 @@
 what profiling costs, on one deployment configuration of this machine.
 
 Profiles a random-weight model of the named shape (all-MiniLM-L6-v2's by default),
-then times random compact structures (as pruning makes them: sublayers removed,
-widths rounded to 16) and compares with the prediction.
+then times random compact structures (``cofi.latency.random_structures``: from
+nearly whole to nearly empty, as pruning to 1.5x or to 20x makes them) and compares
+with the prediction.
 
     python benchmarks/bench_latency_model.py                                          # torch fp32, batch 32 x 128
     python benchmarks/bench_latency_model.py --runtime onnxruntime --batch-size 1      # ONNX Runtime, batch 1 x 128

@@ -4,7 +4,7 @@ Inputs are prepared beforehand; warm-up passes are discarded; each of N timed
 repeats is one forward pass of a (batch, sequence) block of random tokens; the
 median and interquartile range are reported. On CUDA the device is synchronised
 around each pass and timed with CUDA events. ONNX Runtime sessions are timed by
-the same loop.
+the same loop, and every timing runs with freed memory kept (``keep_freed_memory``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cofi.allocator import keep_freed_memory
 from cofi.onnx_export import onnx_feed
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -79,10 +80,12 @@ def measure(call: Callable[[], object], device: torch.device, warmup: int, repea
     """(q1, median, q3) in milliseconds of ``repeats`` calls after ``warmup`` discarded ones.
 
     On CUDA each call is bracketed by CUDA events and the device synchronised
-    after it, so the time is the GPU's, not the launch's.
+    after it, so the time is the GPU's, not the launch's. Freed memory is kept
+    (``keep_freed_memory``) from the first call on.
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats}; at least 1 timed repeat is needed")
+    keep_freed_memory()
     samples = []
     for i in range(warmup + repeats):
         if device.type == "cuda":
@@ -157,6 +160,7 @@ def environment() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "allocator": "freed memory kept" if keep_freed_memory() else "the C library's default",
     }
     try:
         import onnxruntime

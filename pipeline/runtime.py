@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cofi.allocator import keep_freed_memory
 from cofi.batching import Collator
 from cofi.data import TASKS, TaskSpec
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
@@ -39,6 +40,8 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(params: Params) -> None:
+    """A stage process's seed, threads and allocator (freed memory kept: faster steps)."""
+    keep_freed_memory()
     seed_everything(params.seed)
     if params.compute.threads:
         torch.set_num_threads(params.compute.threads)

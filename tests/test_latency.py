@@ -142,6 +142,19 @@ def test_random_structures_are_what_pruning_makes():
     assert any(0 in s.heads for s in structures) and any(0 in s.units for s in structures)
 
 
+def test_random_structures_run_from_nearly_whole_to_nearly_empty():
+    """The fit is checked where speed targets prune to, up to 8x and beyond: the first of
+    20 structures keeps most of MiniLM's units and heads, the last a few percent."""
+    minilm = CofiConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    for seed in range(5):
+        structures = random_structures(minilm, 20, keep_multiple=16, seed=seed)
+        units = [sum(s.units) / (6 * 1536) for s in structures]
+        heads = [sum(s.heads) / (6 * 12) for s in structures]
+        assert units[0] > 0.4 and heads[0] > 0.5
+        assert max(units[-3:]) < 0.12 and max(heads[-3:]) < 0.15  # a head is the least a sublayer keeps
+        assert sum(units[:5]) > 5 * sum(units[-5:])
+
+
 def test_default_grids_span_the_shape():
     hidden, heads, units = default_grids(CofiConfig(hidden_size=384, num_attention_heads=12, intermediate_size=1536))
     assert hidden == [288, 384] and heads[0] == 1 and heads[-1] == 12
