@@ -5,9 +5,10 @@ units is modelled as
 
     T = F(d) + Σ_l A(h_l, d) + Σ_l B(u_l, d),     A(0, d) = B(0, d) = 0
 
-F is the fixed cost (embeddings, pooler, classifier), A an attention sublayer
-(projections, scores, its LayerNorm), B an FFN sublayer. A sublayer with nothing
-kept does no work, so it costs nothing.
+F is the fixed cost: embeddings, pooler, classifier, and every sublayer's residual
+add and LayerNorm, which run even where the sublayer is removed (post-LN: x =
+LN(x + bias)). A is what an attention sublayer adds to that (projections, scores),
+B what an FFN sublayer adds; a sublayer with nothing kept adds nothing.
 
 ``profile`` measures F, A and B on grids of d, h and u by timing *whole models*
 whose layers are all alike: L attention-only layers of h heads take
