@@ -4,8 +4,8 @@ glibc's malloc hands large freed blocks back to the kernel (a freed mmap, a trim
 heap top), so every CPU forward pass faults its activations in again, zero-filled:
 the unpruned MiniLM at batch 32 x 128 took 89,000 page faults (350 MB) per pass
 here, and a small model faulted on some passes and not on others (a model of
-embeddings alone timed 12 or 29 ms). Told to keep freed memory, as jemalloc and
-tcmalloc do (PyTorch's CPU performance guide recommends either), the process
+embeddings alone timed 12 or 29 ms). Told to keep freed memory, much as jemalloc
+and tcmalloc do (PyTorch's CPU performance guide recommends either), the process
 faults nothing after its first passes, and that noise leaves the timings (README:
 "Memory allocator"). Training gains less (pruning steps 10% here): blocks over
 32 MiB, such as the vocabulary table's dense gradient, are still mapped afresh.

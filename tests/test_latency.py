@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from cofi import CofiConfig
+from cofi.benchmark import shape_config
 from cofi.latency import (
     Deployment, LatencyModel, Structure, check_fit, default_grids, fingerprint, full_structure, model_of, monotone, profile,
     random_structures, relative_latencies,
@@ -145,7 +146,7 @@ def test_random_structures_are_what_pruning_makes():
 def test_random_structures_run_from_nearly_whole_to_nearly_empty():
     """The fit is checked where speed targets prune to, up to 8x and beyond: the first of
     20 structures keeps most of MiniLM's units and heads, the last a few percent."""
-    minilm = CofiConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    minilm = shape_config("minilm")
     for seed in range(5):
         structures = random_structures(minilm, 20, keep_multiple=16, seed=seed)
         units = [sum(s.units) / (6 * 1536) for s in structures]
