@@ -27,7 +27,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from cofi.sparsity import FAMILIES, ModelShape, expected_sparsity, group_counts, size_of_counts
+from cofi.sparsity import FAMILIES, ModelShape, group_counts, sparsity_of_counts
 
 BETA = 2.0 / 3.0  # temperature of the concrete distribution (Louizos et al., 2018)
 LIMIT_L, LIMIT_R = -0.1, 1.1  # stretch interval: z hits exactly 0 and 1 with positive probability
@@ -164,13 +164,13 @@ class HardConcreteGates(nn.Module):
 
     def expected_sparsity(self) -> Tensor:
         """ŝ = 1 − E/M with E from the keep probabilities (differentiable)."""
-        return expected_sparsity(self.shape, self.keep_probabilities())
+        return sparsity_of_counts(self.shape, self.expected_counts())
 
     @torch.no_grad()
     def deterministic_sparsity(self) -> Tensor:
         """Sparsity of ``deterministic()``'s masks (equal to ``mask_sparsity(shape, deterministic())``),
         a float64 tensor on the gates' device."""
-        return 1.0 - size_of_counts(self.shape, self.deterministic_counts()) / self.shape.prunable_size
+        return sparsity_of_counts(self.shape, self.deterministic_counts())
 
     @torch.no_grad()
     def clamp_(self) -> None:

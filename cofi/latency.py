@@ -137,9 +137,11 @@ def _lookup(table: Tensor, j: Tensor, t: Tensor) -> Tensor:
 
 
 def _between(values: Tensor, j: Tensor, t: Tensor) -> Tensor:
-    """Rows of ``values`` (K, ...) interpolated at one located point (j, t scalars): (...)."""
-    ends = values.index_select(0, torch.stack([j, j + 1]))
-    return ends[0] + (ends[1] - ends[0]) * t
+    """``values`` (K, *S, L) interpolated along K at located points (j, t: shape S, one
+    per row of S): (*S, L)."""
+    index = torch.stack([j, j + 1]).unsqueeze(-1).expand((2,) + values.shape[1:])
+    start, end = values.gather(0, index)
+    return start + (end - start) * t.unsqueeze(-1)
 
 
 @dataclass
@@ -198,15 +200,19 @@ class LatencyModel:
         exact counts give the prediction for that structure; expected counts (sums of
         keep probabilities, layer gates' P(z>0)) give the expected latency, to first
         order, differentiable in log α: the gradient the latency constraint follows.
-        Each term is at least 0 (extrapolated tables could dip below), the whole at least 1e-3."""
+        Each term is at least 0 (extrapolated tables could dip below), the whole at least 1e-3.
+        Counts may carry leading batch dimensions S (hidden S, the others (*S, L)) to
+        predict several structures at once, one value each (S): pruning asks for the
+        expected and the deterministic latency every step, and on a GPU one call of
+        stacked counts launches half the kernels of two."""
         c = complete_counts(shape, counts)
         t = self._tables(c["hidden"])
         d = t["hidden"].locate(c["hidden"])  # the residual width's segment of the hidden grid
-        fixed = _lookup(t["fixed"], *d)[0].clamp(min=0)
-        # per layer at every hidden width of the grid (Kd, L), then at the width d: (L,)
+        fixed = _lookup(t["fixed"], *d)[0].clamp(min=0)  # (S)
+        # per layer at every hidden width of the grid (Kd, *S, L), then at the width d: (*S, L)
         attention = _between(_lookup(t["attention"], *t["heads"].locate(c["head"])), *d).clamp(min=0)
         ffn = _between(_lookup(t["ffn"], *t["units"].locate(c["intermediate"])), *d).clamp(min=0)
-        total = fixed + (c["mha"] * attention).sum() + (c["ffn"] * ffn).sum()
+        total = fixed + (c["mha"] * attention).sum(-1) + (c["ffn"] * ffn).sum(-1)
         return (self.scale * total if calibrated else total).clamp(min=1e-3)
 
     def _counts(self, s: Structure) -> dict[str, Tensor]:

@@ -71,14 +71,17 @@ def group_counts(keep: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
 
 
 def complete_counts(shape: ModelShape, counts: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``counts`` (units kept per group, the shapes of ``group_counts``) with every family
-    present: a missing family (not pruned) keeps everything."""
-    given = next(iter(counts.values()), None)
-    like = {"dtype": torch.float64} if given is None else {"dtype": given.dtype, "device": given.device}
+    """``counts`` (units kept per group, the shapes of ``group_counts``, optionally with
+    leading batch dimensions S: hidden S, the others (*S, L)) with every family present:
+    a missing family (not pruned) keeps everything."""
+    given = {f: v for f, v in counts.items() if v is not None}
+    first = next(iter(given.items()), None)
+    like = {"dtype": torch.float64} if first is None else {"dtype": first[1].dtype, "device": first[1].device}
+    batch = () if first is None else first[1].shape if first[0] == "hidden" else first[1].shape[:-1]
     L = shape.num_layers
     full = {"hidden": ((), shape.hidden_size), "head": ((L,), shape.num_heads), "mha": ((L,), 1),
             "intermediate": ((L,), shape.intermediate_size), "ffn": ((L,), 1)}
-    return {f: torch.full(size, n, **like) if counts.get(f) is None else counts[f] for f, (size, n) in full.items()}
+    return {f: given[f] if f in given else torch.full(batch + size, n, **like) for f, (size, n) in full.items()}
 
 
 def size_of_counts(shape: ModelShape, counts: Mapping[str, Tensor]) -> Tensor:
@@ -90,9 +93,14 @@ def size_of_counts(shape: ModelShape, counts: Mapping[str, Tensor]) -> Tensor:
     masks). A missing family keeps everything.
     """
     c = complete_counts(shape, counts)
-    heads = (c["mha"] * c["head"]).sum()
-    units = (c["ffn"] * c["intermediate"]).sum()
+    heads = (c["mha"] * c["head"]).sum(-1)
+    units = (c["ffn"] * c["intermediate"]).sum(-1)
     return c["hidden"] * (4 * shape.head_size * heads + 2 * units)
+
+
+def sparsity_of_counts(shape: ModelShape, counts: Mapping[str, Tensor]) -> Tensor:
+    """1 − E / M for units kept per group (``size_of_counts``'s counts)."""
+    return 1.0 - size_of_counts(shape, counts) / shape.prunable_size
 
 
 def remaining_size(shape: ModelShape, keep: Mapping[str, Tensor | None]) -> Tensor:
@@ -107,7 +115,7 @@ def remaining_size(shape: ModelShape, keep: Mapping[str, Tensor | None]) -> Tens
 
 def expected_sparsity(shape: ModelShape, keep: Mapping[str, Tensor]) -> Tensor:
     """ŝ = 1 − E / M (differentiable in the keep probabilities)."""
-    return 1.0 - remaining_size(shape, keep) / shape.prunable_size
+    return sparsity_of_counts(shape, group_counts(keep))
 
 
 def mask_sparsity(shape: ModelShape, masks: Mapping[str, Tensor]) -> float:

@@ -61,7 +61,7 @@ from cofi.distill import DistillationLoss, existing_layers, existing_layers_of_s
 from cofi.gates import GateConfig, HardConcreteGates
 from cofi.lagrangian import RAMPS, Lagrangian, controlled_sparsity, target_sparsity
 from cofi.metrics import MetricFn
-from cofi.sparsity import ModelShape, mask_sparsity, max_sparsity
+from cofi.sparsity import ModelShape, mask_sparsity, max_sparsity, sparsity_of_counts
 
 if TYPE_CHECKING:
     from cofi.latency import LatencyModel
@@ -372,7 +372,7 @@ class Trainer:
             gates = HardConcreteGates(self.shape, prune.gates)
             # where the target ramp starts: read here, on the host, before the gates
             # move to the device (seeded, so the same on every process and on resume)
-            self.initial_controlled = float(self._controlled(gates)[1])
+            self.initial_controlled = float(self._shipped(gates))
             self.gates = gates.to(self.device)
             self.lagrangian = Lagrangian(prune.lambda_2_init).to(self.device)
             self.gate_optimizer = torch.optim.AdamW(self.gates.parameters(), lr=prune.reg_learning_rate, weight_decay=0.0)
@@ -403,16 +403,31 @@ class Trainer:
                 config.layer_num_heads, config.layer_intermediate_size, self.device)
         return self._structure_exists
 
-    def _controlled(self, gates: HardConcreteGates) -> tuple[Tensor, Tensor]:
-        """What the Lagrangian controls, (expected, deterministic): the sparsity, or for a
-        speedup target the fraction of the unpruned latency saved, 1 − T/T_full, of the
-        expected counts (differentiable in log α) and of the deterministic structure
-        (``keep_multiple`` and the layer-drop rule included)."""
+    def _shipped(self, gates: HardConcreteGates) -> Tensor:
+        """What the Lagrangian controls, of the deterministic structure (``keep_multiple``
+        and the layer-drop rule included), float64: its sparsity, or for a speedup target
+        the fraction of the unpruned latency it saves, 1 − T/T_full."""
         if self.prune.target_speedup is None:
-            return gates.expected_sparsity(), gates.deterministic_sparsity()
-        latency = self.prune.latency
-        return (1 - latency.relative_of_counts(self.shape, gates.expected_counts()),
-                1 - latency.relative_of_counts(self.shape, gates.deterministic_counts()))
+            return gates.deterministic_sparsity()
+        return 1 - self.prune.latency.relative_of_counts(self.shape, gates.deterministic_counts())
+
+    def _controlled(self, gates: HardConcreteGates) -> tuple[Tensor, dict[str, Tensor]]:
+        """One step's controlled value (``_shipped``'s value with the gradient of the same
+        measure of the expected counts, ``controlled_sparsity``) and what the step logs
+        of it. Each count is computed once: on a GPU every op is a kernel launch, and a
+        pruning step is bound by launches on a model as small as MiniLM."""
+        expected, shipped = gates.expected_counts(), gates.deterministic_counts()
+        sparsity = sparsity_of_counts(self.shape, expected), sparsity_of_counts(self.shape, shipped)
+        logged = {"expected_sparsity": sparsity[0].detach(), "mask_sparsity": sparsity[1]}
+        if self.prune.target_speedup is None:
+            return controlled_sparsity(*sparsity), logged
+        # both structures in one call, in the expected counts' dtype (the shipped counts
+        # are integers below 2^24: exact in float32)
+        both = {f: torch.stack([e, shipped[f].to(e.dtype)]) for f, e in expected.items()}
+        relative = self.prune.latency.relative_of_counts(self.shape, both)  # (2,): expected, shipped
+        speedup = 1 / relative.detach()
+        return controlled_sparsity(1 - relative[0], 1 - relative[1]), logged | {
+            "expected_speedup": speedup[0], "predicted_speedup": speedup[1]}
 
     def _losses(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         """Every loss part of one micro-batch: "data" (the per-example loss, a mean over
@@ -435,18 +450,15 @@ class Trainer:
             )
             parts["data"] = parts["distill"]
         if pruning:
-            expected, shipped = self._controlled(self.gates)  # shipped: on the device, no host read
+            controlled, logged = self._controlled(self.gates)  # on the device, no host read
             target = target_sparsity(
                 step, self.prune.controlled_target, self.prune_start, self.sparsity_warmup, self.initial_controlled,
                 self.prune.ramp)
-            parts["lagrangian"] = self.lagrangian(controlled_sparsity(expected, shipped), target)
-            target = torch.full((), target, device=self.device)  # a fill, not a host copy
-            if self.prune.target_speedup is None:
-                parts |= {"expected_sparsity": expected.detach(), "mask_sparsity": shipped, "target_sparsity": target}
+            parts["lagrangian"] = self.lagrangian(controlled, target)
+            if self.prune.target_speedup is None:  # a fill, not a host copy
+                parts |= logged | {"target_sparsity": torch.full((), target, device=self.device)}
             else:  # the latency saved, shown as the speedup it means; the sparsity alongside
-                parts |= {"expected_speedup": 1 / (1 - expected.detach()), "predicted_speedup": 1 / (1 - shipped),
-                          "target_speedup": 1 / (1 - target), "expected_sparsity": self.gates.expected_sparsity().detach(),
-                          "mask_sparsity": self.gates.deterministic_sparsity()}
+                parts |= logged | {"target_speedup": torch.full((), 1 / (1 - target), device=self.device)}
             parts["lambda_1"] = self.lagrangian.lambda_1.detach()
             parts["lambda_2"] = self.lagrangian.lambda_2.detach()
         return parts
@@ -487,7 +499,7 @@ class Trainer:
             metrics["sparsity"] = mask_sparsity(self.shape, masks)
             metrics["expected_sparsity"] = float(self.gates.expected_sparsity())
             if self.prune.target_speedup is not None:
-                metrics["predicted_speedup"] = 1 / (1 - float(self._controlled(self.gates)[1]))
+                metrics["predicted_speedup"] = 1 / (1 - float(self._shipped(self.gates)))
         preds, labels = self._predict(masks)
         metrics.update(self.metric_fn(preds, labels))
         metrics["step"] = self.step

@@ -70,6 +70,29 @@ def test_the_speedup_of_counts_is_the_latency_models_prediction_of_the_structure
         float(latency.relative_of_counts(SHAPE, saturated.deterministic_counts())), rel=1e-6)
 
 
+@pytest.mark.parametrize("families", [GateConfig().families, ("head", "intermediate", "mha", "ffn")])
+def test_stacked_counts_predict_each_structure_as_alone(latency, families):
+    """Counts with a leading batch dimension (pruning stacks the expected and the
+    deterministic counts) give each structure's prediction, also with a family not
+    pruned (filled for every structure) and for expected counts, gradient included."""
+    structures = []
+    for seed in (0, 1, 2):
+        gates = HardConcreteGates(SHAPE, GateConfig(families=families, keep_multiple=4))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for a in gates.log_alpha.values():
+                a.copy_(torch.randn_like(a) * 3)
+        structures += [gates.deterministic_counts(), {f: c.double() for f, c in gates.expected_counts().items()}]
+    stacked = {f: torch.stack([s[f] for s in structures]) for f in structures[0]}
+    alone = torch.stack([latency.relative_of_counts(SHAPE, s) for s in structures])
+    together = latency.relative_of_counts(SHAPE, stacked)
+    assert together.shape == (6,)
+    assert torch.equal(together.detach(), alone.detach())  # the same ops on the same numbers
+    grads_alone = torch.autograd.grad(alone.sum(), list(gates.log_alpha.values()), retain_graph=True)
+    grads_together = torch.autograd.grad(together.sum(), list(gates.log_alpha.values()))
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=0) and a.abs().sum() > 0 for a, b in zip(grads_alone, grads_together))
+
+
 def test_pruning_to_a_speedup_ships_that_speedup(task, latency):
     """At every pruning step the Lagrangian sees the latency saved by the deterministic
     structure (recomputed here from the masks, through compaction); the best checkpoint is
@@ -80,16 +103,25 @@ def test_pruning_to_a_speedup_ships_that_speedup(task, latency):
     recorder = Recorder()
     trainer = make_trainer(task, prune=prune, model=FINE_GRID, epochs=25, eval_steps=12, callbacks=[recorder])
     seen: dict[int, tuple[float, float]] = {}  # step → (the Lagrangian's value, 1 − 1/speedup of the structure)
+    logs: dict[int, dict[str, float]] = {}  # step → what the step should log, each value computed alone
 
     def record(module, args):
-        structure = Structure.of(compact(trainer.model, trainer.gates.deterministic()).config)
+        gates = trainer.gates
+        masks = gates.deterministic()
+        structure = Structure.of(compact(trainer.model, masks).config)
         seen[trainer.step] = (float(args[0].detach()), 1 - latency.relative(structure))
+        logs[trainer.step] = {"predicted_speedup": latency.speedup(structure),
+                              "expected_speedup": 1 / float(latency.relative_of_counts(SHAPE, gates.expected_counts())),
+                              "mask_sparsity": mask_sparsity(SHAPE, masks),
+                              "expected_sparsity": float(gates.expected_sparsity())}
 
     trainer.lagrangian.register_forward_pre_hook(record)
     result = trainer.fit()
 
     assert sorted(seen) == list(range(trainer.prune_start, trainer.total_steps))
     assert all(abs(controlled - shipped) <= 1e-6 for controlled, shipped in seen.values())
+    for step, expected in logs.items():  # one batched latency call per step logs what separate ones compute
+        assert {k: recorder.by_step[step + 1][k] for k in expected} == pytest.approx(expected, rel=1e-6)  # 1-based
     last = recorder.steps[-1]
     assert last["target_speedup"] == pytest.approx(3.0)
     assert {"predicted_speedup", "expected_speedup", "mask_sparsity", "expected_sparsity"} <= set(last)

@@ -42,10 +42,11 @@ def make_trainer(task, *, prune=None, teacher=True, checkpoint_dir=None, callbac
 
 class Recorder(TrainerCallback):
     def __init__(self):
-        self.steps, self.evals = [], []
+        self.steps, self.evals, self.by_step = [], [], {}
 
     def on_step(self, step, logs):
         self.steps.append(dict(logs))
+        self.by_step[step] = dict(logs)
 
     def on_evaluate(self, step, metrics):
         self.evals.append(dict(metrics))
