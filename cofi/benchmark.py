@@ -14,7 +14,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -142,6 +142,14 @@ def time_onnx(session, vocab_size: int, batch_size: int, sequence_length: int, t
     return Timing("onnxruntime", batch_size, sequence_length, "fp32", "cpu", threads, repeats, median, q1, q3)
 
 
+def processor(env: Mapping) -> str:
+    """The processor that timed, in words, from ``environment()``'s record: the GPU, or the
+    CPU with its vector extensions."""
+    if env.get("gpu"):
+        return env["gpu"]
+    return f"{env.get('cpu')} ({env['cpu_capability']})" if env.get("cpu_capability") else str(env.get("cpu"))
+
+
 def environment() -> dict:
     """What a timing depends on, recorded next to every result."""
     import transformers
@@ -154,6 +162,8 @@ def environment() -> dict:
         pass
     env = {
         "cpu": cpu,
+        # the vector extensions torch uses: two CPUs of one model name ("AMD EPYC") can differ
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -86,7 +86,7 @@ def hardware_fingerprint(device: str) -> dict:
     """What the timings depend on besides the deployment config: processor (or GPU), cores, library
     versions, the allocator."""
     env = environment()
-    keys = ("cpu", "cores", "torch", "onnxruntime", "gpu", "allocator")
+    keys = ("cpu", "cpu_capability", "cores", "torch", "onnxruntime", "gpu", "allocator")
     return {k: env[k] for k in keys if k in env} | {"device": device}
 
 

@@ -220,10 +220,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def supports_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast runs on ``device``: CPUs (natively with AVX-512 or AMX), CUDA from Ampere."""
+    """Whether bf16 runs natively on ``device``: x86 CPUs with AVX-512-BF16 or AMX, CUDA
+    GPUs from Ampere. Elsewhere bf16 is emulated: on an AVX2-only AMD EPYC (Zen 3) a
+    MiniLM training step under bf16 autocast took 18.6 s against 0.84 s in fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu"
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def device_name(device: torch.device) -> str:
+    """The device in words, for messages: the GPU's name, or the CPU's vector extensions."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
+    return str(device)
 
 
 def use_tf32(device: torch.device) -> None:
@@ -313,8 +326,9 @@ class Trainer:
         if config.bf16 and not self.bf16:
             # fp32 rather than fp16 with a gradient scaler: a scaler skips steps on overflow
             # while the learning-rate schedule and the sparsity warm-up advance by step count;
-            # the GPUs without bf16 (before Ampere: V100, T4) train correctly in fp32
-            log.warning("%s has no native bf16: training in fp32", torch.cuda.get_device_name(self.device))
+            # the GPUs without bf16 (before Ampere: V100, T4) and CPUs without AVX-512-BF16
+            # or AMX train correctly in fp32, and many times faster than in emulated bf16
+            log.warning("%s has no native bf16: training in fp32", device_name(self.device))
         use_tf32(self.device)
         if config.batch_size < self.processes.world_size * config.accumulation_steps:
             raise ValueError(

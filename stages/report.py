@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from cofi.benchmark import processor  # noqa: E402
 from cofi.configuration_cofi import CofiConfig  # noqa: E402
 from cofi.latency import LatencyModel, Structure  # noqa: E402
 from cofi.structure import structure_table  # noqa: E402
@@ -183,9 +184,8 @@ def latency_section(params: Params, paths: Paths, models: dict, env: dict,
         lines += [f"### {deployment}: {key} on {model.deployment.device}", "",
                   f"Fit on {fit['structures']} random structures: worst |error| {fit['worst_relative_error']:.1%}, "
                   f"mean {fit['mean_relative_error']:.1%}. Unpruned model: {model.reference_ms:.2f} ms.", ""]
-        if model.hardware.get("cpu") != env.get("cpu") or model.hardware.get("gpu") != env.get("gpu"):
-            warning = (f"profiled on {model.hardware.get('gpu') or model.hardware.get('cpu')}, benchmarked on "
-                       f"{env.get('gpu') or env.get('cpu')}: predictions are for the former")
+        if processor(model.hardware) != processor(env):
+            warning = f"profiled on {processor(model.hardware)}, benchmarked on {processor(env)}: predictions are for the former"
             print(f"warning: latency model {deployment} {warning}", flush=True)
             lines += [f"**Warning:** {warning}.", ""]
         lines += ["| model | requested speedup | predicted speedup | measured speedup |", "|---|---|---|---|"]
@@ -219,14 +219,16 @@ def run(params: Params, root: Path = Path(".")) -> str:
 
     env = bench["environment"]
     lines = [f"# CoFi report: {params.data.task}", "",
-             f"Measured on {env['device']} ({env['cpu']}{', ' + env['gpu'] if env.get('gpu') else ''}), "
+             f"Measured on {env['device']} ({processor(env)}), "
              f"{env['threads']} threads of {env['cores']} cores; torch {env['torch']}, transformers "
              f"{env['transformers']}, onnxruntime {env['onnxruntime']}. Each configuration times the teacher and "
              f"then every model in {params.benchmark.rounds} interleaved rounds of {params.benchmark.repeats} "
              f"forward passes (after {params.benchmark.warmup} warm-up passes): latency is the median over rounds, "
              "speedup the teacher's fastest timing ÷ the model's; columns named after a deployment "
              "are timed in its own configuration; efficiency is speedup ÷ FLOP-ratio speedup "
-             "(1.0: the model is as fast as its FLOPs allow).", "",
+             "(1.0: the model is as fast as its FLOPs allow)."
+             + (f" Not timed: {', '.join(env['precisions_not_timed'])}, which this {env['device'].upper()} only emulates."
+                if env.get("precisions_not_timed") else ""), "",
              *results_table(models, metric, key)]
 
     figures = {"accuracy_vs_speedup.png": sweep_figure(rows, metric, key)}

@@ -163,6 +163,23 @@ def test_the_stage_times_the_grid_then_every_deployment_in_its_own_configuration
     assert name == "ort-b1" and (deployment.runtime, deployment.sequence_length, deployment.threads) == ("onnxruntime", 64, 1)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_is_timed_only_where_the_device_runs_it_natively(monkeypatch, native):
+    import yaml
+
+    from pipeline.params import validate_params
+    from stages.benchmark import configurations
+
+    monkeypatch.setattr("stages.benchmark.supports_bf16", lambda device: native)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["benchmark"].update(batch_sizes=[32], sequence_lengths=[128], precisions=["fp32", "bf16"], onnx=False)
+    params["deployments"] = {"cpu-bf16": {"device": "cpu", "runtime": "torch", "precision": "bf16", "batch_size": 1,
+                                          "sequence_length": 64, "threads": 1}}
+    configs = configurations(validate_params(params), torch.device("cpu"), threads=2)
+    # a deployment is timed as named, even in emulated bf16: the user serves there
+    assert list(configs) == ["torch_fp32_b32_s128"] + ["torch_bf16_b32_s128"] * native + ["cpu-bf16"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_a_gpu_deployment_on_a_machine_without_one_is_refused_in_one_line():
     import yaml

@@ -305,12 +305,20 @@ def test_a_latency_model_from_other_hardware_is_flagged(project):
     path = project / "outputs" / "latency" / "cpu-b1.json"
     original = path.read_text()
     moved = json.loads(original)
-    moved["hardware"]["cpu"] = "Another CPU 9000"
+    cpu, capability = moved["hardware"]["cpu"], moved["hardware"]["cpu_capability"]
+    # the same model name with other vector extensions: "AMD EPYC" is both an AVX2 Zen 3 and an AVX-512 Zen 4
+    other = "AVX512" if capability != "AVX512" else "AVX2"
+    moved["hardware"]["cpu_capability"] = other
     path.write_text(json.dumps(moved))
     try:
         out = run([sys.executable, "-m", "pipeline.launch", "report"], project)
-        assert "warning: latency model cpu-b1 profiled on Another CPU 9000, benchmarked on " in out.stdout
-        assert "**Warning:** profiled on Another CPU 9000, benchmarked on " in (project / "report" / "report.md").read_text()
+        warning = f"profiled on {cpu} ({other}), benchmarked on {cpu} ({capability}): predictions are for the former"
+        assert f"warning: latency model cpu-b1 {warning}" in out.stdout
+        assert f"**Warning:** {warning}." in (project / "report" / "report.md").read_text()
+        moved["hardware"] |= {"cpu": "Another CPU 9000", "cpu_capability": capability}
+        path.write_text(json.dumps(moved))
+        out = run([sys.executable, "-m", "pipeline.launch", "report"], project)
+        assert f"warning: latency model cpu-b1 profiled on Another CPU 9000 ({capability}), benchmarked on {cpu} " in out.stdout
     finally:
         path.write_text(original)
         run(["dvc", "repro", "--single-item", "--force", "report"], project)  # the report of the real files again
