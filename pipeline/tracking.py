@@ -91,6 +91,8 @@ DATASET_INPUT_DIGEST_TAG = "cofi.data.digest"
 TAG_ROLE = "cofi.role"  # "pipeline" on the parent run of a group
 TAG_MODEL_WEIGHTS = "cofi.weights_sha256"  # on a LoggedModel: which model directory it is
 TAG_BEST = "cofi.best"  # on a LoggedModel: "best at ~2.0×" (the report's mark)
+# on a training run: "bf16" or "fp32", what trained; compute.bf16 asks for bf16, the device decides
+TAG_TRAINING_PRECISION = "cofi.training_precision"
 ROLE_PIPELINE = "pipeline"
 # The experiment tag the MLflow 3 UI reads to choose its layout (mlflow/server/js: ExperimentKind);
 # without it an experiment with no runs yet, or only traces, opens in the GenAI view.

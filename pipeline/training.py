@@ -67,6 +67,8 @@ def train(
         collate=collator(data.meta["pad_token_id"]), callbacks=[*callbacks, *([mlflow_callback] if main else [])],
         checkpoint_dir=checkpoint_dir, **trainer_kwargs,
     )
+    if main:
+        mlflow.set_tag(tracking.TAG_TRAINING_PRECISION, "bf16" if trainer.bf16 else "fp32")
     result = trainer.fit()
     if main:
         mlflow_callback.flush()

@@ -18,6 +18,8 @@ import pytest
 import torch
 import yaml
 
+from cofi.trainer import supports_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT.parent / "shared" / "data" / "glue"
 TARGETS = [0.3, 0.5]
@@ -262,6 +264,11 @@ def test_one_mlflow_run_per_stage_with_lineage_tags(project):
     teacher_sha = json.loads((project / "outputs" / "teacher" / "manifest.json").read_text())["digest"]
     compact_runs = [r for r in runs if r.data.tags["cofi.stage"].startswith("compact")]
     assert all(r.data.tags["cofi.lineage.teacher_sha256"] == teacher_sha for r in compact_runs)
+    # compute.bf16 is on: what trained is bf16 where this CPU has it natively, else fp32
+    precision = "bf16" if supports_bf16(torch.device("cpu")) else "fp32"
+    trained = {r.data.tags["cofi.stage"]: r.data.tags.get("cofi.training_precision") for r in runs
+               if r.data.tags["cofi.stage"].split("@")[0] in ("teacher", "prune", "prune-speedup", "finetune", "finetune-speedup")}
+    assert len(trained) == 7 and set(trained.values()) == {precision}, trained
 
 
 def test_exp_run_with_a_param_override_shows_in_exp_show_and_metrics_diff(project):
