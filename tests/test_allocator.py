@@ -58,6 +58,9 @@ def page_faults(mode: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 @pytest.mark.parametrize("mode", ["timing", "training"])
 def test_timing_and_training_processes_keep_freed_memory(mode):
-    by_default = page_faults("default")  # glibc's defaults: every pass faults its activations in again
-    assert by_default > 4 * 4000  # about 11,000 pages a pass here (batch 4 x 128)
-    assert page_faults(mode) < by_default / 20  # none, or a rare few hundred
+    # Absolute bounds, not a ratio: how much glibc's defaults fault in again depends on the
+    # CPU's GEMM kernels (measured 3,800-11,000 pages a pass of batch 4 x 128), while a
+    # process that keeps freed memory faults in none or a rare few hundred over all 4 passes.
+    by_default = page_faults("default")
+    assert by_default > 4 * 2000  # the defaults fault in at least 8 MiB a pass again
+    assert page_faults(mode) < 4 * 500  # kept: under 2 MiB a pass, most often none
