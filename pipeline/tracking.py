@@ -159,6 +159,22 @@ def _is_http(uri: str) -> bool:
     return urllib.parse.urlparse(uri).scheme in ("http", "https")
 
 
+UI_PORT = 5000  # `mlflow ui`'s default
+
+
+def ui_link(uri: str, experiment_id: str, tab: str = "models") -> str:
+    """Where to compare an experiment's models in the MLflow UI, for a person to open.
+
+    ``workflowType=machine_learning`` is in the address because MLflow 3.17's UI picks its
+    GenAI or Model-training layout with a per-browser switch that starts on GenAI and does not
+    read the experiment's ``mlflow.experimentKind`` tag; a local store needs `mlflow ui` first.
+    """
+    page = f"#/experiments/{experiment_id}/{tab}?workflowType=machine_learning"
+    if _is_http(uri):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:{UI_PORT}/{page}"
+
+
 def _sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (None for other stores and in-memory SQLite)."""
     if not uri.startswith("sqlite:"):

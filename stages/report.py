@@ -272,9 +272,12 @@ def run(params: Params, root: Path = Path(".")) -> str:
         plt.close(fig)
     report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)
-    with mlflow_run(STAGE, params, paths.root, tags=lineage.data_tags(paths.teacher)):
+    with mlflow_run(STAGE, params, paths.root, tags=lineage.data_tags(paths.teacher)) as run:
         mlflow.log_artifacts(str(out), artifact_path="report")
         mlflow.log_text(report, "report.md")
         compared = [e["weights_sha256"] for e in models.values() if e.get("weights_sha256")]
         tracking.set_best_aliases(best_marks(models, metric, key), compared=compared)
+    if run.info.run_id:
+        print(f"report: {out / 'report.md'}; compare the models in MLflow: "
+              f"{tracking.ui_link(mlflow.get_tracking_uri(), run.info.experiment_id)}", flush=True)
     return report

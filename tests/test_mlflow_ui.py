@@ -157,7 +157,7 @@ def test_experiment_is_tagged_for_the_training_view(server, filled):
 
 
 def test_runs_are_nested_under_the_pipeline_run(server, filled, page, tmp_path):
-    page.goto(f"{server}/#/experiments/{filled}/runs?workflowType=machine_learning")
+    page.goto(tracking.ui_link(server, filled, tab="runs"))  # the link the report stage prints
     parent = page.get_by_text(tracking.pipeline_run_name(GROUP), exact=True)
     parent.wait_for()
     _close_assistant(page)
@@ -171,7 +171,7 @@ def test_runs_are_nested_under_the_pipeline_run(server, filled, page, tmp_path):
 
 
 def test_models_tab_compares_every_model(server, filled, page, tmp_path):
-    page.goto(f"{server}/#/experiments/{filled}/models?workflowType=machine_learning")
+    page.goto(tracking.ui_link(server, filled, tab="models"))  # the link the report stage prints
     for name in MODELS:
         page.get_by_text(tracking.model_name(name), exact=True).first.wait_for()
     _close_assistant(page)

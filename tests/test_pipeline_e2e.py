@@ -89,7 +89,8 @@ def commit(project: Path, message: str, init: bool = False) -> None:
 def project(tmp_path_factory) -> Path:
     """A git + DVC copy of the project with tiny params, after one `dvc repro`."""
     project = copy_project(tmp_path_factory.mktemp("project"), TINY)
-    run(["dvc", "repro"], project)
+    repro = run(["dvc", "repro"], project)
+    (project.parent / "repro.log").write_text(repro.stdout + repro.stderr)  # beside the project: not in its git tree
     return project
 
 
@@ -269,6 +270,10 @@ def test_one_mlflow_run_per_stage_with_lineage_tags(project):
     trained = {r.data.tags["cofi.stage"]: r.data.tags.get("cofi.training_precision") for r in runs
                if r.data.tags["cofi.stage"].split("@")[0] in ("teacher", "prune", "prune-speedup", "finetune", "finetune-speedup")}
     assert len(trained) == 7 and set(trained.values()) == {precision}, trained
+    # the report stage's last words: where to compare the models, in the model-training layout
+    link = (f"mlflow ui --backend-store-uri sqlite:///{project / 'mlflow.db'}, then open http://127.0.0.1:5000/"
+            f"#/experiments/{experiment.experiment_id}/models?workflowType=machine_learning")
+    assert link in (project.parent / "repro.log").read_text()
 
 
 def test_exp_run_with_a_param_override_shows_in_exp_show_and_metrics_diff(project):

@@ -373,6 +373,13 @@ def test_tracking_uri(tmp_path, monkeypatch):
     assert tracking.tracking_uri(tmp_path) == "http://tracking.example:5000"
 
 
+def test_ui_link_opens_the_training_layout():
+    page = "#/experiments/7/models?workflowType=machine_learning"
+    assert tracking.ui_link("http://tracking.example:5000/", "7") == f"http://tracking.example:5000/{page}"
+    assert tracking.ui_link("sqlite:////p/mlflow.db", "7") == (
+        f"mlflow ui --backend-store-uri sqlite:////p/mlflow.db, then open http://127.0.0.1:5000/{page}")
+
+
 def test_flatten_params():
     assert tracking.flatten_params({"a": {"b": {"c": 1}}, "d": [1, 2], "e": None, "f": {}, "g": "x", "h": 0.5}) == {
         "a.b.c": "1", "d": "[1, 2]", "e": "null", "f": "{}", "g": "x", "h": "0.5"}
