@@ -157,6 +157,36 @@ def structure(model_dir: Path = typer.Argument(..., exists=True, file_okay=False
     typer.echo(f"prunable parameters: {count_prunable_parameters(model):,} (sparsity {model_sparsity(model):.4f})")
 
 
+@app.command()
+def ui(
+    port: int = typer.Option(5000, help="The port to serve the UI on."),
+    host: str = typer.Option("127.0.0.1", help="The address to listen on (0.0.0.0 serves other machines too)."),
+    params: Path = PARAMS,
+) -> None:
+    """Serve the MLflow UI on the project's store, opening in its Model-training layout (Ctrl-C stops it)."""
+    import os
+
+    from pipeline import tracking
+    from pipeline.mlflow_app import server_command
+
+    p = _params(params)
+    uri = tracking.tracking_uri(params.parent)
+    if tracking.is_http(uri):
+        typer.echo(f"this project logs to the tracking server {uri}: its UI is there "
+                   "(`mlflow server --app-name cofi` opens it in the Model-training layout)")
+        return
+    db = tracking.sqlite_path(uri)
+    if db is not None and not db.exists():
+        typer.echo(f"error: no MLflow store at {db} yet: run `dvc repro` first "
+                   "(or set MLFLOW_TRACKING_URI to the store the runs went to)", err=True)
+        raise typer.Exit(1)
+    experiment = tracking.store_client(uri).get_experiment_by_name(p.mlflow.experiment)
+    page = f"#/experiments/{experiment.experiment_id}/models" if experiment else ""
+    typer.echo(f"MLflow UI for {uri}: http://{host}:{port}/{page} (Ctrl-C stops it)")
+    command = server_command(uri, host, port)
+    os.execv(command[0], command)  # the server replaces this process: Ctrl-C and kill reach it
+
+
 app.command()(lineage)
 
 

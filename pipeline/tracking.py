@@ -155,27 +155,28 @@ def tracking_uri(project_dir: Path) -> str:
     return f"sqlite:///{_outer_project_dir(project_dir) / DEFAULT_DB}"
 
 
-def _is_http(uri: str) -> bool:
+def is_http(uri: str) -> bool:
     return urllib.parse.urlparse(uri).scheme in ("http", "https")
 
 
-UI_PORT = 5000  # `mlflow ui`'s default
+UI_PORT = 5000  # `mlflow ui`'s default, and `cofi ui`'s
 
 
 def ui_link(uri: str, experiment_id: str, tab: str = "models") -> str:
     """Where to compare an experiment's models in the MLflow UI, for a person to open.
 
-    ``workflowType=machine_learning`` is in the address because MLflow 3.17's UI picks its
-    GenAI or Model-training layout with a per-browser switch that starts on GenAI and does not
-    read the experiment's ``mlflow.experimentKind`` tag; a local store needs `mlflow ui` first.
+    A local store is served by ``cofi ui`` (:mod:`pipeline.mlflow_app`), which opens MLflow
+    3.17's UI in its Model-training layout. A tracking server may be a plain ``mlflow server``,
+    whose UI starts every browser on its GenAI layout, so its link asks for the training
+    layout in the address (``workflowType=machine_learning``).
     """
-    page = f"#/experiments/{experiment_id}/{tab}?workflowType=machine_learning"
-    if _is_http(uri):
-        return f"{uri.rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:{UI_PORT}/{page}"
+    page = f"#/experiments/{experiment_id}/{tab}"
+    if is_http(uri):
+        return f"{uri.rstrip('/')}/{page}?workflowType=machine_learning"
+    return f"cofi ui, then open http://127.0.0.1:{UI_PORT}/{page}"
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (None for other stores and in-memory SQLite)."""
     if not uri.startswith("sqlite:"):
         return None
@@ -189,7 +190,7 @@ def _sqlite_path(uri: str) -> Path | None:
 def _default_artifact_location(uri: str, experiment: str) -> str | None:
     """Artifacts of a SQLite store live next to the database file (``mlruns/<experiment>``),
     not under the current directory (MLflow's default), which may be a DVC temporary workspace."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None:
         return None
     folder = re.sub(r"[^\w.\-]+", "_", experiment).strip("._") or "experiment"
@@ -206,7 +207,7 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
     environment sets them) so a server that dies later costs seconds, not
     minutes.
     """
-    if _is_http(uri):
+    if is_http(uri):
         for name, value in HTTP_CLIENT_ENV.items():
             os.environ.setdefault(name, value)
         url = uri.rstrip("/") + "/health"
@@ -227,7 +228,7 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
                 "start it, or unset MLFLOW_TRACKING_URI to use the embedded SQLite store"
             ) from e
         return
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         db.absolute().parent.mkdir(parents=True, exist_ok=True)
 
@@ -290,7 +291,7 @@ def lock_file(db: Path) -> Path:
 
 @contextmanager
 def _store_lock(uri: str, timeout_s: float = 600.0) -> Iterator[None]:
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None:
         yield
         return

@@ -1,11 +1,12 @@
-"""What a user sees in the MLflow UI: a real `mlflow server` on loopback, a real headless Chromium.
+"""What a user sees in the MLflow UI: `cofi ui` serving a real store on loopback, a real headless Chromium.
 
 A store is filled over HTTP the way one pipeline execution fills it (stage runs
 from `pipeline.tracking.stage_run`, compact models logged and registered as the
 compact stage does, benchmark results through `stages.benchmark.log_model_results`,
 the report's best-at-speed alias), then the experiment is opened in the browser:
-the stage runs are nested under one pipeline run, and the Models tab lists every
-model as a LoggedModel with its metrics side by side. Screenshots are saved to
+its plain address opens the Model-training layout in a fresh browser, the stage
+runs are nested under one pipeline run, and the Models tab lists every model as a
+LoggedModel with its metrics side by side. Screenshots are saved to
 the test's temporary directory (and to $COFI_UI_SCREENSHOTS when set).
 
 Needs Debian's `chromium` (/usr/bin/chromium, or $CHROMIUM) and the `playwright`
@@ -25,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 mlflow = pytest.importorskip("mlflow")
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
@@ -59,13 +61,18 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """`cofi ui` on a project whose store exists (as after `dvc repro`); filled over HTTP below."""
     root = tmp_path_factory.mktemp("ui-server")
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["mlflow"]["experiment"] = EXPERIMENT
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with isolated_mlflow():
+        store = tracking.tracking_uri(root)
+        tracking.store_client(store).search_experiments()  # creates mlflow.db
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    command = [sys.executable, "-m", "pipeline.launch", "ui", "--port", str(port), "--params", str(root / "params.yaml")]
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
@@ -84,6 +91,8 @@ def server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"mlflow server did not answer within {SERVER_START_TIMEOUT_S} s")
             time.sleep(0.2)
+        # the experiment does not exist yet, so the printed address is the UI's home page
+        assert log_path.read_text().splitlines()[0] == f"MLflow UI for {store}: {uri}/ (Ctrl-C stops it)"
         yield uri
     finally:
         stop_process_group(proc)
@@ -120,15 +129,27 @@ def filled(server, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def page():
+def browser():
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 2400, "height": 1000})
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+def _new_page(browser, layout: str | None = None):
+    """A page in a browser profile of its own; ``layout`` is a layout its user chose before."""
+    page = browser.new_context(viewport={"width": 2400, "height": 1000}).new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    if layout is not None:
+        page.add_init_script(f"localStorage.setItem('mlflow.workflowType_v1', JSON.stringify('{layout}'))")
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    return _new_page(browser)
 
 
 def _screenshot(page, tmp_path: Path, name: str) -> Path:
@@ -154,6 +175,27 @@ def _close_assistant(page) -> None:
 def test_experiment_is_tagged_for_the_training_view(server, filled):
     experiment = mlflow.MlflowClient(server).get_experiment(filled)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_fresh_browser_opens_the_training_layout(server, filled, browser, tmp_path):
+    """The experiment's plain address, no ``workflowType`` in it, in a browser that never chose a
+    layout: `cofi ui`'s page opens the runs (MLflow's own opens the GenAI layout's traces). A
+    layout the user chose is kept."""
+    address = f"{server}/#/experiments/{filled}"
+    fresh = _new_page(browser)
+    fresh.goto(address)
+    fresh.get_by_text(tracking.pipeline_run_name(GROUP), exact=True).wait_for()  # the Runs tab
+    fresh.get_by_text("Model registry", exact=True).first.wait_for()  # the training layout's sidebar
+    assert fresh.get_by_text("Observability", exact=True).count() == 0  # the GenAI layout's sidebar
+    assert fresh.evaluate("localStorage.getItem('mlflow.workflowType_v1')") == '"machine_learning"'
+    _close_assistant(fresh)
+    assert _screenshot(fresh, tmp_path, "mlflow-fresh-browser.png").stat().st_size > 10_000
+
+    chose_genai = _new_page(browser, layout="genai")
+    chose_genai.goto(address)
+    chose_genai.get_by_text("Observability", exact=True).first.wait_for()
+    assert chose_genai.get_by_text(tracking.pipeline_run_name(GROUP), exact=True).count() == 0
+    assert chose_genai.evaluate("localStorage.getItem('mlflow.workflowType_v1')") == '"genai"'
 
 
 def test_runs_are_nested_under_the_pipeline_run(server, filled, page, tmp_path):

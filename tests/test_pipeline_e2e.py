@@ -271,8 +271,7 @@ def test_one_mlflow_run_per_stage_with_lineage_tags(project):
                if r.data.tags["cofi.stage"].split("@")[0] in ("teacher", "prune", "prune-speedup", "finetune", "finetune-speedup")}
     assert len(trained) == 7 and set(trained.values()) == {precision}, trained
     # the report stage's last words: where to compare the models, in the model-training layout
-    link = (f"mlflow ui --backend-store-uri sqlite:///{project / 'mlflow.db'}, then open http://127.0.0.1:5000/"
-            f"#/experiments/{experiment.experiment_id}/models?workflowType=machine_learning")
+    link = f"compare the models in MLflow: cofi ui, then open http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/models"
     assert link in (project.parent / "repro.log").read_text()
 
 

@@ -374,10 +374,46 @@ def test_tracking_uri(tmp_path, monkeypatch):
 
 
 def test_ui_link_opens_the_training_layout():
-    page = "#/experiments/7/models?workflowType=machine_learning"
-    assert tracking.ui_link("http://tracking.example:5000/", "7") == f"http://tracking.example:5000/{page}"
+    # a tracking server may be a plain `mlflow server`: the address asks for the layout
+    assert tracking.ui_link("http://tracking.example:5000/", "7") == (
+        "http://tracking.example:5000/#/experiments/7/models?workflowType=machine_learning")
+    # a local store is served by `cofi ui`, whose page opens the training layout itself
     assert tracking.ui_link("sqlite:////p/mlflow.db", "7") == (
-        f"mlflow ui --backend-store-uri sqlite:////p/mlflow.db, then open http://127.0.0.1:5000/{page}")
+        "cofi ui, then open http://127.0.0.1:5000/#/experiments/7/models")
+
+
+def _cofi_ui(project: Path, **env: str) -> subprocess.CompletedProcess:
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", project / "params.yaml")
+    environ = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | env
+    return subprocess.run([sys.executable, "-m", "pipeline.launch", "ui", "--params", str(project / "params.yaml")],
+                          capture_output=True, text=True, env=environ, cwd=project, timeout=120)
+
+
+def test_cofi_ui_without_a_store_names_it_and_creates_nothing(tmp_path):
+    done = _cofi_ui(tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: no MLflow store at {tmp_path.absolute() / 'mlflow.db'} yet: run `dvc repro` first "
+        "(or set MLFLOW_TRACKING_URI to the store the runs went to)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_cofi_ui_with_a_tracking_server_points_to_its_ui(tmp_path):
+    done = _cofi_ui(tmp_path, MLFLOW_TRACKING_URI="http://tracking.example:5000")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("this project logs to the tracking server http://tracking.example:5000: its UI is "
+                                   "there (`mlflow server --app-name cofi` opens it in the Model-training layout)")
+
+
+def test_cofi_ui_page_defaults_the_layout_before_mlflow_runs():
+    from pipeline.mlflow_app import with_training_layout
+
+    page = '<html><head><script defer src="main.js"></script></head><body></body></html>'
+    assert with_training_layout(page) == (
+        '<html><head><script>try{if(localStorage.getItem("mlflow.workflowType_v1")===null)'
+        'localStorage.setItem("mlflow.workflowType_v1","\\"machine_learning\\"")}catch(e){}</script>'
+        '<script defer src="main.js"></script></head><body></body></html>')
+    assert with_training_layout("<html>no head</html>") == "<html>no head</html>"  # served as MLflow wrote it
 
 
 def test_flatten_params():
@@ -525,7 +561,7 @@ def test_two_processes_share_a_fresh_sqlite_store(tmp_path):
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert {v.run_id for v in versions} == set(run_ids.values())
     # the store's lock sits beside its database and leaves nothing in the temp directory
-    db = tracking._sqlite_path(tracking.tracking_uri(project))
+    db = tracking.sqlite_path(tracking.tracking_uri(project))
     assert tracking.lock_file(db) == db.with_name("mlflow.db-lock") and tracking.lock_file(db).is_file()
     assert not {p for p in set(Path(tempfile.gettempdir()).iterdir()) - temp_before if "mlflow" in p.name}
 
