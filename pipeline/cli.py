@@ -157,13 +157,17 @@ def structure(model_dir: Path = typer.Argument(..., exists=True, file_okay=False
     typer.echo(f"prunable parameters: {count_prunable_parameters(model):,} (sparsity {model_sparsity(model):.4f})")
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ui(
+    ctx: typer.Context,
     port: int = typer.Option(5000, help="The port to serve the UI on."),
-    host: str = typer.Option("127.0.0.1", help="The address to listen on (0.0.0.0 serves other machines too)."),
+    host: str = typer.Option("127.0.0.1", help="The address to listen on (0.0.0.0: other machines too; "
+                                              "MLflow then asks for --allowed-hosts)."),
     params: Path = PARAMS,
 ) -> None:
-    """Serve the MLflow UI on the project's store, opening in its Model-training layout (Ctrl-C stops it)."""
+    """Serve the MLflow UI on the project's store, opening in its Model-training layout (Ctrl-C stops it).
+
+    Other options go to `mlflow server` as they are (--allowed-hosts, --static-prefix, ...)."""
     import os
 
     from pipeline import tracking
@@ -183,7 +187,7 @@ def ui(
     experiment = tracking.store_client(uri).get_experiment_by_name(p.mlflow.experiment)
     page = f"#/experiments/{experiment.experiment_id}/models" if experiment else ""
     typer.echo(f"MLflow UI for {uri}: http://{host}:{port}/{page} (Ctrl-C stops it)")
-    command = server_command(uri, host, port)
+    command = server_command(uri, host, port) + ctx.args
     os.execv(command[0], command)  # the server replaces this process: Ctrl-C and kill reach it
 
 

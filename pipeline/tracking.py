@@ -317,7 +317,7 @@ def store_client(uri: str) -> MlflowClient:
         return retry_locked(lambda: MlflowClient(uri), "opening the MLflow store")
 
 
-def _ensure_experiment(uri: str, name: str) -> str:
+def ensure_experiment(uri: str, name: str) -> str:
     """The experiment's id, creating it (and a fresh SQLite database: migrations) once under a lock."""
 
     def get_or_create() -> str:
@@ -478,7 +478,7 @@ def stage_run(
     uri = tracking_uri(project_dir)
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
-    experiment_id = _ensure_experiment(uri, experiment)
+    experiment_id = ensure_experiment(uri, experiment)
     run_tags = _run_tags(stage, group, tags, project_dir)
     sysmetrics = system_metrics and _system_metrics_available()
     if system_metrics and not sysmetrics:

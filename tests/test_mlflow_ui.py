@@ -61,18 +61,19 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`cofi ui` on a project whose store exists (as after `dvc repro`); filled over HTTP below."""
+    """`cofi ui` on a project whose store and experiment exist (as after `dvc repro`); filled over HTTP below."""
     root = tmp_path_factory.mktemp("ui-server")
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     params["mlflow"]["experiment"] = EXPERIMENT
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with isolated_mlflow():
         store = tracking.tracking_uri(root)
-        tracking.store_client(store).search_experiments()  # creates mlflow.db
+        experiment_id = tracking.ensure_experiment(store, EXPERIMENT)  # as the first stage of `dvc repro` does
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    command = [sys.executable, "-m", "pipeline.launch", "ui", "--port", str(port), "--params", str(root / "params.yaml")]
+    command = [sys.executable, "-m", "pipeline.launch", "ui", "--port", str(port), "--params", str(root / "params.yaml"),
+               "--x-frame-options", "DENY"]  # an option of `mlflow server` (its default: SAMEORIGIN), passed on
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
@@ -84,15 +85,16 @@ def server(tmp_path_factory):
             if proc.poll() is not None:
                 pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1):
+                with urllib.request.urlopen(f"{uri}/health", timeout=1) as health:
+                    assert health.headers["X-Frame-Options"] == "DENY"
                     break
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"mlflow server did not answer within {SERVER_START_TIMEOUT_S} s")
             time.sleep(0.2)
-        # the experiment does not exist yet, so the printed address is the UI's home page
-        assert log_path.read_text().splitlines()[0] == f"MLflow UI for {store}: {uri}/ (Ctrl-C stops it)"
+        assert log_path.read_text().splitlines()[0] == (
+            f"MLflow UI for {store}: {uri}/#/experiments/{experiment_id}/models (Ctrl-C stops it)")
         yield uri
     finally:
         stop_process_group(proc)
