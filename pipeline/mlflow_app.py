@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 WORKFLOW_KEY = "mlflow.workflowType_v1"
@@ -56,7 +57,5 @@ def create_app():
 
 def server_command(backend_store_uri: str, host: str, port: int) -> list[str]:
     """``mlflow server`` with this app on ``backend_store_uri`` (argv, for exec)."""
-    import sys
-
     return [sys.executable, "-m", "mlflow", "server", "--app-name", "cofi",
             "--backend-store-uri", backend_store_uri, "--host", host, "--port", str(port), "--workers", "1"]
