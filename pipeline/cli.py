@@ -167,7 +167,7 @@ def ui(
 ) -> None:
     """Serve the MLflow UI on the project's store, opening in its Model-training layout (Ctrl-C stops it).
 
-    Other options go to `mlflow server` as they are (--allowed-hosts, --static-prefix, ...)."""
+    Other options go to `mlflow server` as they are (--allowed-hosts, --x-frame-options, ...)."""
     import os
 
     from pipeline import tracking
