@@ -13,7 +13,10 @@ default: 12 layers, d=768, 12 heads, d_f=3072):
 2. **Host-read cost**: the same pruning steps when the host reads the logged
    values after every step (``log_steps=1``, a device sync per step) against
    every 10 steps (the default).
-3. **Efficiency of compact models**: structures at the given sparsities (random
+3. **Left-out units**: a pruning step whose gates sit at each of the sparsities
+   (as in 4), with the heads and FFN units whose sampled mask is 0 left out (what
+   the model does) against every unit computed and masked, interleaved.
+4. **Efficiency of compact models**: structures at the given sparsities (random
    gate values, shifted until the deterministic masks hit the sparsity),
    compacted, timed against the unpruned model at the paper's setting (batch 128,
    sequence 128, fp32); efficiency = measured speedup / FLOP-ratio speedup.
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from cofi import CofiForSequenceClassification
+from cofi import CofiForSequenceClassification, modeling_cofi
 from cofi.batching import Collator
 from cofi.benchmark import SHAPES, environment, shape_config, time_forward
 from cofi.compact import compact
@@ -108,6 +111,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed_step(trainer: Trainer, indices: list[int], device: str) -> float:
+    """ms of one training step, the device synchronised on both sides; the logged values read after."""
+    sync(device)
+    start = time.perf_counter()
+    trainer.train_step(indices)
+    sync(device)
+    ms = (time.perf_counter() - start) * 1000
+    trainer.read_logged()
+    return ms
+
+
 def summary(ms: list[float]) -> dict:
     q1, median, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
     return {"median_ms": median, "iqr_ms": q3 - q1, "n": len(ms)}
@@ -122,14 +136,9 @@ def step_times(args: argparse.Namespace) -> dict:
     names = list(configs)
     for r in range(args.warmup + args.repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            trainer = configs[name]
-            sync(args.device)
-            start = time.perf_counter()
-            trainer.train_step(indices)
-            sync(args.device)
+            ms = timed_step(configs[name], indices, args.device)
             if r >= args.warmup:
-                times[name].append((time.perf_counter() - start) * 1000)
-            trainer.read_logged()
+                times[name].append(ms)
         print(f"  step round {r + 1}/{args.warmup + args.repeats}", file=sys.stderr)
     results = {name: summary(ms) for name, ms in times.items()}
     for precision in args.precision:
@@ -161,8 +170,8 @@ def read_cost(args: argparse.Namespace) -> dict:
     return results
 
 
-def masks_at(shape: ModelShape, sparsity: float, keep_multiple: int) -> dict:
-    """Deterministic masks of random gates, shifted until their sparsity is closest to ``sparsity``."""
+def gates_at(shape: ModelShape, sparsity: float, keep_multiple: int) -> HardConcreteGates:
+    """Random gates, shifted until their deterministic masks' sparsity is closest to ``sparsity``."""
     gates = HardConcreteGates(shape, GateConfig(keep_multiple=keep_multiple))
     g = torch.Generator().manual_seed(0)
     base = {f: torch.randn(a.shape, generator=g) * 2.0 for f, a in gates.log_alpha.items()}
@@ -173,7 +182,37 @@ def masks_at(shape: ModelShape, sparsity: float, keep_multiple: int) -> dict:
             for f, a in gates.log_alpha.items():
                 a.copy_(base[f] + middle)
         low, high = (middle, high) if mask_sparsity(shape, gates.deterministic()) > sparsity else (low, middle)
-    return gates.deterministic()
+    return gates
+
+
+def left_out_units(args: argparse.Namespace) -> dict:
+    """ms per pruning step with gates at each sparsity: units left out against all computed."""
+    precision = "bf16" if "bf16" in args.precision else "fp32"
+    indices = list(range(args.batch_size))
+    every_unit = lambda masks: {}  # noqa: E731  (modeling_cofi's switch: compute and mask every unit)
+    left_out = modeling_cofi.computed_units
+    results = {}
+    for target in args.sparsities:
+        trainer = build_trainer(args, "sparsity", precision)
+        at = gates_at(trainer.shape, target, args.keep_multiple)
+        with torch.no_grad():
+            for f, a in trainer.gates.log_alpha.items():
+                a.copy_(at.log_alpha[f])
+        times: dict[str, list[float]] = {"left_out": [], "all_computed": []}
+        try:
+            for r in range(args.warmup + args.repeats):
+                for name in (("left_out", "all_computed") if r % 2 else ("all_computed", "left_out")):
+                    modeling_cofi.computed_units = left_out if name == "left_out" else every_unit
+                    ms = timed_step(trainer, indices, args.device)
+                    if r >= args.warmup:
+                        times[name].append(ms)
+        finally:
+            modeling_cofi.computed_units = left_out
+        median = {name: summary(ms)["median_ms"] for name, ms in times.items()}
+        results[f"sparsity_{target:g}"] = {
+            "sparsity": float(trainer.gates.deterministic_sparsity()), **{f"{k}_ms": v for k, v in median.items()},
+            "speedup": median["all_computed"] / median["left_out"]}
+    return results
 
 
 def efficiency(args: argparse.Namespace) -> dict:
@@ -188,7 +227,7 @@ def efficiency(args: argparse.Namespace) -> dict:
     base_ms, base_flops = latency(teacher), forward_flops(teacher, args.eval_seq)
     results = {"teacher_ms": base_ms}
     for target in args.sparsities:
-        masks = masks_at(shape, target, args.keep_multiple)
+        masks = gates_at(shape, target, args.keep_multiple).deterministic()
         small = compact(teacher, masks)
         speedup = base_ms / latency(small)
         flop_speedup = base_flops / forward_flops(small, args.eval_seq)
@@ -228,6 +267,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:36s} {ms:8.1f} ms/step")
 
     if args.sparsities:
+        results["left_out_units"] = left_out_units(args)
+        print(f"\npruning steps, gates at a sparsity ({'bf16' if 'bf16' in args.precision else 'fp32'}):")
+        print(f"{'target':>7s} {'sparsity':>9s} {'all computed ms':>16s} {'left out ms':>12s} {'speedup':>8s}")
+        for target in args.sparsities:
+            r = results["left_out_units"][f"sparsity_{target:g}"]
+            print(f"{target:7.2f} {r['sparsity']:9.4f} {r['all_computed_ms']:16.1f} {r['left_out_ms']:12.1f} "
+                  f"{r['speedup']:7.2f}x")
+
         results["compact"] = efficiency(args)
         print(f"\ncompact models, fp32, batch {args.eval_batch} x {args.eval_seq} "
               f"(unpruned: {results['compact']['teacher_ms']:.1f} ms):")

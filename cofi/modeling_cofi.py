@@ -16,8 +16,15 @@ Masks are passed to ``forward`` as a mapping (all optional):
 
 With a hidden mask, every LayerNorm takes its statistics over the dimensions
 whose mask is non-zero, which is exactly what the compacted model computes over
-its remaining dimensions. Only public transformers APIs are used here, and
-nothing from the rest of the ``cofi`` package (see configuration_cofi.py).
+its remaining dimensions.
+
+Heads and FFN units whose mask (or layer gate) is 0 are not computed at all
+(``computed_units``): the masked computation would multiply them by 0, so
+leaving them out gives the same outputs and gradients (0 for their weights),
+and a pruning step at high sparsity costs a fraction of a dense one.
+
+Only public transformers APIs are used here, and nothing from the rest of the
+``cofi`` package (see configuration_cofi.py).
 """
 
 from __future__ import annotations
@@ -104,32 +111,38 @@ class CofiLayer(nn.Module):
         self.attn_dropout_p = config.attention_probs_dropout_prob
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def attention(self, x: Tensor, keep_tokens: Tensor, head_z: Tensor | None, out_z: Tensor | None) -> Tensor:
+    def attention(
+        self, x: Tensor, keep_tokens: Tensor, head_z: Tensor | None, out_z: Tensor | None, heads: Tensor | None = None
+    ) -> Tensor:
+        """heads: the indices of the heads to compute (None: all of them)."""
         B, T, C = x.shape
-        H, D = self.num_heads, self.head_size
+        D = self.head_size
+        H = self.num_heads if heads is None else len(heads)
         if H == 0:  # no head left: the sublayer adds its (folded) bias only
             return _scaled(self.attn_out.bias, out_z).expand(B, T, C)
-        q = self.query(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.key(x).view(B, T, H, D).transpose(1, 2)
-        v = self.value(x).view(B, T, H, D).transpose(1, 2)
+        dims = None if heads is None else (heads.unsqueeze(-1) * D + torch.arange(D, device=x.device)).flatten()  # (H*D,)
+        q = F.linear(x, *_rows(self.query, dims)).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = F.linear(x, *_rows(self.key, dims)).view(B, T, H, D).transpose(1, 2)
+        v = F.linear(x, *_rows(self.value, dims)).view(B, T, H, D).transpose(1, 2)
         p = self.attn_dropout_p if self.training else 0.0
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep_tokens, dropout_p=p)  # (B, H, T, D)
         ctx = ctx.transpose(1, 2).reshape(B, T, H * D)
-        in_z = head_z.repeat_interleave(D) if head_z is not None else None  # (H*D,)
-        return masked_linear(ctx, self.attn_out, in_z, out_z)  # (B, T, C)
+        in_z = head_z.repeat_interleave(D) if head_z is not None else None  # (H_all*D,)
+        return masked_linear(ctx, self.attn_out, in_z, out_z, dims)  # (B, T, C)
 
-    def ffn(self, x: Tensor, int_z: Tensor | None, out_z: Tensor | None) -> Tensor:
-        if self.ffn_up.out_features == 0:
+    def ffn(self, x: Tensor, int_z: Tensor | None, out_z: Tensor | None, units: Tensor | None = None) -> Tensor:
+        """units: the indices of the FFN units to compute (None: all of them)."""
+        if (self.ffn_up.out_features if units is None else len(units)) == 0:
             B, T, C = x.shape
             return _scaled(self.ffn_down.bias, out_z).expand(B, T, C)
-        h = self.act(self.ffn_up(x))  # (B, T, F)
-        return masked_linear(h, self.ffn_down, int_z, out_z)  # (B, T, C)
+        h = self.act(F.linear(x, *_rows(self.ffn_up, units)))  # (B, T, F)
+        return masked_linear(h, self.ffn_down, int_z, out_z, units)  # (B, T, C)
 
     def forward(self, x: Tensor, keep_tokens: Tensor, masks: Mapping[str, Tensor]) -> Tensor:
         hidden_z = masks.get("hidden")
-        a = self.attention(x, keep_tokens, masks.get("head"), _product(masks.get("mha"), hidden_z))
+        a = self.attention(x, keep_tokens, masks.get("head"), _product(masks.get("mha"), hidden_z), masks.get("heads"))
         x = masked_layer_norm(x + self.dropout(a), self.attn_norm, hidden_z)
-        f = self.ffn(x, masks.get("intermediate"), _product(masks.get("ffn"), hidden_z))
+        f = self.ffn(x, masks.get("intermediate"), _product(masks.get("ffn"), hidden_z), masks.get("units"))
         return masked_layer_norm(x + self.dropout(f), self.ffn_norm, hidden_z)
 
 
@@ -143,15 +156,28 @@ def _scaled(t: Tensor, z: Tensor | None) -> Tensor:
     return t if z is None else t * z
 
 
-def masked_linear(x: Tensor, linear: nn.Linear, in_z: Tensor | None, out_z: Tensor | None) -> Tensor:
+def _rows(linear: nn.Linear, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The weight and bias of a linear layer's output rows (all of them for None)."""
+    if rows is None:
+        return linear.weight, linear.bias
+    return linear.weight[rows], linear.bias[rows]
+
+
+def masked_linear(
+    x: Tensor, linear: nn.Linear, in_z: Tensor | None, out_z: Tensor | None, columns: Tensor | None = None
+) -> Tensor:
     """``linear(x * in_z) * out_z`` with both masks folded into the weight.
 
-    x: (B, T, I); in_z: (I,) or None; out_z: (O,), a scalar, or None.
+    x: (B, T, I); in_z: (I_all,) or None; out_z: (O,), a scalar, or None;
+    columns: (I,) which of the layer's I_all inputs x holds (None: all of them).
     Scaling the (O, I) weight and (O,) bias is exact and cheaper than scaling
     (B, T, ·) activations twice (forward and backward), and under autocast it
     keeps the activations in bf16. Compaction folds the same factors (compact.py).
     """
     weight, bias = linear.weight, linear.bias
+    if columns is not None:
+        weight = weight[:, columns]
+        in_z = in_z[columns] if in_z is not None else None
     if in_z is not None:
         weight = weight * in_z  # scales columns
     if out_z is not None:
@@ -160,12 +186,34 @@ def masked_linear(x: Tensor, linear: nn.Linear, in_z: Tensor | None, out_z: Tens
     return F.linear(x, weight, bias)
 
 
-def layer_masks(masks: Mapping[str, Tensor], index: int) -> dict[str, Tensor]:
-    """The masks one layer sees: its rows of the per-layer masks, and the hidden mask."""
+def computed_units(masks: Mapping[str, Tensor]) -> dict[str, list[Tensor]]:
+    """Per layer, the indices of the heads ("heads") and FFN units ("units") worth
+    computing: those whose own mask and layer gate are both non-zero.
+
+    One host read for all layers (a single synchronisation on a GPU). On the meta
+    device, whose tensors hold no values, nothing: every unit is then computed.
+    """
+    on = {}  # name -> (L, N) bool
+    for name, unit, gate in (("heads", "head", "mha"), ("units", "intermediate", "ffn")):
+        z = masks.get(unit)
+        if z is not None:
+            on[name] = (z != 0) if masks.get(gate) is None else (z != 0) & (masks[gate] != 0).unsqueeze(-1)
+    if not on or any(m.device.type == "meta" for m in on.values()):
+        return {}
+    L = next(iter(on.values())).shape[0]
+    rows = torch.cat([m.flatten() for m in on.values()]).cpu().split([m.shape[1] for m in on.values() for _ in range(L)])
+    kept = [row.nonzero().squeeze(-1) for row in rows]  # on the host
+    on_device = torch.cat(kept).to(next(iter(on.values())).device).split([len(k) for k in kept])  # one copy
+    return {name: list(on_device[i * L : (i + 1) * L]) for i, name in enumerate(on)}
+
+
+def layer_masks(masks: Mapping[str, Tensor], computed: Mapping[str, list[Tensor]], index: int) -> dict[str, Tensor]:
+    """The masks one layer sees: its rows of the per-layer masks, the hidden mask, and
+    its heads and units worth computing (``computed_units``)."""
     out = {k: masks[k][index] for k in ("head", "mha", "intermediate", "ffn") if masks.get(k) is not None}
     if masks.get("hidden") is not None:
         out["hidden"] = masks["hidden"]
-    return out
+    return out | {name: kept[index] for name, kept in computed.items()}
 
 
 class CofiPreTrainedModel(PreTrainedModel):
@@ -230,10 +278,11 @@ class CofiForSequenceClassification(CofiPreTrainedModel):
             token_type_ids = torch.zeros_like(input_ids)
         keep_tokens = attention_mask.bool().view(B, 1, 1, T)  # broadcast over heads and queries
 
+        computed = computed_units(masks)
         x = self.embeddings(input_ids, token_type_ids, masks.get("hidden"))  # (B, T, C)
         hidden_states = [x]
         for i, layer in enumerate(self.layers):
-            x = layer(x, keep_tokens, layer_masks(masks, i))
+            x = layer(x, keep_tokens, layer_masks(masks, computed, i))
             hidden_states.append(x)
 
         first = x[:, 0]  # (B, C)

@@ -491,6 +491,10 @@ class Trainer:
         global batch), then one identical update everywhere: weights, gates and λ stay
         the same on every process by construction. Returns the gradient norm, on the
         device (a non-finite one is caught when the host reads it)."""
+        for p in self._trained_parameters(step):
+            if p.grad is None:  # a sublayer every head or unit of which was left out of this step
+                # (modeling_cofi): the zero gradient of the masked computation, so AdamW moves it as before
+                p.grad = torch.zeros_like(p)
         if self.processes.world_size > 1:
             self.processes.sum_gradients(self._trained_parameters(step))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]

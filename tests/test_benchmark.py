@@ -110,6 +110,10 @@ def test_the_prune_step_benchmark_runs_at_a_tiny_size(tmp_path):
     for target in ("0.6", "0.95"):
         r = results["compact"][f"sparsity_{target}"]
         assert abs(r["sparsity"] - float(target)) <= 0.1 and r["flop_speedup"] > 1.0
+        step = results["left_out_units"][f"sparsity_{target}"]
+        assert abs(step["sparsity"] - float(target)) <= 0.1 and step["left_out_ms"] > 0 and step["all_computed_ms"] > 0
+    from cofi import modeling_cofi
+    assert modeling_cofi.computed_units({"intermediate": torch.ones(1, 2)}) != {}  # the switch is put back
 
 
 # ---- the benchmark stage's timing: interleaved rounds, the grid and every deployment -------------

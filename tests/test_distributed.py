@@ -1,6 +1,6 @@
 """Two CPU processes (torchrun, gloo) run a tiny pruning job: they finish, agree on
-masks and λ exactly, and end within 0.02 expected sparsity of one process with the
-same effective batch; gradient accumulation likewise."""
+masks and λ exactly, and hold the sparsity where one process with the same
+effective batch holds it; gradient accumulation likewise."""
 
 from __future__ import annotations
 
@@ -60,6 +60,13 @@ def launch(tmp_path: Path, name: str, processes: int, accumulation: int) -> list
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
 
 
+def settled(run: dict) -> float:
+    """Mean sparsity of the evaluations after the warm-up (steps 8 + 64 of 200)."""
+    after = [e["sparsity"] for e in run["evaluations"] if e["step"] > 72]
+    assert len(after) == 4
+    return sum(after) / len(after)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo launch on Linux/macOS")
 def test_two_processes_agree_and_match_one_process(tmp_path):
     (single,) = launch(tmp_path, "single", processes=1, accumulation=1)
@@ -68,9 +75,14 @@ def test_two_processes_agree_and_match_one_process(tmp_path):
     assert ranks[0]["masks"] == ranks[1]["masks"]  # identical replicas: bit for bit
     assert ranks[0]["lambda"] == ranks[1]["lambda"]
     assert ranks[0]["evaluations"] == ranks[1]["evaluations"]  # gathered predictions, same metrics everywhere
-    step = 1 / 32  # this model's sparsity moves in steps of 1/32: different mask draws may end one step apart
-    assert abs(ranks[0]["mask_sparsity"] - single["mask_sparsity"]) <= step + 1e-9
-    assert abs(single["mask_sparsity"] - 0.5) <= 0.05  # and the job itself reached its target
+    # This model's sparsity moves in steps of about 1/32, and after the warm-up it chatters
+    # between the steps around the target: runs with other mask draws (and other dropout
+    # draws: the heads computed decide how many) end on different ones. Where they hold
+    # it, the mean over the evaluations after the warm-up, agrees.
+    step = 1 / 32
+    assert abs(settled(ranks[0]) - settled(single)) <= step / 2 + 1e-9
+    assert abs(settled(single) - 0.5) <= step  # and the job itself holds its target
+    assert abs(single["mask_sparsity"] - 0.5) <= 0.05
 
     (accumulated,) = launch(tmp_path, "accumulated", processes=1, accumulation=2)
-    assert abs(accumulated["mask_sparsity"] - single["mask_sparsity"]) <= step + 1e-9
+    assert abs(settled(accumulated) - settled(single)) <= step / 2 + 1e-9
