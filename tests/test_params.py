@@ -162,7 +162,7 @@ BAD = [
         {"prune.sparsity_warmup_epochs": 3.5},
         [
             "sparsity warm-up longer than training: prune.distill_epochs (0.15) + "
-            "prune.sparsity_warmup_epochs (3.5) must be < prune.epochs (1.75)"
+            "prune.sparsity_warmup_epochs (3.5) must be < prune.epochs (2)"
         ],
     ),
     ("custom task without data.custom", {"data.task": "custom"}, ["data.task 'custom' requires data.custom"]),
