@@ -58,6 +58,7 @@ from cofi.batching import Collator, Example, batches, epoch_order, steps_per_epo
 from cofi.distributed import Processes
 from cofi.checkpoint import load_checkpoint, save_checkpoint
 from cofi.distill import DistillationLoss, existing_layers, existing_layers_of_structure
+from cofi.teacher_cache import TeacherBatch, TeacherCache
 from cofi.gates import GateConfig, HardConcreteGates
 from cofi.lagrangian import RAMPS, Lagrangian, controlled_sparsity, target_sparsity
 from cofi.metrics import MetricFn
@@ -92,6 +93,9 @@ class TrainConfig:
     # The host reads the logged values every this many steps: each read waits for
     # the device, so on a GPU a read per step would stall its queue every step.
     log_steps: int = 10
+    # GiB of the training device kept for the teacher's outputs, so that each example's
+    # are computed once, not once per epoch (cofi.teacher_cache); 0: computed every step
+    teacher_cache_gb: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("epochs", self.epochs, 0.0, math.inf, low_open=True)
@@ -101,6 +105,7 @@ class TrainConfig:
         _check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True)
         _check_range("accumulation_steps", self.accumulation_steps, 1, math.inf)
         _check_range("log_steps", self.log_steps, 1, math.inf)
+        _check_range("teacher_cache_gb", self.teacher_cache_gb, 0.0, math.inf)
 
 
 @dataclass
@@ -343,8 +348,13 @@ class Trainer:
         self.fixed_masks = {k: v.to(self.device) for k, v in fixed_masks.items() if v is not None} if fixed_masks else None
 
         self.steps_per_epoch = steps_per_epoch(len(train_data), config.batch_size)
-        self.lengths = [len(e["input_ids"]) for e in train_data] if config.group_by_length else None
+        lengths = [len(e["input_ids"]) for e in train_data]
+        self.lengths = lengths if config.group_by_length else None
         self.total_steps = max(1, round(config.epochs * self.steps_per_epoch))
+        self.teacher_cache = None  # worth it only where an example comes twice: more than one epoch
+        if self.teacher is not None and config.teacher_cache_gb > 0 and self.total_steps > self.steps_per_epoch:
+            layers = self.distill.layer.teacher_layers if self.distill.layer is not None else []
+            self.teacher_cache = TeacherCache(self.teacher, lengths, layers, int(config.teacher_cache_gb * 2**30), self.device)
         self.eval_steps = config.eval_steps or self.steps_per_epoch
 
         if config.freeze_word_embeddings:
@@ -443,9 +453,18 @@ class Trainer:
         return controlled_sparsity(1 - relative[0], 1 - relative[1]), logged | {
             "expected_speedup": speedup[0], "predicted_speedup": speedup[1]}
 
-    def _losses(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
-        """Every loss part of one micro-batch: "data" (the per-example loss, a mean over
-        the micro-batch) and, while pruning, the "lagrangian" (a global term)."""
+    def _teacher_outputs(self, examples: list[int], inputs: tuple[Tensor, Tensor, Tensor]) -> TeacherBatch:
+        """The frozen teacher's outputs for a micro-batch (the caller's autocast applies)."""
+        with torch.no_grad():
+            if self.teacher_cache is not None:
+                return self.teacher_cache(examples, *inputs)
+            out = self.teacher(*inputs, output_hidden_states=self.distill.layer is not None)
+            return TeacherBatch(out.logits, out.hidden_states)
+
+    def _losses(self, batch: dict[str, Tensor], examples: list[int], step: int) -> dict[str, Tensor]:
+        """Every loss part of one micro-batch (of the training examples ``examples``):
+        "data" (the per-example loss, a mean over the micro-batch) and, while pruning,
+        the "lagrangian" (a global term)."""
         pruning = self._pruning(step)
         masks = self.gates.sample() if pruning else self.fixed_masks
         layer_distill = self.distill is not None and self.distill.layer is not None
@@ -453,8 +472,7 @@ class Trainer:
         with autocast(self.device, self.bf16):
             student = self.model(*inputs, labels=batch.get("labels"), masks=masks, output_hidden_states=layer_distill)
             if self.teacher is not None:
-                with torch.no_grad():
-                    teacher = self.teacher(*inputs, output_hidden_states=layer_distill)
+                teacher = self._teacher_outputs(examples, inputs)
         if self.distill is None:
             parts = {"ce": student.loss, "data": student.loss}
         else:
@@ -626,6 +644,7 @@ class Trainer:
                 log.info("resumed from step %d of %d", self.step, self.total_steps)
                 if self.processes.world_size > 1:  # the checkpoint holds the main process's random state
                     torch.manual_seed(self.config.seed + 1_000_003 * self.processes.rank + self.step)
+                self._refill_teacher_cache()
         self.model.train()
         self._bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                          disable=not (self.config.progress and self.processes.is_main))
@@ -653,6 +672,20 @@ class Trainer:
         self._bar.close()
         return self._finish()
 
+    def _refill_teacher_cache(self) -> None:
+        """The teacher cache as the uninterrupted run held it at this step: filled by epoch
+        0's micro-batches up to here (every example is new in epoch 0). The teacher is in
+        eval mode, so this draws no random numbers."""
+        if self.teacher_cache is None:
+            return
+        size = self.config.batch_size
+        order = epoch_order(len(self.train_data), 0, self.config.seed, self.lengths, size)
+        for start in range(0, min(self.step, self.steps_per_epoch) * size, size):
+            for examples in self._micro_batches(order[start : start + size].tolist()):
+                batch = _to(self.collate([self.train_data[i] for i in examples]), self.device)
+                with autocast(self.device, self.bf16):
+                    self._teacher_outputs(examples, (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
+
     def _micro_batches(self, indices: list[int]) -> list[list[int]]:
         """This process's share of a global batch (every N-th example from its rank),
         cut into ``accumulation_steps`` micro-batches."""
@@ -675,7 +708,7 @@ class Trainer:
         logged: dict[str, Tensor] = {}
         for examples in micro:
             batch = _to(self.collate([self.train_data[i] for i in examples]), self.device)
-            parts = self._losses(batch, step)
+            parts = self._losses(batch, examples, step)
             weight = len(examples) / len(indices)
             lagrangian = parts.get("lagrangian")
             loss = parts["data"] * weight + (lagrangian * share if lagrangian is not None else 0.0)

@@ -171,6 +171,7 @@ class Compute(_Section):
     processes: Count
     accumulation_steps: Count
     threads: Threads
+    teacher_cache_gb: NonNegative  # GiB of the training device for the teacher's outputs (cofi.teacher_cache)
 
 
 class Teacher(_Section):

@@ -67,11 +67,20 @@ def train(
         collate=collator(data.meta["pad_token_id"]), callbacks=[*callbacks, *([mlflow_callback] if main else [])],
         checkpoint_dir=checkpoint_dir, **trainer_kwargs,
     )
+    cache = trainer.teacher_cache
     if main:
         mlflow.set_tag(tracking.TAG_TRAINING_PRECISION, "bf16" if trainer.bf16 else "fp32")
+        if cache is not None:
+            rest = len(data.train) - cache.kept
+            print(f"teacher outputs kept for {cache.kept:,} of {len(data.train):,} training examples "
+                  f"({cache.nbytes / 2**20:,.1f} MiB of compute.teacher_cache_gb {config.teacher_cache_gb:g} GiB), "
+                  + (f"the other {rest:,} computed each time they come" if rest else "each computed once"), flush=True)
     result = trainer.fit()
     if main:
         mlflow_callback.flush()
+        if cache is not None:  # on this process: what the cache saved
+            mlflow.log_metrics({"teacher_cache_examples": cache.kept, "teacher_forward_examples": cache.computed,
+                                "teacher_cache_reused_examples": cache.reused})
         if curve is not None:
             write_curve(curve, result.history)
     return trainer, result

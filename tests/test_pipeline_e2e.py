@@ -214,6 +214,19 @@ def test_the_profile_stage_writes_a_checked_latency_model(project):
         assert re.search(rf"\| cofi-{t} \| — \| [0-9.]+× \| [0-9.]+× \|", report), report
 
 
+def test_pruning_computes_each_examples_teacher_outputs_once(project):
+    """compute.teacher_cache_gb (2 GiB, the default) keeps all 64 examples' teacher outputs:
+    64 forward passes of an example per run, the rest of its 8 or 10 steps of 16 read back."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cofi").experiment_id], max_results=200)
+    metrics = {r.data.tags["cofi.stage"]: r.data.metrics for r in runs if r.data.tags.get("cofi.stage", "").startswith("prune@")}
+    assert {t: (m["teacher_forward_examples"], m["teacher_cache_reused_examples"]) for t, m in metrics.items()} == {
+        "prune@0.3": (64, 8 * 16 - 64), "prune@0.5": (64, 10 * 16 - 64), "prune@1.5x": (64, 8 * 16 - 64)}
+    assert "teacher outputs kept for 64 of 64 training examples" in (project.parent / "repro.log").read_text()
+
+
 def test_second_repro_does_nothing(project):
     out = run(["dvc", "repro"], project)
     assert "Running stage" not in out.stdout + out.stderr
@@ -223,6 +236,9 @@ def test_second_repro_does_nothing(project):
     ("finetune", "learning_rate", 1.0e-5, {"finetune@0.3", "finetune@0.5", "finetune-speedup@1.5"},
      {"data", "teacher", "prune@0.3", "prune@0.5", "prune-speedup@1.5", "profile@cpu-b1"}),
     ("prune", "temperature", 4.0,  # pruning and fine-tuning distil at that temperature
+     {f"{s}{kind}@{t}" for s in ("prune", "finetune") for kind, t in (("", "0.3"), ("", "0.5"), ("-speedup", "1.5"))},
+     {"data", "teacher", "profile@cpu-b1", "compact@0.3", "benchmark"}),
+    ("compute", "teacher_cache_gb", 0.0,  # every training with a teacher, not the teacher's own
      {f"{s}{kind}@{t}" for s in ("prune", "finetune") for kind, t in (("", "0.3"), ("", "0.5"), ("-speedup", "1.5"))},
      {"data", "teacher", "profile@cpu-b1", "compact@0.3", "benchmark"}),
     ("prune", "freeze_word_embeddings", False,  # every student's training, not the teacher's

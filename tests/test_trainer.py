@@ -144,16 +144,18 @@ class StopAt(TrainerCallback):
             raise KeyboardInterrupt  # stands in for a killed process
 
 
-def test_resume_continues_exactly_where_an_interrupted_run_stopped(task, tmp_path):
+@pytest.mark.parametrize("teacher_cache_gb", [0.0, 1.0])  # with the cache, a resumed run refills it
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(task, tmp_path, teacher_cache_gb):
     prune = PruneConfig(target_sparsity=0.4, distill_epochs=0.5, sparsity_warmup_epochs=1, reg_learning_rate=0.1)
-    uninterrupted = make_trainer(task, prune=prune, checkpoint_dir=tmp_path / "a", epochs=3)
+    uninterrupted = make_trainer(task, prune=prune, checkpoint_dir=tmp_path / "a", epochs=3, teacher_cache_gb=teacher_cache_gb)
     expected = uninterrupted.fit()
 
-    interrupted = make_trainer(task, prune=prune, checkpoint_dir=tmp_path / "b", epochs=3, callbacks=[StopAt(16)])
+    interrupted = make_trainer(task, prune=prune, checkpoint_dir=tmp_path / "b", epochs=3, callbacks=[StopAt(16)],
+                               teacher_cache_gb=teacher_cache_gb)
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
     assert read_manifest(tmp_path / "b")["step"] == 12  # the last evaluation before the stop
-    resumed = make_trainer(task, prune=prune, checkpoint_dir=tmp_path / "b", epochs=3)
+    resumed = make_trainer(task, prune=prune, checkpoint_dir=tmp_path / "b", epochs=3, teacher_cache_gb=teacher_cache_gb)
     result = resumed.fit()
 
     assert result.evaluations == expected.evaluations
@@ -172,20 +174,20 @@ class SignalAt(TrainerCallback):
             os.kill(os.getpid(), self.signum)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_saves_a_checkpoint_mid_epoch_and_resume_matches(task, tmp_path, signum):
+@pytest.mark.parametrize("signum, teacher_cache_gb", [(signal.SIGTERM, 0.0), (signal.SIGINT, 0.0), (signal.SIGTERM, 1.0)])
+def test_a_stop_signal_saves_a_checkpoint_mid_epoch_and_resume_matches(task, tmp_path, signum, teacher_cache_gb):
     prune = PruneConfig(target_sparsity=0.4, distill_epochs=0.5, sparsity_warmup_epochs=1, reg_learning_rate=0.1)
-    expected = make_trainer(task, prune=prune, epochs=3).fit()
+    expected = make_trainer(task, prune=prune, epochs=3, teacher_cache_gb=teacher_cache_gb).fit()
 
     # log_steps=1: the callback, and so the signal, comes right after step 17
     stopped = make_trainer(task, prune=prune, checkpoint_dir=tmp_path, epochs=3, callbacks=[SignalAt(17, signum)],
-                           log_steps=1)
+                           log_steps=1, teacher_cache_gb=teacher_cache_gb)
     before = signal.getsignal(signum)  # SIG_IGN for SIGINT in a background job, Python's own handler otherwise
     with pytest.raises(TrainingInterrupted, match=rf"{signal.Signals(signum).name} received: checkpoint saved at step 17"):
         stopped.fit()
     assert read_manifest(tmp_path)["step"] == 17  # not the last evaluation (12): the step the signal came in
     assert signal.getsignal(signum) is before  # the handler found before the run is restored
-    result = make_trainer(task, prune=prune, checkpoint_dir=tmp_path, epochs=3).fit()
+    result = make_trainer(task, prune=prune, checkpoint_dir=tmp_path, epochs=3, teacher_cache_gb=teacher_cache_gb).fit()
     assert result.evaluations == expected.evaluations
     for family in expected.masks:
         assert torch.equal(result.masks[family], expected.masks[family])
