@@ -138,6 +138,21 @@ def test_the_training_path_runs_on_the_meta_device(name):
         assert small(**batch).logits.shape == (4, 2)
 
 
+def test_the_teacher_cache_runs_on_the_meta_device():
+    """Epoch 0's batches fill the teacher cache; a batch from it alone and a batch mixing
+    kept and new examples then read it back, all on meta (indices made on the host go
+    to the device)."""
+    with SameDevice():
+        trainer = build_trainer("cofi", "meta", teacher_cache_gb=1.0)
+        cache = trainer.teacher_cache
+        assert cache is not None and cache.kept == 32
+        for examples in ([*range(8)], [*range(8, 16)], [*range(8)], [4, 5, 6, 7, 16, 17, 18, 19]):
+            trainer.train_step(examples)
+        assert (cache.computed, cache.reused) == (20, 12)
+        assert cache.hidden.device.type == "meta" and cache.logits.device.type == "meta"
+        assert {t.device.type for t in trainer._unread[-1][1].values()} == {"meta"}
+
+
 cuda = pytest.mark.cuda
 
 

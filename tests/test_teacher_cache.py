@@ -110,6 +110,21 @@ def test_a_pruning_run_computes_each_example_once_and_ends_where_the_uncached_ru
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # measured: 9e-8
 
 
+@pytest.mark.cuda
+def test_a_cuda_pruning_run_computes_each_example_once(task):
+    """On the GPU (pinned index copies): the same counts, and a run that ends close to the
+    uncached one (TF32 kernels round differently by shape, so not within fp32 rounding)."""
+    prune = PruneConfig(target_sparsity=0.4, distill_epochs=0.5, sparsity_warmup_epochs=1, reg_learning_rate=0.1)
+    runs = []
+    for gb in (0.0, 1.0):
+        trainer = make_trainer(task, prune=prune, epochs=3, log_steps=1, teacher_cache_gb=gb, device="cuda")
+        trainer.fit()
+        runs.append(trainer)
+    cache = runs[1].teacher_cache
+    assert cache.hidden.is_cuda and (cache.computed, cache.reused) == (len(task[0]), 2 * len(task[0]))
+    assert runs[1].history[-1]["loss"] == pytest.approx(runs[0].history[-1]["loss"], rel=0.05)
+
+
 def test_one_epoch_or_less_keeps_nothing(task):
     trainer = make_trainer(task, prune=None, epochs=1, teacher_cache_gb=1.0)
     assert trainer.teacher_cache is None
