@@ -101,7 +101,7 @@ class TeacherCache:
         hidden = self.hidden.index_select(1, self._on_device(index.reshape(-1))).view(len(self.layers), B, T, -1) \
             if self.layers else None
         logits = self.logits.index_select(0, self._on_device(np.where(stored, examples, examples[stored][0])))
-        if len(live):
+        if len(live):  # some rows new: the teacher runs on those alone
             rows = self._on_device(live)
             out = self._forward(input_ids.index_select(0, rows), attention_mask.index_select(0, rows),
                                 token_type_ids.index_select(0, rows))
@@ -132,16 +132,16 @@ class TeacherCache:
                 C = out.hidden_states[self.layers[0]].shape[-1]
                 dtype = out.hidden_states[self.layers[0]].dtype
                 self.hidden = torch.zeros(len(self.layers), self.zero_row + 1, C, dtype=dtype, device=self.device)
-        kept = examples[rows]
-        self.logits.index_copy_(0, self._on_device(kept), out.logits.index_select(0, self._on_device(rows)).to(self.logits.dtype))
+        new = examples[rows]
+        self.logits.index_copy_(0, self._on_device(new), out.logits.index_select(0, self._on_device(rows)).to(self.logits.dtype))
         if self.layers:
             # the real tokens of each stored row: (row, t) of the batch → the example's buffer rows
-            source = np.concatenate([row * T + np.arange(self.lengths[i]) for row, i in zip(rows, kept)])
-            target = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in kept])
+            source = np.concatenate([row * T + np.arange(self.lengths[i]) for row, i in zip(rows, new)])
+            target = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in new])
             states = self._kept_layers(out)
             flat = states.reshape(len(self.layers), -1, states.shape[-1])  # (N_layers, B·T, C)
             self.hidden.index_copy_(1, self._on_device(target), flat.index_select(1, self._on_device(source)).to(self.hidden.dtype))
-        self.stored[kept] = True
+        self.stored[new] = True
 
     def _on_device(self, index: np.ndarray) -> Tensor:
         t = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
