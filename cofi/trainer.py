@@ -682,9 +682,12 @@ class Trainer:
         order = epoch_order(len(self.train_data), 0, self.config.seed, self.lengths, size)
         for start in range(0, min(self.step, self.steps_per_epoch) * size, size):
             for examples in self._micro_batches(order[start : start + size].tolist()):
-                batch = _to(self.collate([self.train_data[i] for i in examples]), self.device)
+                batch = self._device_batch(examples)
                 with autocast(self.device, self.bf16):
                     self._teacher_outputs(examples, (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
+
+    def _device_batch(self, examples: list[int]) -> dict[str, Tensor]:
+        return _to(self.collate([self.train_data[i] for i in examples]), self.device)
 
     def _micro_batches(self, indices: list[int]) -> list[list[int]]:
         """This process's share of a global batch (every N-th example from its rank),
@@ -707,7 +710,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         logged: dict[str, Tensor] = {}
         for examples in micro:
-            batch = _to(self.collate([self.train_data[i] for i in examples]), self.device)
+            batch = self._device_batch(examples)
             parts = self._losses(batch, examples, step)
             weight = len(examples) / len(indices)
             lagrangian = parts.get("lagrangian")
