@@ -1,7 +1,8 @@
 """Stage `benchmark`: time the teacher and every compact model the same way, and
 evaluate each on the dev set in fp32, so accuracy and speed are comparable.
 
-Per model: dev metric, sparsity, parameters (total and prunable), FLOPs per
+Per model: dev metric (and, beside the teacher's, the difference with its 95%
+paired-bootstrap interval), sparsity, parameters (total and prunable), FLOPs per
 example from its actual structure, and per configuration (runtime × precision ×
 batch × sequence, then every deployment target in its own configuration) the
 latency, the measured speedup over the teacher (interleaved rounds, as `profile`
@@ -19,13 +20,16 @@ import statistics
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 
 from cofi.benchmark import environment
 from cofi.compact import load_model
+from cofi.data import TaskSpec
 from cofi.flops import forward_flops
 from cofi.latency import Deployment, interleaved_rounds, stopwatch
 from cofi.manifest import read_manifest
+from cofi.metrics import paired_bootstrap
 from cofi.onnx_export import export_onnx, max_logit_difference, onnx_session
 from cofi.sparsity import PRUNABLE_LINEARS, count_prunable_parameters
 from cofi.trainer import device_name, predict, resolve_device, supports_bf16
@@ -66,8 +70,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         models = {name: load_model(path, verify=True).to(device) for name, path in sources.items()}
         onnx_files = {}
         check_inputs = collate(data.validation[:32])
+        predictions = {}
         for name, model in models.items():
             preds, labels = predict(model, data.validation, collate, bf16=False)
+            predictions[name] = preds
             nonzero = count_nonzero_prunable(model)
             entry = results["models"][name] = {
                 **spec.metric_fn(preds, labels),
@@ -91,6 +97,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                         f"{name}: ONNX Runtime logits differ from PyTorch by {difference:.3g} > {ONNX_TOLERANCE} ({path})"
                     )
                 entry["onnx"] = {"path": str(path.relative_to(paths.root)), "max_abs_logit_difference": difference}
+
+        for name, entry in results["models"].items():
+            if name != "teacher":
+                entry["vs_teacher"] = versus_teacher(spec, predictions[name], predictions["teacher"], labels)
 
         for key, (config, deployment) in configurations(params, device, threads).items():
             torch.set_num_threads(threads)  # a deployment's own count is set by its stopwatch
@@ -220,12 +230,24 @@ def add_speedup_targets(params: Params, models: dict) -> None:
         entry["speedup_target"] = {"target_speedup": k, "deployment": name, "measured_speedup": measured}
 
 
+def versus_teacher(spec: TaskSpec, preds: np.ndarray, teacher_preds: np.ndarray, labels: np.ndarray) -> dict:
+    """The primary metric's difference from the teacher's on the dev set, with its 95%
+    paired-bootstrap interval (cofi.metrics.paired_bootstrap): how much of the gap the
+    dev set's size can tell apart."""
+    key = spec.primary_metric
+    difference = spec.metric_fn(preds, labels)[key] - spec.metric_fn(teacher_preds, labels)[key]
+    return {"difference": difference, "ci95": list(paired_bootstrap(spec.metric_fn, key, preds, teacher_preds, labels))}
+
+
 def flat_metrics(entry: dict, primary_metric: str) -> dict:
     """One model's results as flat key → number, for `dvc metrics` and MLflow."""
     out = {primary_metric: entry[primary_metric], "sparsity": entry["sparsity"], "parameters": entry["parameters"],
            "prunable_parameters": entry["prunable_parameters"],
            "nonzero_prunable_parameters": entry["nonzero_prunable_parameters"]}
     out.update({f"flops_s{s}": n for s, n in entry["flops"].items()})
+    if "vs_teacher" in entry:
+        out[f"{primary_metric}_vs_teacher"] = entry["vs_teacher"]["difference"]
+        out[f"{primary_metric}_vs_teacher_ci95_low"], out[f"{primary_metric}_vs_teacher_ci95_high"] = entry["vs_teacher"]["ci95"]
     target = entry.get("speedup_target")
     if target:
         out["target_speedup"] = target["target_speedup"]

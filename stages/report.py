@@ -93,7 +93,8 @@ def best_marks(models: dict, metric: str, key: str) -> dict[str, tuple[str, floa
 def results_table(models: dict, metric: str, key: str) -> list[str]:
     """Markdown rows: one per model; speedup and efficiency per timed configuration."""
     keys = [t["key"] for t in models["teacher"]["timings"]]
-    header = ["model", "method", "sparsity", "parameters", "prunable (nonzero)", metric, "GFLOPs/example"]
+    header = ["model", "method", "sparsity", "parameters", "prunable (nonzero)", metric,
+              "vs teacher, points [95% CI]", "GFLOPs/example"]
     header += [f"{k}: ms · speedup · eff." for k in keys]
     header.append("wins")
     marks = winners(models, metric, key)
@@ -103,12 +104,22 @@ def results_table(models: dict, metric: str, key: str) -> list[str]:
         flops = "/".join(f"{n / 1e9:.2f}" for n in entry["flops"].values())
         cells = [name, entry["method"], f"{entry['sparsity']:.3f}", f"{entry['parameters']:,}",
                  f"{entry['prunable_parameters']:,} ({entry['nonzero_prunable_parameters']:,})",
-                 f"{entry[metric]:.4f}", flops]
+                 f"{entry[metric]:.4f}", versus_teacher_cell(entry.get("vs_teacher")), flops]
         cells += [f"{by_key[k]['median_ms']:.1f} · {by_key[k]['speedup']:.2f}× · {by_key[k]['efficiency']:.2f}"
                   for k in keys]
         cells.append(marks.get(name, ""))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def versus_teacher_cell(versus: dict | None) -> str:
+    """The metric's difference from the teacher in points (×100) with its paired-bootstrap
+    interval: "−0.69 [−1.83, +0.46]". An interval that holds 0 means the dev set cannot
+    tell the model from the teacher."""
+    if versus is None:
+        return ""
+    low, high = versus["ci95"]
+    return f"{100 * versus['difference']:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
 
 
 def sweep_figure(rows: list[dict], metric: str, key: str) -> plt.Figure:
@@ -226,7 +237,9 @@ def run(params: Params, root: Path = Path(".")) -> str:
              f"forward passes (after {params.benchmark.warmup} warm-up passes): latency is the median over rounds, "
              "speedup the teacher's fastest timing ÷ the model's; columns named after a deployment "
              "are timed in its own configuration; efficiency is speedup ÷ FLOP-ratio speedup "
-             "(1.0: the model is as fast as its FLOPs allow)."
+             "(1.0: the model is as fast as its FLOPs allow); \"vs teacher\" is the dev metric's difference from the "
+             "teacher's in points, with its 95% paired-bootstrap interval over the dev set's examples (an interval "
+             "that holds 0: this dev set cannot tell the model from the teacher)."
              + (f" Not timed: {', '.join(env['precisions_not_timed'])}, which this {env['device'].upper()} only emulates."
                 if env.get("precisions_not_timed") else ""), "",
              *results_table(models, metric, key)]

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import tiny_model
 from cofi.benchmark import environment, time_forward, time_onnx
 from cofi.compact import compact
+from cofi.data import TASKS
 from cofi.flops import forward_flops
+from cofi.metrics import accuracy, paired_bootstrap
 from cofi.sparsity import count_prunable_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
 ort = pytest.importorskip("onnxruntime")
 from cofi.onnx_export import export_onnx, max_logit_difference, onnx_session  # noqa: E402
+from stages.benchmark import flat_metrics, versus_teacher  # noqa: E402
 
 
 @pytest.fixture
@@ -196,3 +201,47 @@ def test_a_gpu_deployment_on_a_machine_without_one_is_refused_in_one_line():
                                          "sequence_length": 128, "threads": 0}}
     with pytest.raises(ValueError, match=r"^deployments 'gpu-b32': device cuda, but torch sees no CUDA GPU on this machine$"):
         configurations(validate_params(params), torch.device("cpu"), threads=2)
+
+
+def paired_se(preds: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> float:
+    """The standard error of a paired accuracy difference (McNemar's counts): the normal
+    approximation the bootstrap should agree with on a large set."""
+    n = len(labels)
+    gained = int(((preds == labels) & (reference != labels)).sum())  # model right, teacher wrong
+    lost = int(((preds != labels) & (reference == labels)).sum())
+    return math.sqrt(gained + lost - (gained - lost) ** 2 / n) / n
+
+
+def test_the_paired_bootstrap_interval_is_the_paired_normal_interval_on_sst2_sized_sets():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 872)
+    teacher = labels.copy()
+    teacher[:100] ^= 1  # the teacher misses 0–99
+    model = labels.copy()
+    model[50:160] ^= 1  # the model misses 50–159: 50 gained, 60 lost
+    low, high = paired_bootstrap(accuracy, "accuracy", model, teacher, labels, resamples=4000)
+    difference, se = -10 / 872, paired_se(model, teacher, labels)
+    assert (low, high) == pytest.approx((difference - 1.96 * se, difference + 1.96 * se), abs=0.1 * 1.96 * se)
+    assert low < 0 < high  # 10 sentences of 872: not told apart
+    assert paired_bootstrap(accuracy, "accuracy", model, teacher, labels, resamples=4000) == (low, high)  # seeded
+    # the same predictions differ by exactly 0 in every draw
+    assert paired_bootstrap(accuracy, "accuracy", teacher, teacher, labels) == (0.0, 0.0)
+    # pairing makes it narrower than the interval of two independent accuracies would be
+    unpaired = [accuracy(p, labels)["accuracy"] for p in (model, teacher)]
+    assert high - low < 0.85 * 2 * 1.96 * math.sqrt(sum(a * (1 - a) for a in unpaired) / 872)
+
+
+def test_the_difference_from_the_teacher_is_exact_and_flattened_for_dvc_and_mlflow():
+    labels = np.array([0, 1] * 20)
+    teacher, model = labels.copy(), labels.copy()
+    teacher[:4] ^= 1
+    model[:10] ^= 1
+    versus = versus_teacher(TASKS["sst2"], model, teacher, labels)
+    assert versus["difference"] == accuracy(model, labels)["accuracy"] - accuracy(teacher, labels)["accuracy"]
+    assert versus["difference"] == pytest.approx(-6 / 40)
+    low, high = versus["ci95"]
+    assert low <= versus["difference"] <= high < 0  # every miss of the teacher is one of the model's too
+    flat = flat_metrics({"accuracy": 0.75, "sparsity": 0.5, "parameters": 1, "prunable_parameters": 1,
+                         "nonzero_prunable_parameters": 1, "flops": {}, "timings": [], "vs_teacher": versus}, "accuracy")
+    assert (flat["accuracy_vs_teacher"], flat["accuracy_vs_teacher_ci95_low"], flat["accuracy_vs_teacher_ci95_high"]) \
+        == (versus["difference"], low, high)

@@ -113,6 +113,11 @@ def test_repro_writes_every_output_and_metric(project):
         assert bench[name]["onnx_max_abs_logit_difference"] <= 1e-4
         assert bench[name]["flops_s16"] < bench["teacher"]["flops_s16"]
         assert (project / "outputs" / "onnx" / f"{name}.onnx").exists()
+        # beside the teacher: the exact difference, inside its paired-bootstrap interval
+        difference = bench[name]["accuracy_vs_teacher"]
+        assert difference == bench[name]["accuracy"] - bench["teacher"]["accuracy"]
+        assert bench[name]["accuracy_vs_teacher_ci95_low"] <= difference <= bench[name]["accuracy_vs_teacher_ci95_high"]
+    assert "accuracy_vs_teacher" not in bench["teacher"]
     assert (project / "report" / "report.md").exists()
     assert (project / "report" / "accuracy_vs_speedup.png").exists()
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)
@@ -278,6 +283,7 @@ def test_one_mlflow_run_per_stage_with_lineage_tags(project):
     assert requested["target_speedup"] == SPEEDUP and {"predicted_speedup", "measured_speedup"} <= set(requested)
     speedups = {name: {m.key for m in model.metrics if m.key.startswith("speedup_")} for name, model in models.items()}
     assert all(speedups.values()), speedups  # per-configuration speedups linked to every model
+    assert {"accuracy_vs_teacher", "accuracy_vs_teacher_ci95_low"} <= {m.key for m in models["cofi-0_5"].metrics}
     teacher_sha = json.loads((project / "outputs" / "teacher" / "manifest.json").read_text())["digest"]
     compact_runs = [r for r in runs if r.data.tags["cofi.stage"].startswith("compact")]
     assert all(r.data.tags["cofi.lineage.teacher_sha256"] == teacher_sha for r in compact_runs)

@@ -72,6 +72,7 @@ def project(tmp_path, monkeypatch) -> Path:
         for t in entry["timings"]:
             t["speedup"] = teacher_ms[t["key"]] / t["median_ms"]
     add_speedups(models)
+    models["cofi-0.5"]["vs_teacher"] = {"difference": -0.02, "ci95": [-0.0325, -0.005]}
     paths.benchmark.write_text(json.dumps(sort_keys=True, obj={"environment": {"device": "cpu", "cpu": "test CPU", "gpu": None, "cores": 2,
                                                            "threads": 2, "torch": "x", "transformers": "y",
                                                            "onnxruntime": "z"}, "models": models}))
@@ -83,11 +84,14 @@ def test_report_renders_every_table_and_figure(project):
     out = project / "report"
     assert (out / "report.md").read_text() == text
     table = [line for line in text.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| model | method | sparsity | parameters | prunable (nonzero) | accuracy | GFLOPs/example")
+    assert table[0].startswith("| model | method | sparsity | parameters | prunable (nonzero) | accuracy | "
+                               "vs teacher, points [95% CI] | GFLOPs/example")
     assert "torch_fp32_b32_s128: ms · speedup · eff." in table[0] and "onnxruntime_fp32_b32_s128" in table[0]
     # teacher 40 ms, cofi-0.5 25 ms → 1.60×; FLOP ratio 4.0/2.0 → efficiency 0.80
     row = next(line for line in table if line.startswith("| cofi-0.5 "))
     assert "25.0 · 1.60× · 0.80" in row
+    assert "| 0.8800 | -2.00 [-3.25, -0.50] | " in row  # points; the teacher's own cell is empty
+    assert "| 0.9000 |  | " in next(line for line in table if line.startswith("| teacher "))
     assert [line.split(" | ")[0] for line in table[1:]] == ["| teacher", "| baseline-layer_subset", "| cofi-0.5", "| cofi-0.8"]
     assert row.endswith("| best at ~1.6× |")  # beats the baseline of the same speed
     assert next(line for line in table if line.startswith("| baseline-")).endswith("|  |")
