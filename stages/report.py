@@ -114,7 +114,7 @@ def results_table(models: dict, metric: str, key: str) -> list[str]:
 
 def versus_teacher_cell(versus: dict | None) -> str:
     """The metric's difference from the teacher in points (×100) with its paired-bootstrap
-    interval: "−0.69 [−1.83, +0.46]". An interval that holds 0 means the dev set cannot
+    interval: "-0.69 [-2.18, +0.80]". An interval that holds 0 means the dev set cannot
     tell the model from the teacher."""
     if versus is None:
         return ""
