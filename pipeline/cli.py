@@ -99,7 +99,7 @@ def prune(target: str = TARGET, ablation: Optional[str] = ABLATION, params: Path
 
 @app.command()
 def finetune(target: str = TARGET, ablation: Optional[str] = ABLATION, params: Path = PARAMS) -> None:
-    """Fine-tune the pruned (compacted) structure with distillation; finetune.epochs 0 passes it on as it is."""
+    """Fine-tune the pruned (compacted) structure with distillation; a target's finetune.epochs 0 passes it on as it is."""
     _sweep_stage("finetune", params, target, ablation)
 
 

@@ -13,7 +13,7 @@ import difflib
 import functools
 import math
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -58,22 +58,43 @@ def _unique_list(item: Any, **length: int) -> Any:
     return Annotated[list[item], Field(min_length=1, **length), AfterValidator(_unique)]
 
 
-def _epochs_per_target(value: Any) -> float | dict[float, float]:
-    """prune.epochs: one number for every target, or a mapping target → epochs."""
-    per_target = isinstance(value, Mapping)
-    if per_target and not value:
-        raise PydanticCustomError("per_target", "must be a number of epochs or a map with at least one target")
-    for target, epochs in value.items() if per_target else [(None, value)]:
-        entry = f"entry {target!r} " if per_target else ""
-        if per_target and (isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < 1):
-            raise PydanticCustomError("per_target", f"key {target!r} must be a target sparsity in [0, 1)")
-        if isinstance(epochs, bool) or not isinstance(epochs, (int, float)):
-            raise PydanticCustomError("per_target", f"{entry}must be a number of epochs, not {_kind(epochs)}")
-        if not math.isfinite(epochs):
-            raise PydanticCustomError("per_target", f"{entry}must be a finite number")
-        if epochs <= 0:
-            raise PydanticCustomError("per_target", f"{entry}must be > 0")
-    return {float(t): float(e) for t, e in value.items()} if per_target else float(value)
+def _epochs_per_target(allow_zero: bool) -> Callable[[Any], float | dict[float, float]]:
+    """A validator of epochs per target: one number for every target, or a map target → epochs
+    (read with epochs_at). allow_zero: 0 is valid and means no training."""
+    bound = ">= 0" if allow_zero else "> 0"
+
+    def check(value: Any) -> float | dict[float, float]:
+        per_target = isinstance(value, Mapping)
+        if per_target and not value:
+            raise PydanticCustomError("per_target", "must be a number of epochs or a map with at least one target")
+        for target, epochs in value.items() if per_target else [(None, value)]:
+            entry = f"entry {target!r} " if per_target else ""
+            if per_target and (isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < 1):
+                raise PydanticCustomError("per_target", f"key {target!r} must be a target sparsity in [0, 1)")
+            if isinstance(epochs, bool) or not isinstance(epochs, (int, float)):
+                raise PydanticCustomError("per_target", f"{entry}must be a number of epochs, not {_kind(epochs)}")
+            if not math.isfinite(epochs):
+                raise PydanticCustomError("per_target", f"{entry}must be a finite number")
+            if epochs < 0 or (epochs == 0 and not allow_zero):
+                raise PydanticCustomError("per_target", f"{entry}must be {bound}")
+        return {float(t): float(e) for t, e in value.items()} if per_target else float(value)
+
+    return check
+
+
+def epochs_at(epochs: float | dict[float, float], target: Target) -> float:
+    """The epochs of ``target`` from a validated epochs-per-target value: the number, or the
+    map's entry for ``target``, linear between the two nearest entries, the nearest one
+    beyond them. A speedup k takes the epochs of sparsity 1 − 1/k (the map's keys are sparsities)."""
+    if not isinstance(epochs, dict):
+        return epochs
+    if isinstance(target, Speedup):
+        target = 1 - 1 / target.factor
+    points = sorted(epochs.items())
+    below = [p for p in points if p[0] <= target] or points[:1]
+    above = [p for p in points if p[0] >= target] or points[-1:]
+    (t0, e0), (t1, e1) = below[-1], above[0]
+    return e0 if t1 == t0 else e0 + (e1 - e0) * (target - t0) / (t1 - t0)
 
 
 Text = Annotated[str, Field(min_length=1)]
@@ -188,7 +209,7 @@ class Prune(_Section):
     speedups: Annotated[list[Annotated[float, Field(gt=1)]], AfterValidator(_unique)]  # over the teacher, on deployment
     deployment: Text | None  # a key of deployments: the latency model speedup targets are pruned against
     speedup_tolerance: Annotated[float, Field(gt=0, lt=1)]  # relative
-    epochs: Annotated[Any, AfterValidator(_epochs_per_target)]  # a number, or a map target → epochs (see epochs_for)
+    epochs: Annotated[Any, AfterValidator(_epochs_per_target(allow_zero=False))]  # a number, or a map target → epochs
     distill_epochs: NonNegative
     sparsity_warmup_epochs: NonNegative
     sparsity_ramp: Literal[tuple(RAMPS)]
@@ -212,18 +233,7 @@ class Prune(_Section):
         return [*self.targets, *map(Speedup, self.speedups)]
 
     def epochs_for(self, target: Target) -> float:
-        """The pruning epochs of ``target``: prune.epochs, or, from a map, its entry for
-        ``target``, linear between the two nearest entries, the nearest one beyond them.
-        A speedup k takes the epochs of sparsity 1 − 1/k (the map's keys are sparsities)."""
-        if not isinstance(self.epochs, dict):
-            return self.epochs
-        if isinstance(target, Speedup):
-            target = 1 - 1 / target.factor
-        points = sorted(self.epochs.items())
-        below = [p for p in points if p[0] <= target] or points[:1]
-        above = [p for p in points if p[0] >= target] or points[-1:]
-        (t0, e0), (t1, e1) = below[-1], above[0]
-        return e0 if t1 == t0 else e0 + (e1 - e0) * (target - t0) / (t1 - t0)
+        return epochs_at(self.epochs, target)
 
     @model_validator(mode="after")
     def _warmup_within_training(self) -> Prune:
@@ -241,10 +251,13 @@ class Prune(_Section):
 
 
 class Finetune(_Section):
-    epochs: NonNegative  # 0: no fine-tuning, the pruned model as it is
+    epochs: Annotated[Any, AfterValidator(_epochs_per_target(allow_zero=True))]  # as prune.epochs; 0: none
     batch_size: Count
     learning_rate: Positive
     evals_per_epoch: Count
+
+    def epochs_for(self, target: Target) -> float:
+        return epochs_at(self.epochs, target)
 
 
 class Benchmark(_Section):

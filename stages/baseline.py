@@ -2,7 +2,7 @@
 
 - layer_subset: distillation (prediction + layer, fixed layer matching) into the
   teacher's evenly spaced layers, narrowed uniformly, sized to the FLOPs of the
-  CoFi model at baselines.target; trained for the prune epochs of baselines.target + finetune.epochs.
+  CoFi model at baselines.target; trained for the prune + finetune epochs of baselines.target.
 - magnitude: iterative magnitude pruning of the prunable matrices to
   baselines.target's sparsity in baselines.magnitude_rounds rounds (weights
   rewound to the teacher's each round), with CoFi's distillation; the same
@@ -40,7 +40,7 @@ def run(params: Params, method: str, root: Path = Path(".")) -> dict:
     teacher_digest = read_manifest(paths.teacher)["digest"]
     teacher = load_model(paths.teacher, verify=True)
     name = f"{STAGE}@{method}"
-    epochs = params.prune.epochs_for(params.baselines.target) + params.finetune.epochs
+    epochs = params.prune.epochs_for(params.baselines.target) + params.finetune.epochs_for(params.baselines.target)
     section = params.prune.model_copy(update={"epochs": epochs})
     methods = {"layer_subset": layer_subset, "magnitude": magnitude}
     if method not in methods:

@@ -1,9 +1,10 @@
 """Stage `finetune@<target>`: fine-tune the pruned structure with the same distillation loss.
 
 The pruned model is compacted first (exact: see cofi.compact), so fine-tuning
-runs on the small dense model; the masks are thereby fixed. With
-``finetune.epochs: 0`` (the default: it measured no gain, see the README) the
-compacted model is evaluated and passed on as it is. Reads
+runs on the small dense model; the masks are thereby fixed. The target's
+``finetune.epochs`` (a number or a map, as prune.epochs) may be 0: the default
+for 0.6, where it measured no gain (README, "Sparsity control"); the compacted
+model is then evaluated and passed on as it is. Reads
 outputs/pruned/<target>, outputs/teacher and outputs/data; writes
 outputs/finetuned/<target>, metrics/finetune-<target>.json and
 plots/finetune-<target>.csv."""
@@ -35,7 +36,8 @@ def run(params: Params, target: Target, root: Path = Path("."), variant: str | N
     masks = load_file(pruned_dir / MASKS_FILE)
     distill = distillation(params, pruned.config.hidden_size, pruned.config.num_hidden_layers)
     student = compact(pruned, masks)
-    fine_tune = params.finetune.epochs > 0
+    epochs = params.finetune.epochs_for(target)
+    fine_tune = epochs > 0
     teacher = load_model(paths.teacher, verify=True) if distill is not None and fine_tune else None  # None: gold labels only
     if distill is not None:
         distill.load_state_dict(load_file(pruned_dir / LAYER_MAP_FILE))
@@ -48,7 +50,8 @@ def run(params: Params, target: Target, root: Path = Path("."), variant: str | N
             preds, gold = predict(student, data.validation, collator(data.meta["pad_token_id"]), bf16=False)
             write_curve(paths.curve(STAGE, target), [{"step": 0, "loss": float("nan")}])
             return Trained(student, task_spec_of(params).metric_fn(preds, gold))
-        config = train_config(params, params.finetune, params.finetune.evals_per_epoch, len(data.train))
+        section = params.finetune.model_copy(update={"epochs": epochs})
+        config = train_config(params, section, params.finetune.evals_per_epoch, len(data.train))
         trainer, result = train(
             name, params, paths, data, student, config,
             pruned_digest, paths.curve(STAGE, target),

@@ -157,7 +157,7 @@ def test_every_model_is_timed_on_the_deployment_in_its_own_configuration(project
 
 
 def test_no_fine_tuning_passes_the_compacted_pruned_model_on(project, tmp_path):
-    """finetune.epochs 0 (the default): the stage writes the pruned model, compacted,
+    """finetune.epochs 0 (the default at 0.6): the stage writes the pruned model, compacted,
     with the accuracy the pruning run measured for it (compaction is exact)."""
     import shutil
 

@@ -124,6 +124,8 @@ BAD = [
     ("epochs map empty", {"prune.epochs": {}}, ["prune.epochs = {}: must be a number of epochs or a map with at least one target"]),
     ("epochs keyed by a name", {"prune.epochs": {"high": 2.0}}, ["prune.epochs = {'high': 2.0}: key 'high' must be a target sparsity in [0, 1)"]),
     ("epochs entry 0", {"prune.epochs": {0.6: 1.25, 0.9: 0}}, ["prune.epochs = {0.6: 1.25, 0.9: 0}: entry 0.9 must be > 0"]),
+    ("finetune epochs entry < 0", {"finetune.epochs": {0.6: 0, 0.9: -1}}, ["finetune.epochs = {0.6: 0, 0.9: -1}: entry 0.9 must be >= 0"]),
+    ("finetune epochs text", {"finetune.epochs": "1"}, ["finetune.epochs = '1': must be a number of epochs, not a string"]),
     ("prediction_weight 1.5", {"prune.prediction_weight": 1.5}, ["prune.prediction_weight = 1.5: must be in [0, 1]"]),
     ("learning_rate 0", {"teacher.learning_rate": 0}, ["teacher.learning_rate = 0: must be > 0"]),
     ("warmup_ratio 1", {"teacher.warmup_ratio": 1.0}, ["teacher.warmup_ratio = 1.0: must be in [0, 1)"]),
@@ -283,6 +285,17 @@ def test_prune_epochs_per_target():
     data["prune"]["targets"] = [0.6, 0.9]
     with pytest.raises(ParamsError, match=r"must be < prune.epochs \(0.7\)"):
         validate_params(data)
+
+
+def test_finetune_epochs_per_target_may_be_zero():
+    """finetune.epochs reads as prune.epochs, and 0 (no fine-tuning) is a valid entry."""
+    data = yaml.safe_load(REAL.read_text())
+    data["finetune"]["epochs"] = {0.6: 0, 0.9: 1.0}
+    finetune = validate_params(data).finetune
+    assert [finetune.epochs_for(t) for t in (0.5, 0.6, 0.9, 0.95, Speedup(10))] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert finetune.epochs_for(0.75) == pytest.approx(0.5, abs=1e-12)
+    data["finetune"]["epochs"] = 0
+    assert validate_params(data).finetune.epochs_for(0.9) == 0.0
 
 
 SPEEDUP_ONLY = {"prune.deployment", "prune.speedup_tolerance"}  # read by speedup targets alone

@@ -39,7 +39,8 @@ TINY = {
     "prune": {"targets": TARGETS, "speedups": [SPEEDUP], "deployment": "cpu-b1", "epochs": {0.3: 2, 0.5: 2.5},
               "distill_epochs": 0.25, "sparsity_warmup_epochs": 0.75, "batch_size": 16, "reg_learning_rate": 0.5,
               "evals_per_epoch": 2, "freeze_word_embeddings": True, "sparsity_ramp": "cubic"},
-    "finetune": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 1},
+    # per target: 0.3 and the 1.5x model (sparsity 1/3) take the nearest entry, 0: no fine-tuning
+    "finetune": {"epochs": {0.4: 0, 0.5: 1}, "batch_size": 16, "evals_per_epoch": 1},
     "benchmark": {"batch_sizes": [1], "sequence_lengths": [16], "precisions": ["fp32"], "warmup": 1, "repeats": 2},
     "deployments": {"cpu-b1": {"device": "cpu", "runtime": "torch", "precision": "fp32", "batch_size": 1,
                                "sequence_length": 16, "threads": 1}},
@@ -105,6 +106,12 @@ def test_repro_writes_every_output_and_metric(project):
     # prune.epochs per target: 2 and 2.5 epochs of 4 steps (64 examples, batch 16)
     last_step = {t: pd.read_csv(project / "plots" / f"prune-{t}.csv")["step"].max() for t in ("0.3", "0.5")}
     assert last_step["0.5"] - last_step["0.3"] == 2
+    # finetune.epochs per target: 0.5 fine-tuned for 1 epoch; 0.3 and 1.5x (0 epochs) passed on as pruned
+    assert pd.read_csv(project / "plots" / "finetune-0.5.csv")["step"].max() == 4
+    for t in ("0.3", "1.5x"):
+        assert pd.read_csv(project / "plots" / f"finetune-{t}.csv")["step"].tolist() == [0], t
+        accuracy = {s: json.loads((project / "metrics" / f"{s}-{t}.json").read_text())["accuracy"] for s in ("prune", "finetune")}
+        assert accuracy["finetune"] == accuracy["prune"], t
     bench = {p.stem: json.loads(p.read_text()) for p in (project / "metrics" / "benchmark").glob("*.json")}
     assert set(bench) == {"teacher", "cofi-0.3", "cofi-0.5", "cofi-1.5x"}
     assert bench["teacher"]["speedup_torch_fp32_b1_s16"] == pytest.approx(1.0)
@@ -156,7 +163,7 @@ def test_students_keep_the_teachers_word_embeddings(project):
         assert torch.equal(table(project / "outputs/pruned" / t), teacher), t
         kept = load_file(project / "outputs/pruned" / t / "masks.safetensors").get("hidden")
         columns = teacher if kept is None else teacher[:, kept != 0]
-        assert torch.equal(table(project / "outputs/finetuned" / t), columns), t  # after 1 epoch of fine-tuning
+        assert torch.equal(table(project / "outputs/finetuned" / t), columns), t  # 0.5: after 1 epoch of fine-tuning
     from pipeline.runtime import base_model_path
     base = load_file(Path(base_model_path("all-MiniLM-L6-v2")) / "model.safetensors")
     (key,) = [k for k in base if k.endswith("word_embeddings.weight")]
@@ -291,7 +298,9 @@ def test_one_mlflow_run_per_stage_with_lineage_tags(project):
     precision = "bf16" if supports_bf16(torch.device("cpu")) else "fp32"
     trained = {r.data.tags["cofi.stage"]: r.data.tags.get("cofi.training_precision") for r in runs
                if r.data.tags["cofi.stage"].split("@")[0] in ("teacher", "prune", "prune-speedup", "finetune", "finetune-speedup")}
-    assert len(trained) == 7 and set(trained.values()) == {precision}, trained
+    untrained = {"finetune@0.3", "finetune@1.5x"}  # finetune.epochs 0: nothing trained, no precision
+    assert len(trained) == 7 and {trained.pop(s) for s in untrained} == {None}, trained
+    assert set(trained.values()) == {precision}, trained
     # the report stage's last words: where to compare the models, in the model-training layout
     link = f"compare the models in MLflow: cofi ui, then open http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/models"
     assert link in (project.parent / "repro.log").read_text()
