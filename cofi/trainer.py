@@ -87,6 +87,10 @@ class TrainConfig:
     freeze_word_embeddings: bool = False
     seed: int = 42
     eval_steps: int = 0  # evaluate (and checkpoint) every this many steps; 0: once per epoch
+    # Evaluate the model as given before the first step, as a candidate for the best
+    # checkpoint: fine-tuning then never returns a model worse on the evaluation set than
+    # the one it started from (a 0.9 model lost 0.46 point to its fine-tuning; README)
+    evaluate_at_start: bool = False
     eval_batch_size: int = 128
     device: str = "auto"  # "auto": CUDA when available, else CPU
     progress: bool = True
@@ -645,6 +649,8 @@ class Trainer:
                 if self.processes.world_size > 1:  # the checkpoint holds the main process's random state
                     torch.manual_seed(self.config.seed + 1_000_003 * self.processes.rank + self.step)
                 self._refill_teacher_cache()
+        if self.config.evaluate_at_start and self.step == 0:
+            self._record_evaluation(self.evaluate())
         self.model.train()
         self._bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                          disable=not (self.config.progress and self.processes.is_main))

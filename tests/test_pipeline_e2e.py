@@ -163,7 +163,7 @@ def test_students_keep_the_teachers_word_embeddings(project):
         assert torch.equal(table(project / "outputs/pruned" / t), teacher), t
         kept = load_file(project / "outputs/pruned" / t / "masks.safetensors").get("hidden")
         columns = teacher if kept is None else teacher[:, kept != 0]
-        assert torch.equal(table(project / "outputs/finetuned" / t), columns), t  # 0.5: after 1 epoch of fine-tuning
+        assert torch.equal(table(project / "outputs/finetuned" / t), columns), t  # 0.5: its best evaluation, step 0 or 4
     from pipeline.runtime import base_model_path
     base = load_file(Path(base_model_path("all-MiniLM-L6-v2")) / "model.safetensors")
     (key,) = [k for k in base if k.endswith("word_embeddings.weight")]
@@ -301,6 +301,12 @@ def test_one_mlflow_run_per_stage_with_lineage_tags(project):
     untrained = {"finetune@0.3", "finetune@1.5x"}  # finetune.epochs 0: nothing trained, no precision
     assert len(trained) == 7 and {trained.pop(s) for s in untrained} == {None}, trained
     assert set(trained.values()) == {precision}, trained
+    # fine-tuning evaluates the pruned model first: it ships the better of it and each later evaluation
+    (finetuned,) = [r for r in runs if r.data.tags["cofi.stage"] == "finetune@0.5"]
+    evaluations = {m.step: m.value for m in client.get_metric_history(finetuned.info.run_id, "eval_accuracy")}
+    assert sorted(evaluations) == [0, 4]
+    best = json.loads((project / "metrics" / "finetune-0.5.json").read_text())
+    assert best["accuracy"] == max(evaluations.values()) and evaluations[best["best_step"]] == best["accuracy"]
     # the report stage's last words: where to compare the models, in the model-training layout
     link = f"compare the models in MLflow: cofi ui, then open http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/models"
     assert link in (project.parent / "repro.log").read_text()

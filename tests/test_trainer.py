@@ -61,6 +61,30 @@ def test_teacher_training_learns_the_synthetic_task():
     assert result.best_metrics["accuracy"] >= 0.8
 
 
+
+@pytest.mark.parametrize("evaluate_at_start", [True, False])
+def test_fine_tuning_never_returns_a_model_worse_than_its_start(evaluate_at_start):
+    task = synthetic_task(256, seed=1), synthetic_task(64, seed=2)
+    good = make_trainer(task, teacher=False, epochs=6, batch_size=16, eval_steps=0)
+    start_accuracy = good.fit().best_metrics["accuracy"]
+    start = {n: t.clone() for n, t in good.model.state_dict().items()}
+    recorder = Recorder()
+    # a learning rate that wrecks the model: every later evaluation is worse than the start
+    ruin = Trainer(good.model, *task, TrainConfig(epochs=1, batch_size=16, learning_rate=50.0, eval_steps=8, progress=False,
+                                                  seed=3, evaluate_at_start=evaluate_at_start),
+                   metric_fn=accuracy, primary_metric="accuracy", collate=Collator(0), callbacks=[recorder])
+    result = ruin.fit()
+    later = [e["accuracy"] for e in result.evaluations if e["step"] > 0]
+    assert [e["step"] for e in result.evaluations] == [0, 8, 16][(0 if evaluate_at_start else 1):]
+    assert max(later) < start_accuracy
+    if evaluate_at_start:  # the start wins: its metrics, and exactly its weights
+        assert result.best_step == 0 and result.best_metrics["accuracy"] == start_accuracy
+        assert recorder.evals[0] == result.evaluations[0]
+        for name, tensor in ruin.model.state_dict().items():
+            assert torch.equal(tensor, start[name]), name
+    else:
+        assert result.best_step > 0 and result.best_metrics["accuracy"] < start_accuracy
+
 def test_short_pruning_run_reaches_the_target_sparsity(task):
     recorder = Recorder()
     prune = PruneConfig(target_sparsity=0.5, distill_epochs=1, sparsity_warmup_epochs=8, reg_learning_rate=0.1,
