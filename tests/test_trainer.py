@@ -61,7 +61,6 @@ def test_teacher_training_learns_the_synthetic_task():
     assert result.best_metrics["accuracy"] >= 0.8
 
 
-
 @pytest.mark.parametrize("evaluate_at_start", [True, False])
 def test_fine_tuning_never_returns_a_model_worse_than_its_start(evaluate_at_start):
     task = synthetic_task(256, seed=1), synthetic_task(64, seed=2)
@@ -84,6 +83,7 @@ def test_fine_tuning_never_returns_a_model_worse_than_its_start(evaluate_at_star
             assert torch.equal(tensor, start[name]), name
     else:
         assert result.best_step > 0 and result.best_metrics["accuracy"] < start_accuracy
+
 
 def test_short_pruning_run_reaches_the_target_sparsity(task):
     recorder = Recorder()
