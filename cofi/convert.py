@@ -414,11 +414,14 @@ def load_pretrained_with_report(
     num_labels: int,
     seed: int | None = None,
     id2label: Mapping[int, str] | None = None,
+    dropout: float | None = None,
 ) -> tuple[CofiForSequenceClassification, LoadReport]:
     """``load_pretrained``, also returning what was loaded, initialised and left out."""
     name_or_path = os.path.expanduser(str(name_or_path))
     hf_config = _load_hf_config(name_or_path)
     overrides = {"id2label": dict(id2label)} if id2label is not None else {}
+    if dropout is not None:  # every dropout of the model: hidden states, attention weights, classifier input
+        overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, classifier_dropout=dropout)
     config = cofi_config_from_hf(hf_config, num_labels, **overrides)
     config._name_or_path = name_or_path  # provenance, saved with the model
 
@@ -492,6 +495,7 @@ def load_pretrained(
     num_labels: int,
     seed: int | None = None,
     id2label: Mapping[int, str] | None = None,
+    dropout: float | None = None,
 ) -> CofiForSequenceClassification:
     """A full-size CoFi classifier with the weights of a Hugging Face checkpoint.
 
@@ -501,11 +505,13 @@ def load_pretrained(
     seed: seeds the fresh initialisation of a missing pooler / classifier.
     id2label: label names; by default copied from the checkpoint when it has
         ``num_labels`` of them.
+    dropout: every dropout probability of the model (hidden states, attention
+        weights, classifier input), saved with it; by default the checkpoint's.
 
     The model is returned in eval mode, in fp32. Freshly initialised and unused
     weights are logged at INFO; use ``load_pretrained_with_report`` to get them.
     """
-    model, report = load_pretrained_with_report(name_or_path, num_labels, seed=seed, id2label=id2label)
+    model, report = load_pretrained_with_report(name_or_path, num_labels, seed=seed, id2label=id2label, dropout=dropout)
     logger.info(report.summary())
     return model
 

@@ -202,6 +202,7 @@ class Teacher(_Section):
     batch_size: Count
     learning_rate: Positive
     warmup_ratio: Ratio
+    dropout: Ratio | None  # every dropout of the teacher's config, so of the students built from it; null: the base model's
 
 
 class Prune(_Section):

@@ -33,6 +33,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         check_label_order(params.teacher.base_model, AutoConfig.from_pretrained(base).id2label, labels)
     model, report = load_pretrained_with_report(
         base, num_labels=data.meta["num_labels"], seed=params.seed, id2label=dict(enumerate(labels)) if labels else None,
+        dropout=params.teacher.dropout,
     )
     if params.teacher.fine_tuned and report.fresh:
         raise ValueError(

@@ -299,6 +299,22 @@ def test_id2label_argument_and_roundtrip_through_save_pretrained(tmp_path):
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dropout", [None, 0.0])
+def test_the_dropout_argument_sets_every_dropout_and_is_saved(tmp_path, dropout):
+    """dropout=p: hidden, attention and classifier dropout are p, in the saved config too (so
+    students built from a teacher train with its dropout); None keeps the checkpoint's."""
+    hf = BertForSequenceClassification(BertConfig(**TINY, num_labels=2, classifier_dropout=0.3))
+    model = load_pretrained(save(hf, tmp_path / "hf"), num_labels=2, dropout=dropout)
+    model.save_pretrained(tmp_path / "cofi")
+    config = CofiForSequenceClassification.from_pretrained(tmp_path / "cofi").config
+    saved = (config.hidden_dropout_prob, config.attention_probs_dropout_prob, config.classifier_dropout)
+    assert saved == ((0.1, 0.1, 0.3) if dropout is None else (0.0, 0.0, 0.0))
+    batch = make_inputs(99, pad_id=0, with_token_types=True)
+    with torch.no_grad():
+        evaluated, trained = model.eval()(**batch).logits, model.train()(**batch).logits
+    assert torch.equal(trained, evaluated) == (dropout == 0.0)  # nothing is dropped in training
+
+
 def test_config_mapping_and_overrides():
     hf = RobertaConfig(**TINY, layer_norm_eps=1e-5, type_vocab_size=1, hidden_act="gelu_new")
     config = cofi_config_from_hf(hf, num_labels=5, hidden_dropout_prob=0.0)

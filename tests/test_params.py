@@ -129,6 +129,7 @@ BAD = [
     ("prediction_weight 1.5", {"prune.prediction_weight": 1.5}, ["prune.prediction_weight = 1.5: must be in [0, 1]"]),
     ("learning_rate 0", {"teacher.learning_rate": 0}, ["teacher.learning_rate = 0: must be > 0"]),
     ("warmup_ratio 1", {"teacher.warmup_ratio": 1.0}, ["teacher.warmup_ratio = 1.0: must be in [0, 1)"]),
+    ("dropout 1", {"teacher.dropout": 1.0}, ["teacher.dropout = 1.0: must be in [0, 1)"]),
     (
         "sparsity_tolerance 0",
         {"prune.sparsity_tolerance": 0.0},

@@ -170,6 +170,21 @@ def test_students_keep_the_teachers_word_embeddings(project):
     assert not torch.equal(base[key], teacher)
 
 
+def test_students_train_with_the_teachers_dropout(project):
+    """teacher.dropout (params.yaml's 0.0 here) is saved in the teacher's config, which every
+    pruned and fine-tuned student is built from; the base model's is 0.1."""
+    from pipeline.runtime import base_model_path
+
+    def dropouts(directory) -> tuple:
+        config = json.loads((Path(directory) / "config.json").read_text())
+        return config["hidden_dropout_prob"], config["attention_probs_dropout_prob"], config.get("classifier_dropout")
+
+    assert dropouts(base_model_path("all-MiniLM-L6-v2")) == (0.1, 0.1, None)
+    assert yaml.safe_load((project / "params.yaml").read_text())["teacher"]["dropout"] == 0.0
+    for model in ["teacher", *(f"{stage}/{t}" for stage in ("pruned", "finetuned") for t in MODELS)]:
+        assert dropouts(project / "outputs" / model) == (0.0, 0.0, 0.0), model
+
+
 def test_a_speedup_target_is_pruned_against_the_latency_model(project):
     """prune-speedup@1.5 reads the deployment's latency model: the Lagrangian controls its
     predicted speedup (the curve), the metrics, the benchmark and the report show requested,

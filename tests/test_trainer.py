@@ -283,6 +283,28 @@ def test_bf16_autocast_trains(task, monkeypatch):
     assert 0.0 <= result.best_metrics["accuracy"] <= 1.0
 
 
+FUSED, MATH = "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"
+
+
+def attention_kernels(run) -> set[str]:
+    """The SDPA kernels ``run()`` calls."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return {e.name for e in prof.events() if e.name in (FUSED, MATH)}
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_cpu_training_under_bf16_takes_the_math_attention_kernel(task, monkeypatch, bf16):
+    """trainer.training_attention: the fused CPU kernel's bf16 backward is slow at short
+    sequences (a MiniLM step 211 ms against 142), so trained forward passes under bf16 autocast
+    take the math kernel; fp32 training and every evaluation keep the fused one."""
+    monkeypatch.setattr("cofi.trainer.supports_bf16", lambda device: True)
+    # no attention dropout: with it torch takes the math kernel whatever is asked
+    trainer = make_trainer(task, teacher=False, epochs=1, bf16=bf16, model={"attention_probs_dropout_prob": 0.0})
+    assert attention_kernels(lambda: trainer.train_step(list(range(8)))) == ({MATH} if bf16 else {FUSED})
+    assert attention_kernels(trainer.evaluate) == {FUSED}
+
+
 def test_bf16_only_where_the_cpu_runs_it_natively(task, caplog):
     """compute.bf16 on a CPU without AVX-512-BF16 or AMX trains in fp32, with a warning:
     emulated bf16 made a MiniLM step 22x slower on an AVX2 EPYC."""
