@@ -20,10 +20,21 @@ default: 12 layers, d=768, 12 heads, d_f=3072):
    gate values, shifted until the deterministic masks hit the sparsity),
    compacted, timed against the unpruned model at the paper's setting (batch 128,
    sequence 128, fp32); efficiency = measured speedup / FLOP-ratio speedup.
+5. **Attention kernel in training**: a pruning step with the trainer's kernel
+   rule (``cofi.trainer.training_attention``: the math kernel on CPU under bf16)
+   against SDPA's own choice (without dropout, the fused kernel), interleaved,
+   per precision. Where the rule is a no-op (fp32, or a GPU) the two are the same
+   step and the ratio reads about 1.
+
+The models train with ``--dropout`` (0: params.yaml's teacher.dropout, which the
+students inherit), which decides SDPA's kernel: with attention dropout it takes
+the math kernel anyway.
 
     python benchmarks/bench_prune_step.py --device cuda                 # a GPU: the paper's sizes
     python benchmarks/bench_prune_step.py --threads 1 --eval-batch 8    # this 2-core CPU
     python benchmarks/bench_prune_step.py --shape tiny --repeats 1      # smoke run (the suite runs it)
+    python benchmarks/bench_prune_step.py --shape minilm --seq-len 16 --read-steps 0 --sparsities \
+        --repeats 30 --warmup 5                                         # the kernel rule at SST-2's lengths
 """
 
 from __future__ import annotations
@@ -33,11 +44,13 @@ import json
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
-from cofi import CofiForSequenceClassification, modeling_cofi
+from cofi import CofiForSequenceClassification, modeling_cofi, trainer as trainer_module
 from cofi.batching import Collator
 from cofi.benchmark import SHAPES, environment, shape_config, time_forward
 from cofi.compact import compact
@@ -64,13 +77,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seq", type=int, default=128, help="sequence length of the compact-model timing")
     p.add_argument("--keep-multiple", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: torch's default")
+    p.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout of the trained models")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)
 
 
-def random_model(shape: str, seed: int = 0) -> CofiForSequenceClassification:
+def random_model(shape: str, seed: int = 0, dropout: float = 0.0) -> CofiForSequenceClassification:
     torch.manual_seed(seed)
-    return CofiForSequenceClassification(shape_config(shape))
+    config = shape_config(shape)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
+    return CofiForSequenceClassification(config)
 
 
 def flop_latency_model(config) -> LatencyModel:
@@ -86,7 +102,7 @@ def flop_latency_model(config) -> LatencyModel:
 def build_trainer(args: argparse.Namespace, prune: str | None, precision: str, log_steps: int = 10) -> Trainer:
     """A trainer whose every step prunes (``prune``: "sparsity" or "speedup" target) or
     only distils (None), on one batch of random tokens."""
-    student, teacher = random_model(args.shape), random_model(args.shape)
+    student, teacher = random_model(args.shape, dropout=args.dropout), random_model(args.shape, dropout=args.dropout)
     layers = student.config.num_hidden_layers
     distill = DistillationLoss(PredictionDistillLoss(2.0),
                                LayerDistillLoss(student.config.hidden_size, default_teacher_layers(layers)), 0.5)
@@ -170,6 +186,25 @@ def read_cost(args: argparse.Namespace) -> dict:
     return results
 
 
+def paired_medians(trainer: Trainer, indices: list[int], args: argparse.Namespace,
+                   module: ModuleType, attribute: str, choices: dict[str, object]) -> dict[str, float]:
+    """Median ms per step of ``trainer`` with ``module.attribute`` set to each of two
+    choices before its step, interleaved, the order alternating per round; the attribute
+    is put back after."""
+    names, original = list(choices), getattr(module, attribute)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        for r in range(args.warmup + args.repeats):
+            for name in (names if r % 2 else names[::-1]):
+                setattr(module, attribute, choices[name])
+                ms = timed_step(trainer, indices, args.device)
+                if r >= args.warmup:
+                    times[name].append(ms)
+    finally:
+        setattr(module, attribute, original)
+    return {name: summary(ms)["median_ms"] for name, ms in times.items()}
+
+
 def gates_at(shape: ModelShape, sparsity: float, keep_multiple: int) -> HardConcreteGates:
     """Random gates, shifted until their deterministic masks' sparsity is closest to ``sparsity``."""
     gates = HardConcreteGates(shape, GateConfig(keep_multiple=keep_multiple))
@@ -198,20 +233,26 @@ def left_out_units(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             for f, a in trainer.gates.log_alpha.items():
                 a.copy_(at.log_alpha[f])
-        times: dict[str, list[float]] = {"left_out": [], "all_computed": []}
-        try:
-            for r in range(args.warmup + args.repeats):
-                for name in (("left_out", "all_computed") if r % 2 else ("all_computed", "left_out")):
-                    modeling_cofi.computed_units = left_out if name == "left_out" else every_unit
-                    ms = timed_step(trainer, indices, args.device)
-                    if r >= args.warmup:
-                        times[name].append(ms)
-        finally:
-            modeling_cofi.computed_units = left_out
-        median = {name: summary(ms)["median_ms"] for name, ms in times.items()}
+        median = paired_medians(trainer, indices, args, modeling_cofi, "computed_units",
+                                {"left_out": left_out, "all_computed": every_unit})
         results[f"sparsity_{target:g}"] = {
             "sparsity": float(trainer.gates.deterministic_sparsity()), **{f"{k}_ms": v for k, v in median.items()},
             "speedup": median["all_computed"] / median["left_out"]}
+    return results
+
+
+def attention_kernels(args: argparse.Namespace) -> dict:
+    """ms per pruning step with the trainer's attention-kernel rule against SDPA's own choice."""
+    indices = list(range(args.batch_size))
+    rule = trainer_module.training_attention
+    sdpa_choice = lambda device, bf16: nullcontext()  # noqa: E731  (no rule: SDPA picks the kernel)
+    results = {}
+    for precision in args.precision:
+        trainer = build_trainer(args, "sparsity", precision)
+        median = paired_medians(trainer, indices, args, trainer_module, "training_attention",
+                                {"rule": rule, "sdpa_choice": sdpa_choice})
+        results[precision] = {**{f"{k}_ms": v for k, v in median.items()},
+                              "rule_over_sdpa_choice": median["rule"] / median["sdpa_choice"]}
     return results
 
 
@@ -248,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     env = environment()
     print(f"device {args.device} ({env['gpu'] or env['cpu']}), {env['threads']} threads, torch {env['torch']}; "
-          f"{args.shape}, training batch {args.batch_size} x {args.seq_len}")
+          f"{args.shape}, training batch {args.batch_size} x {args.seq_len}, dropout {args.dropout:g}")
     results = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}}
 
     results["steps"] = step_times(args)
@@ -259,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precision:
         print(f"prune / distill, {precision}: {results['steps'][f'prune_over_distill/{precision}']:.3f}; "
               f"speedup target / sparsity target: {results['steps'][f'speedup_over_sparsity_target/{precision}']:.3f}")
+
+    results["attention_kernels"] = attention_kernels(args)
+    print("\npruning steps, the trainer's attention-kernel rule against SDPA's own choice:")
+    for precision, r in results["attention_kernels"].items():
+        print(f"  {precision}: rule {r['rule_ms']:.1f} ms, SDPA's choice {r['sdpa_choice_ms']:.1f} ms, "
+              f"ratio {r['rule_over_sdpa_choice']:.3f}")
 
     if args.read_steps:
         results["host_reads"] = read_cost(args)

@@ -263,11 +263,11 @@ def autocast(device: torch.device, bf16: bool):
 
 def training_attention(device: torch.device, bf16: bool):
     """The attention kernel of a trained forward pass. On CPU under bf16 autocast, SDPA's
-    fused (flash) kernel has a slow backward at these short sequences: a MiniLM step at
-    batch 32 × 16 without dropout took 211 ms with it, 142 ms with the plain (math) one
-    (AVX-512 EPYC; in fp32 276 and 279 ms). With attention dropout torch takes the math
-    kernel anyway. Inference keeps the fused kernel, faster there (bf16, 128 × 24: 241
-    against 370 ms), and so does every GPU."""
+    fused (flash) kernel has a slow backward at these short sequences: a MiniLM pruning
+    step at batch 32 × 16 without dropout took 359 ms with it, 277 ms with the plain
+    (math) one (AVX-512 EPYC; benchmarks/bench_prune_step.py measures both). With
+    attention dropout torch takes the math kernel anyway. Inference keeps the fused
+    kernel, faster there (bf16, 128 × 24: 241 against 370 ms), and so does every GPU."""
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" and bf16 else nullcontext()
 
 

@@ -294,12 +294,14 @@ class DeploymentTarget(_Section):
 
 
 def _deployment_names(targets: dict) -> dict:
-    """Names become file and stage names; ONNX Runtime is measured on the CPU in fp32."""
+    """Names become file and stage names, and DVC param paths (deployments.<name>: no '.');
+    ONNX Runtime is measured on the CPU in fp32."""
     for name, target in targets.items():
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
             raise PydanticCustomError(
                 "conflict",
-                f"deployments: name {name!r} must be letters, digits, '.', '_' or '-' (it names files and a stage)",
+                f"deployments: name {name!r} must be letters, digits, '_' or '-' (it names files, a stage and "
+                f"the DVC param deployments.<name>)",
             )
         if target.runtime == "onnxruntime" and (target.device, target.precision) != ("cpu", "fp32"):
             raise PydanticCustomError(

@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cofi.benchmark import processor  # noqa: E402
@@ -172,12 +173,30 @@ def curves_figure(curve: pd.DataFrame, title: str) -> plt.Figure:
     return fig
 
 
-def speedup_line(target: Speedup, prune_metrics: dict, entry: dict) -> str:
-    """Requested, predicted (latency model) and measured (benchmark) speedup of a speedup target's model."""
-    measured = entry["speedup_target"]["measured_speedup"]
-    return (f"Speedup over the teacher: requested {target.factor:g}×, predicted {prune_metrics['predicted_speedup']:.2f}× "
-            f"(the latency model, for the shipped structure), measured {measured:.2f}× (the benchmark, on "
-            f"{prune_metrics['deployment']}).")
+def sparsity_curve_at(models: dict, names: list[str], metric: str, deployment: str, speedup: float) -> float | None:
+    """The metric of the models ``names`` (the teacher and the sparsity targets' models) at
+    ``speedup`` on ``deployment``: linear between the two nearest in measured speedup there;
+    None outside their range (no extrapolation)."""
+    points = sorted((next(t["speedup"] for t in models[n]["timings"] if t["deployment"] == deployment), models[n][metric])
+                    for n in names)
+    if len(points) < 2 or not points[0][0] <= speedup <= points[-1][0]:
+        return None
+    return float(np.interp(speedup, [x for x, _ in points], [y for _, y in points]))
+
+
+def speedup_line(target: Speedup, prune_metrics: dict, models: dict, sparsity_models: list[str], metric: str) -> str:
+    """Requested, predicted (latency model) and measured (benchmark) speedup of a speedup
+    target's model, and its metric against the sparsity targets' models at the same speed."""
+    entry = models[f"cofi-{target_name(target)}"]
+    measured, deployment = entry["speedup_target"]["measured_speedup"], prune_metrics["deployment"]
+    line = (f"Speedup over the teacher: requested {target.factor:g}×, predicted {prune_metrics['predicted_speedup']:.2f}× "
+            f"(the latency model, for the shipped structure), measured {measured:.2f}× (the benchmark, on {deployment}).")
+    curve = sparsity_curve_at(models, ["teacher", *sparsity_models], metric, deployment, measured)
+    if curve is not None:
+        line += (f" At that speed the sparsity targets' models (linear between the two nearest in speed on {deployment},"
+                 f" the teacher at 1×) reach {metric} {curve:.4f}; this model {entry[metric]:.4f}, "
+                 f"{100 * (entry[metric] - curve):+.2f} points.")
+    return line
 
 
 def latency_section(params: Params, paths: Paths, models: dict, env: dict,
@@ -261,7 +280,8 @@ def run(params: Params, root: Path = Path(".")) -> str:
                     f"masks {compact_metrics['sparsity_masks']:.4f}, smooth expected ŝ "
                     f"{compact_metrics['sparsity_expected']:.4f}")
         if isinstance(target, Speedup):
-            target_line = speedup_line(target, prune_metrics, models[f"cofi-{t}"]) + missed
+            sparsity_models = [f"cofi-{target_name(x)}" for x in params.prune.targets]
+            target_line = speedup_line(target, prune_metrics, models, sparsity_models, metric) + missed
             lines += [f"## Target speedup {t} on {prune_metrics['deployment']}", "", target_line, "",
                       f"Sparsity: {sparsity}.", ""]
         else:

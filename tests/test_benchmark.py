@@ -104,6 +104,8 @@ def test_the_prune_step_benchmark_runs_at_a_tiny_size(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_prune_step", ROOT / "benchmarks" / "bench_prune_step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    from cofi.trainer import training_attention as rule
+
     out = tmp_path / "bench.json"
     assert bench.main(["--shape", "tiny", "--device", "cpu", "--batch-size", "4", "--seq-len", "8", "--repeats", "1",
                        "--warmup", "0", "--read-steps", "2", "--eval-batch", "2", "--eval-seq", "8",
@@ -117,8 +119,12 @@ def test_the_prune_step_benchmark_runs_at_a_tiny_size(tmp_path):
         assert abs(r["sparsity"] - float(target)) <= 0.1 and r["flop_speedup"] > 1.0
         step = results["left_out_units"][f"sparsity_{target}"]
         assert abs(step["sparsity"] - float(target)) <= 0.1 and step["left_out_ms"] > 0 and step["all_computed_ms"] > 0
-    from cofi import modeling_cofi
-    assert modeling_cofi.computed_units({"intermediate": torch.ones(1, 2)}) != {}  # the switch is put back
+    for precision in ("fp32", "bf16"):
+        r = results["attention_kernels"][precision]
+        assert r["rule_ms"] > 0 and r["rule_over_sdpa_choice"] == r["rule_ms"] / r["sdpa_choice_ms"]
+    from cofi import modeling_cofi, trainer
+    assert modeling_cofi.computed_units({"intermediate": torch.ones(1, 2)}) != {}  # the switches are put back
+    assert trainer.training_attention is rule
 
 
 # ---- the benchmark stage's timing: interleaved rounds, the grid and every deployment -------------

@@ -109,12 +109,13 @@ BAD = [
                                  "batch_size": 1, "sequence_length": 128, "threads": 0}}},
         ["deployments.ort: runtime onnxruntime is measured on the CPU in fp32, not cpu bf16"],
     ),
-    (
-        "deployment name with a slash",
-        {"deployments": {"a/b": {"device": "cpu", "runtime": "torch", "precision": "fp32",
-                                 "batch_size": 1, "sequence_length": 128, "threads": 0}}},
-        ["deployments: name 'a/b' must be letters, digits, '.', '_' or '-' (it names files and a stage)"],
-    ),
+    *[(
+        f"deployment name with {bad!r}",
+        {"deployments": {name: {"device": "cpu", "runtime": "torch", "precision": "fp32",
+                                "batch_size": 1, "sequence_length": 128, "threads": 0}}},
+        [f"deployments: name {name!r} must be letters, digits, '_' or '-' (it names files, a stage and the DVC param "
+         "deployments.<name>)"],
+    ) for bad, name in (("/", "a/b"), (".", "cpu.b1"))],  # "deployments.cpu.b1" would be a nested param to DVC
     (
         "deployment without a batch size",
         {"deployments": {"cpu": {"device": "cpu", "runtime": "torch", "precision": "fp32",

@@ -218,6 +218,17 @@ def test_a_speedup_target_is_pruned_against_the_latency_model(project):
     assert (f"requested 1.5×, predicted {prune['predicted_speedup']:.2f}× (the latency model, for the shipped "
             f"structure), measured {bench['measured_speedup']:.2f}×") in report
     assert re.search(r"\| cofi-1.5x \| 1.5× \| [0-9.]+× \| [0-9.]+× \|", report), report
+    # beside the sparsity targets' models at its measured speed: linear between the two nearest there
+    measured, accuracy = bench["measured_speedup"], full["cofi-1.5x"]["accuracy"]
+    curve = sorted((next(t["speedup"] for t in full[n]["timings"] if t["deployment"] == "cpu-b1"), full[n]["accuracy"])
+                   for n in ("teacher", "cofi-0.3", "cofi-0.5"))
+    slower, faster = [p for p in curve if p[0] <= measured], [p for p in curve if p[0] >= measured]
+    if not slower or not faster:
+        assert "At that speed" not in report
+    else:
+        (x0, y0), (x1, y1) = slower[-1], faster[0]
+        at = y0 if x1 == x0 else y0 + (y1 - y0) * (measured - x0) / (x1 - x0)
+        assert f"reach accuracy {at:.4f}; this model {accuracy:.4f}, {100 * (accuracy - at):+.2f} points." in report
     assert (project / "report" / "curves" / "speedup" / "1.5x.csv").exists()
     assert not (project / "report" / "curves" / "speedup" / "0.3.csv").exists()
 
@@ -271,6 +282,10 @@ def test_second_repro_does_nothing(project):
     ("prune", "freeze_word_embeddings", False,  # every student's training, not the teacher's
      {f"{s}{kind}@{t}" for s in ("prune", "finetune") for kind, t in (("", "0.3"), ("", "0.5"), ("-speedup", "1.5"))},
      {"data", "teacher", "profile@cpu-b1", "compact@0.3", "benchmark"}),
+    ("deployments", "ort-b1",  # a new deployment: profiled and timed; cpu-b1's latency model and speed model kept
+     {"device": "cpu", "runtime": "onnxruntime", "precision": "fp32", "batch_size": 1, "sequence_length": 16, "threads": 1},
+     {"profile@ort-b1", "benchmark"},
+     {"profile@cpu-b1", "prune-speedup@1.5", "compact-speedup@1.5", "prune@0.3", "compact@0.3"}),
 ])
 def test_a_param_invalidates_only_the_stages_that_read_it(project, section, key, value, stale, fresh):
     params_file = project / "params.yaml"

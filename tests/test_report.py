@@ -108,3 +108,32 @@ def test_report_renders_every_table_and_figure(project):
             continue
         curve = pd.read_csv(out / "curves" / name / "0.8.csv")
         assert list(curve.columns) == ["step", *columns]
+
+
+def test_a_speed_model_is_compared_with_the_sparsity_targets_at_its_speed():
+    """The speed target's line reads the sparsity targets' models (and the teacher, at 1×)
+    linearly between the two nearest in speed on its deployment, never beyond them."""
+    from pipeline.paths import Speedup
+
+    def model(accuracy: float, on_deployment: float) -> dict:  # another configuration's speedup must not count
+        return {"accuracy": accuracy, "timings": [{"deployment": None, "speedup": 99.0},
+                                                  {"deployment": "d", "speedup": on_deployment}]}
+
+    models = {"teacher": model(0.90, 1.0), "cofi-0.6": model(0.88, 2.0), "cofi-0.8": model(0.84, 4.0)}
+    names = ["teacher", "cofi-0.6", "cofi-0.8"]
+    assert report.sparsity_curve_at(models, names, "accuracy", "d", 3.0) == pytest.approx(0.86, abs=1e-12)
+    assert report.sparsity_curve_at(models, names, "accuracy", "d", 1.5) == pytest.approx(0.89, abs=1e-12)
+    assert report.sparsity_curve_at(models, names, "accuracy", "d", 4.0) == 0.84
+    assert report.sparsity_curve_at(models, names, "accuracy", "d", 4.01) is None  # beyond the fastest: no extrapolation
+    assert report.sparsity_curve_at(models, ["teacher"], "accuracy", "d", 1.0) is None  # no sparsity target to compare
+
+    models["cofi-3x"] = {**model(0.87, 3.0), "speedup_target": {"measured_speedup": 3.0}}
+    prune = {"predicted_speedup": 3.04, "deployment": "d"}
+    line = report.speedup_line(Speedup(3), prune, models, names[1:], "accuracy")
+    assert line.startswith("Speedup over the teacher: requested 3×, predicted 3.04× (the latency model, for the "
+                           "shipped structure), measured 3.00× (the benchmark, on d).")
+    assert line.endswith("reach accuracy 0.8600; this model 0.8700, +1.00 points.")
+    models["cofi-3x"]["speedup_target"]["measured_speedup"] = 5.0
+    assert line.split(" At that speed")[0] == report.speedup_line(Speedup(3), prune, models, names[1:], "accuracy").replace(
+        "5.00×", "3.00×")
+    assert "At that speed" not in report.speedup_line(Speedup(3), prune, models, names[1:], "accuracy")
