@@ -173,12 +173,16 @@ def curves_figure(curve: pd.DataFrame, title: str) -> plt.Figure:
     return fig
 
 
+def speedup_on(entry: dict, deployment: str) -> float:
+    """A model's speedup as the benchmark measured it on ``deployment``'s own configuration."""
+    return next(t["speedup"] for t in entry["timings"] if t["deployment"] == deployment)
+
+
 def sparsity_curve_at(models: dict, names: list[str], metric: str, deployment: str, speedup: float) -> float | None:
     """The metric of the models ``names`` (the teacher and the sparsity targets' models) at
     ``speedup`` on ``deployment``: linear between the two nearest in measured speedup there;
     None outside their range (no extrapolation)."""
-    points = sorted((next(t["speedup"] for t in models[n]["timings"] if t["deployment"] == deployment), models[n][metric])
-                    for n in names)
+    points = sorted((speedup_on(models[n], deployment), models[n][metric]) for n in names)
     if len(points) < 2 or not points[0][0] <= speedup <= points[-1][0]:
         return None
     return float(np.interp(speedup, [x for x, _ in points], [y for _, y in points]))
@@ -223,7 +227,7 @@ def latency_section(params: Params, paths: Paths, models: dict, env: dict,
             name = f"cofi-{target_name(t)}"
             requested = f"{t.factor:g}×" if isinstance(t, Speedup) and params.prune.deployment == deployment else "—"
             predicted = model.speedup(structures[name])
-            measured = next(m["speedup"] for m in models[name]["timings"] if m["deployment"] == deployment)
+            measured = speedup_on(models[name], deployment)
             lines.append(f"| {name} | {requested} | {predicted:.2f}× | {measured:.2f}× |")
         lines.append("")
     return lines
@@ -266,6 +270,7 @@ def run(params: Params, root: Path = Path(".")) -> str:
     figures = {"accuracy_vs_speedup.png": sweep_figure(rows, metric, key)}
     lines += ["", "![accuracy vs speedup](accuracy_vs_speedup.png)", ""]
     structures: dict[str, Structure] = {}  # per CoFi model, for the latency section
+    sparsity_models = [f"cofi-{target_name(t)}" for t in params.prune.targets]  # what speed models are compared with
     for target in params.prune.all_targets:
         t = target_name(target)
         config = CofiConfig.from_pretrained(paths.compact(target))  # the structure; no weights needed
@@ -280,7 +285,6 @@ def run(params: Params, root: Path = Path(".")) -> str:
                     f"masks {compact_metrics['sparsity_masks']:.4f}, smooth expected ŝ "
                     f"{compact_metrics['sparsity_expected']:.4f}")
         if isinstance(target, Speedup):
-            sparsity_models = [f"cofi-{target_name(x)}" for x in params.prune.targets]
             target_line = speedup_line(target, prune_metrics, models, sparsity_models, metric) + missed
             lines += [f"## Target speedup {t} on {prune_metrics['deployment']}", "", target_line, "",
                       f"Sparsity: {sparsity}.", ""]

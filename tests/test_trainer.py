@@ -296,7 +296,7 @@ def attention_kernels(run) -> set[str]:
 @pytest.mark.parametrize("bf16", [True, False])
 def test_cpu_training_under_bf16_takes_the_math_attention_kernel(task, monkeypatch, bf16):
     """trainer.training_attention: the fused CPU kernel's bf16 backward is slow at short
-    sequences (a MiniLM step 211 ms against 142), so trained forward passes under bf16 autocast
+    sequences (a MiniLM pruning step 359 ms against 277: bench_prune_step.py), so trained forward passes under bf16 autocast
     take the math kernel; fp32 training and every evaluation keep the fused one."""
     monkeypatch.setattr("cofi.trainer.supports_bf16", lambda device: True)
     # no attention dropout: with it torch takes the math kernel whatever is asked
