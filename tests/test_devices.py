@@ -39,7 +39,7 @@ from pipeline.runtime import distillation, prune_config
 from tests.conftest import FINE_GRID, synthetic_task, tiny_model
 from tests.test_latency import exact
 from tests.test_trainer import make_trainer
-from tests.test_pipeline_e2e import DATA_DIR, ROOT, TINY, copy_project, merge, run
+from tests.test_pipeline_e2e import ROOT, TINY, copy_project, merge, run
 
 # Ops that move data between devices on purpose.
 COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default, torch.ops.aten._copy_from.default}
@@ -219,7 +219,7 @@ def test_cuda_benchmark_harness_times_with_cuda_events():
 
 @cuda
 @pytest.mark.integration
-@pytest.mark.skipif(not DATA_DIR.exists() or shutil.which("dvc") is None, reason="needs the GLUE data and dvc")
+@pytest.mark.skipif(shutil.which("dvc") is None, reason="needs dvc")
 def test_cuda_dvc_repro_of_the_pipeline(tmp_path):
     """Training on the GPU, and a speedup target on a GPU deployment: profiled, pruned to and benchmarked there."""
     gpu = {"device": "cuda", "runtime": "torch", "precision": "fp32", "batch_size": 1, "sequence_length": 16, "threads": 0}

@@ -214,7 +214,7 @@ BAD = [
     (
         "a dataset with a directory source",
         {"data.task": "custom", "data.custom": {**CUSTOM, "dataset": "imdb"}},
-        ["data.custom.dataset is set but data.source is '../shared/data/glue', a directory"],
+        ["data.custom.dataset is set but data.source is 'data/glue', a directory"],
     ),
     ("fine_tuned not a boolean", {"teacher.fine_tuned": "yes"}, ["teacher.fine_tuned = 'yes': must be true or false"]),
     ("missing file", None, ["params.yaml: cannot read the params file"]),

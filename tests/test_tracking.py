@@ -181,7 +181,7 @@ def logged(request, tmp_path_factory, template_db) -> Logged:
             callback.on_evaluate(3, {"accuracy": 0.8, "sparsity": 0.3})
             callback.on_evaluate(5, {"accuracy": 0.85, "sparsity": 0.6})
             callback.on_step(6, {"loss": 0.1})  # still buffered: stage_run flushes it before the run ends
-            tracking.log_dataset(frame, name="sst2-train", digest=TRAIN_DIGEST, source="../shared/data/glue", context="train")
+            tracking.log_dataset(frame, name="sst2-train", digest=TRAIN_DIGEST, source="data/glue", context="train")
             tracking.log_dataset(project / "validation.parquet", name="sst2-validation", digest="abc123",
                                  source="hub:nyu-mll/glue", context="validation")
             table = structure_table([4, 2, 0], [32, 10, 0], 4, 32)
@@ -294,7 +294,7 @@ def test_dataset_inputs_carry_the_digest(logged):
     assert train.dataset.digest == TRAIN_DIGEST[:36]  # MLflow's digest column holds 36 characters
     tags = {t.key: t.value for t in train.tags}
     assert tags["cofi.data.digest"] == TRAIN_DIGEST and tags["mlflow.data.context"] == "train"
-    assert json.loads(train.dataset.source) == {"uri": "../shared/data/glue"}
+    assert json.loads(train.dataset.source) == {"uri": "data/glue"}
     assert "sentence" in train.dataset.schema  # a DataFrame records its schema
     validation = by_name["sst2-validation"]
     assert validation.dataset.digest == "abc123"
@@ -566,10 +566,9 @@ def test_two_processes_share_a_fresh_sqlite_store(tmp_path):
     assert not {p for p in set(Path(tempfile.gettempdir()).iterdir()) - temp_before if "mlflow" in p.name}
 
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "glue"  # shipped with the repository
 
 
-@pytest.mark.skipif(not DATA_DIR.exists(), reason=f"no GLUE data at {DATA_DIR}")
 def test_a_real_stage_logs_to_the_server(server, tmp_path):
     """`cofi data` as DVC runs it, with MLFLOW_TRACKING_URI pointing at the loopback server."""
     import yaml
