@@ -1,13 +1,16 @@
 """Stage `report`: one Markdown page (and the same in MLflow) for the whole sweep.
 
 Reads the metrics, curves and benchmark of every target; writes report/report.md,
-its figures (accuracy vs speedup, structure per model, training curves) and
-report/sweep.csv (the accuracy-vs-speedup points, for `dvc plots`)."""
+its figures (accuracy vs speedup, structure per model, training curves),
+report/sweep.csv (the accuracy-vs-speedup points, for `dvc plots`) and
+report/summary.md: the headline results table under one provenance line (date, code
+version, processor, torch), the block the README's results table is copied from."""
 
 from __future__ import annotations
 
 import json
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +26,7 @@ from cofi.configuration_cofi import CofiConfig  # noqa: E402
 from cofi.latency import LatencyModel, Structure  # noqa: E402
 from cofi.structure import structure_table  # noqa: E402
 from pipeline import lineage, tracking  # noqa: E402
+from pipeline.codestate import code_state  # noqa: E402
 from pipeline.params import Params  # noqa: E402
 from pipeline.paths import Paths, Speedup, target_name  # noqa: E402
 from pipeline.plotting import structure_figure  # noqa: E402
@@ -121,6 +125,53 @@ def versus_teacher_cell(versus: dict | None) -> str:
         return ""
     low, high = versus["ci95"]
     return f"{100 * versus['difference']:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+RUNTIME_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime"}
+
+
+def configuration_label(timing: dict) -> str:
+    """A timed configuration in words: a deployment by its name, else "PyTorch fp32, 32×128"."""
+    if timing.get("deployment"):
+        return timing["deployment"]
+    runtime = RUNTIME_NAMES.get(timing["runtime"], timing["runtime"])
+    return f"{runtime} {timing['precision']}, {timing['batch_size']}×{timing['sequence_length']}"
+
+
+def code_version(code: dict) -> str:
+    """The short commit of the code that ran, "+dirty" where the code differs from it
+    (pipeline.codestate), "unknown" outside git."""
+    if not code.get("git_commit"):
+        return "unknown"
+    return code["git_commit"][:7] + ("+dirty" if code.get("dirty") else "")
+
+
+def provenance_line(env: dict, code: dict, date: str) -> str:
+    """What the README's results table carries above it: "Provenance: <date> · commit <hash> ·
+    <processor> · torch <version>" (the processor and torch of the benchmark's environment)."""
+    return f"Provenance: {date} · commit {code_version(code)} · {processor(env)} · torch {env['torch']}"
+
+
+def summary_table(models: dict, metric: str) -> list[str]:
+    """Markdown rows: per model its sparsity, the metric (×100), its difference from the teacher
+    with the 95% interval, and its speedup in every configuration the benchmark timed."""
+    timings = models["teacher"]["timings"]
+    score = "accuracy %" if metric == "accuracy" else f"{metric} ×100"
+    header = ["model", "sparsity", score, "vs teacher, points [95% CI]",
+              *(f"speedup, {configuration_label(t)}" for t in timings)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in models.items():
+        by_key = {t["key"]: t for t in entry["timings"]}
+        cells = [name, f"{entry['sparsity']:.3f}", f"{100 * entry[metric]:.2f}",
+                 versus_teacher_cell(entry.get("vs_teacher")) or "—",
+                 *(f"{by_key[t['key']]['speedup']:.2f}×" for t in timings)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary(models: dict, metric: str, env: dict, code: dict, date: str) -> str:
+    """report/summary.md: the provenance line, then the results table."""
+    return "\n".join([provenance_line(env, code, date), "", *summary_table(models, metric)]) + "\n"
 
 
 def sweep_figure(rows: list[dict], metric: str, key: str) -> plt.Figure:
@@ -309,6 +360,8 @@ def run(params: Params, root: Path = Path(".")) -> str:
         plt.close(fig)
     report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)
+    today = datetime.now(timezone.utc).date().isoformat()
+    (out / "summary.md").write_text(summary(models, metric, env, code_state(), today))
     with mlflow_run(STAGE, params, paths.root, tags=lineage.data_tags(paths.teacher)) as run:
         mlflow.log_artifacts(str(out), artifact_path="report")
         mlflow.log_text(report, "report.md")

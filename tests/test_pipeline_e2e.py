@@ -126,6 +126,27 @@ def test_repro_writes_every_output_and_metric(project):
     assert "accuracy_vs_teacher" not in bench["teacher"]
     assert (project / "report" / "report.md").exists()
     assert (project / "report" / "accuracy_vs_speedup.png").exists()
+    # report/summary.md: the README's results table, under its provenance line, from these metrics
+    summary = (project / "report" / "summary.md").read_text().splitlines()
+    provenance = re.fullmatch(r"Provenance: (\d{4}-\d{2}-\d{2}) · commit ([0-9a-f]{7})(\+dirty)? · (.+) · torch (\S+)",
+                              summary[0])
+    assert provenance, summary[0]
+    run(["git", "cat-file", "-e", f"{provenance.group(2)}^{{commit}}"], project)  # the project's code version
+    environment = json.loads((project / "outputs" / "benchmark.json").read_text())["environment"]
+    assert provenance.group(5) == environment["torch"] == torch.__version__
+    assert environment["cpu"] in provenance.group(4)
+    keys = [t["key"] for t in json.loads((project / "outputs" / "benchmark.json").read_text())["models"]["teacher"]["timings"]]
+    assert summary[2].startswith("| model | sparsity | accuracy % | vs teacher, points [95% CI] | ")
+    assert "speedup, PyTorch fp32, 1×16" in summary[2] and "speedup, cpu-b1" in summary[2]
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in summary[4:])}
+    assert set(rows) == set(bench)
+    for name, cells in rows.items():
+        m = bench[name]
+        versus = "—" if name == "teacher" else (
+            f"{100 * m['accuracy_vs_teacher']:+.2f} [{100 * m['accuracy_vs_teacher_ci95_low']:+.2f}, "
+            f"{100 * m['accuracy_vs_teacher_ci95_high']:+.2f}]")
+        assert cells == [f"{m['sparsity']:.3f}", f"{100 * m['accuracy']:.2f}", versus,
+                         *(f"{m[f'speedup_{k}']:.2f}×" for k in keys)], name
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)
     assert not plots.get("errors"), plots["errors"]
     rendered = set(plots["data"])

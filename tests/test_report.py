@@ -110,6 +110,40 @@ def test_report_renders_every_table_and_figure(project):
         assert list(curve.columns) == ["step", *columns]
 
 
+def test_the_summary_is_the_results_table_under_its_provenance_line(project):
+    """report/summary.md, the block the README's results table is copied from: the date, the
+    code version (pipeline.codestate), the benchmark's processor and torch, then one row per
+    model with its sparsity, metric, difference from the teacher and a speedup per configuration."""
+    from datetime import datetime, timezone
+
+    from pipeline.codestate import code_state
+
+    report.run(load_params(project / "params.yaml"), project)
+    lines = (project / "report" / "summary.md").read_text().splitlines()
+    today = datetime.now(timezone.utc).date().isoformat()
+    assert lines[0] == f"Provenance: {today} · commit {report.code_version(code_state())} · test CPU · torch x"
+    assert lines[1:] == [
+        "",
+        "| model | sparsity | accuracy % | vs teacher, points [95% CI] | speedup, PyTorch fp32, 32×128 "
+        "| speedup, ONNX Runtime fp32, 32×128 |",
+        "|---|---|---|---|---|---|",
+        "| teacher | 0.000 | 90.00 | — | 1.00× | 1.00× |",
+        "| baseline-layer_subset | 0.500 | 86.00 | — | 1.67× | 1.58× |",  # 40/24 ms, 30/19 ms
+        "| cofi-0.5 | 0.500 | 88.00 | -2.00 [-3.25, -0.50] | 1.60× | 1.50× |",
+        "| cofi-0.8 | 0.800 | 83.00 | — | 2.67× | 2.50× |",
+    ]
+
+
+def test_the_code_version_is_the_short_commit_marked_dirty():
+    commit = "784ec70" + "0" * 33
+    assert report.code_version({"git_commit": commit, "dirty": False}) == "784ec70"
+    assert report.code_version({"git_commit": commit, "dirty": True}) == "784ec70+dirty"
+    assert report.code_version({"git_commit": None, "dirty": None}) == "unknown"
+    env = {"cpu": "AMD EPYC", "cpu_capability": "AVX512", "gpu": None, "torch": "2.13.0"}
+    assert report.provenance_line(env, {"git_commit": commit, "dirty": False}, "2026-11-24") == (
+        "Provenance: 2026-11-24 · commit 784ec70 · AMD EPYC (AVX512) · torch 2.13.0")
+
+
 def test_a_speed_model_is_compared_with_the_sparsity_targets_at_its_speed():
     """The speed target's line reads the sparsity targets' models (and the teacher, at 1×)
     linearly between the two nearest in speed on its deployment, never beyond them."""
