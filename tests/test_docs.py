@@ -158,3 +158,9 @@ def test_the_architecture_snippets_imports_exist():
     for module, names in imports:
         for name in (n.strip() for n in names.split(",")):
             assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
+
+
+def test_the_experiment_pages_params_yaml_points_to_exist():
+    pointers = set(re.findall(r"experiments/([\w-]+\.md)", (ROOT / "params.yaml").read_text()))
+    assert pointers, "params.yaml points to no experiment page"
+    assert sorted(p for p in pointers if not (EXPERIMENTS / p).exists()) == []
