@@ -66,26 +66,54 @@ def test_transformers_pipeline_returns_the_label_names(project):
     assert len(results) == 2 and all(r["label"] in LABELS for r in results)
 
 
-def test_the_readme_loading_snippet_runs_as_printed(project):
-    """The README's snippet, copied as a user would (only the model path changed), in a
-    fresh interpreter without this package imported and with no terminal to answer a
-    prompt: it loads without asking to run custom code and returns a label name."""
+# The README's three ways to load a compact model, each told by a word its snippet holds, and
+# the modules its interpreter is denied: the remote-code route needs no cofi package, the
+# ONNX route no Python model code at all (no cofi, transformers or torch).
+LOADING_ROUTES = {
+    "package": ("import cofi", ()),
+    "remote code": ("trust_remote_code=True", ("cofi",)),
+    "onnx": ("onnxruntime", ("cofi", "transformers", "torch")),
+}
+
+
+def readme_snippet(word: str, project) -> str:
+    """The README's python block holding ``word``, as a user copies it, the paths pointing at
+    ``project``'s 0.5 model, the last line printed as a REPL would show it."""
     import re
-    import subprocess
-    import sys
     from pathlib import Path
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
-                   if "AutoTokenizer.from_pretrained" in block)
-    snippet = snippet.replace('"outputs/compact/0.6"', repr(str(project / "outputs" / "compact" / "0.5")))
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if word in block)
+    snippet = (snippet.replace("outputs/compact/0.6", str(project / "outputs" / "compact" / "0.5"))
+                      .replace("outputs/onnx/cofi-0.6", str(project / "outputs" / "onnx" / "cofi-0.5")))
     code = snippet.rstrip().splitlines()
-    code[-1] = f"print({code[-1].split('#')[0].strip()})"  # the last line's result, as a REPL would show it
-    out = subprocess.run([sys.executable, "-c", "\n".join(code)], stdin=subprocess.DEVNULL,
+    last = code[-1].split("#")[0].strip()
+    code[-1] = last if last.startswith("print(") else f"print({last})"
+    return "\n".join(code)
+
+
+@pytest.mark.parametrize("route", LOADING_ROUTES)
+def test_the_readme_loading_snippets_run_as_printed(project, route):
+    """Each README snippet, copied as a user would (only the model path changed), in a fresh
+    interpreter with no terminal to answer a prompt and without the modules its route says
+    it does without: it loads without asking to run custom code and prints a label name.
+    The package route passes no trust_remote_code at all."""
+    import subprocess
+    import sys
+
+    word, denied = LOADING_ROUTES[route]
+    code = readme_snippet(word, project)
+    if route == "package":
+        assert "trust_remote_code" not in code
+    deny = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in denied)  # import raises ImportError
+    out = subprocess.run([sys.executable, "-c", deny + code], stdin=subprocess.DEVNULL,
                          capture_output=True, text=True, timeout=300, cwd=project)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Do you wish to run the custom code" not in out.stdout + out.stderr
-    assert any(f"'label': '{name}'" in out.stdout for name in LABELS), out.stdout
+    if route == "onnx":
+        assert out.stdout.split() == [out.stdout.split()[0]] and out.stdout.split()[0] in LABELS, out.stdout
+    else:
+        assert any(f"'label': '{name}'" in out.stdout for name in LABELS), out.stdout
 
 
 def test_second_repro_does_nothing(project):

@@ -266,7 +266,7 @@ def realistic_gates(seed: int, keep_multiple: int) -> tuple[HardConcreteGates, t
 
 @pytest.mark.parametrize("seed", range(5))
 def test_controlled_sparsity_is_the_masks_and_the_compact_models_with_realistic_gates(seed):
-    """The README's claim, with closed layer gates and keep_multiple: the value the
+    """docs/method.md's claim (section 5), with closed layer gates and keep_multiple: the value the
     Lagrangian sees, the deterministic masks' sparsity and the compact model's
     counted sparsity agree; the gradient is the smooth ŝ's."""
     gates, model = realistic_gates(seed, keep_multiple=4)

@@ -258,7 +258,7 @@ def test_the_profile_stage_writes_a_checked_latency_model(project):
 
     model = LatencyModel.from_dict(json.loads((project / "outputs" / "latency" / "cpu-b1.json").read_text()))
     assert model.deployment.key == "torch_fp32_b1_s16" and model.hardware["cpu"]
-    # timed with freed memory kept, as the benchmark times (README: "Memory allocator")
+    # timed with freed memory kept, as the benchmark times (docs/benchmarking.md#the-memory-allocator)
     benchmark = json.loads((project / "outputs" / "benchmark.json").read_text())
     assert model.hardware["allocator"] == benchmark["environment"]["allocator"] == "freed memory kept"
     assert model.hidden_grid == [288, 384] and model.head_grid[-1] == 12 and model.unit_grid[-1] == 1536
