@@ -6,8 +6,8 @@ the unpruned MiniLM at batch 32 x 128 took 89,000 page faults (350 MB) per pass
 here, and a small model faulted on some passes and not on others (a model of
 embeddings alone timed 12 or 29 ms). Told to keep freed memory, much as jemalloc
 and tcmalloc do (PyTorch's CPU performance guide recommends either), the process
-faults nothing after its first passes, and that noise leaves the timings (README:
-"Memory allocator"). Training gains less (pruning steps 10% here): blocks over
+faults nothing after its first passes, and that noise leaves the timings
+(docs/experiments/allocator.md). Training gains less (pruning steps 10% here): blocks over
 32 MiB, such as the vocabulary table's dense gradient, are still mapped afresh.
 """
 

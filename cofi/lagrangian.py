@@ -12,8 +12,8 @@ and t = 1 − 1/speedup: the same machinery, another measure of size. The log α
 makes ∂L_c/∂s = λ1 + 2λ2(s − t) negative: descent then raises ŝ, and with it s.
 λ2 only ever grows, tightening the quadratic penalty.
 
-Two departures from the paper's schedule, both measured (see the README's
-"Sparsity control"): λ2 starts at ``lambda_2_init`` (100 by default, the paper 0)
+Two departures from the paper's schedule, both measured (see
+docs/experiments/sparsity-control.md): λ2 starts at ``lambda_2_init`` (100 by default, the paper 0)
 and the target ramps from the masks' *initial* sparsity, not from 0. From λ2 = 0,
 λ1 alone must pull the sparsity up the ramp: it integrates the lag, winds up
 (to λ1 ≈ −7 in a 90% run) and the sparsity then overshoots the ramp by

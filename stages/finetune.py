@@ -3,7 +3,7 @@
 The pruned model is compacted first (exact: see cofi.compact), so fine-tuning
 runs on the small dense model; the masks are thereby fixed. The target's
 ``finetune.epochs`` (a number or a map, as prune.epochs) may be 0: the default
-for 0.6, where it measured no gain (README, "Sparsity control"); the compacted
+for 0.6, where it measured no gain (docs/experiments/fine-tuning.md); the compacted
 model is then evaluated and passed on as it is. Otherwise the compacted model is
 evaluated before the first step too, and the best evaluation ships: fine-tuning
 never returns a model worse on the dev set than the pruned one. Reads
