@@ -371,9 +371,9 @@ def run(params: Params, root: Path = Path(".")) -> str:
         t = target_name(target)
         config = CofiConfig.from_pretrained(paths.compact(target))  # the structure; no weights needed
         structures[f"cofi-{t}"] = Structure.of(config)
-        shape = (config.num_attention_heads, config.intermediate_size)
-        table = structure_table(config.layer_num_heads, config.layer_intermediate_size, *shape)
-        figures[f"structure-{t}.png"] = structure_figure(table, *shape, title=f"structure at target {t}")
+        full = (config.num_attention_heads, config.intermediate_size)
+        table = structure_table(config.layer_num_heads, config.layer_intermediate_size, *full)
+        figures[f"structure-{t}.png"] = structure_figure(table, *full, title=f"structure at target {t}")
         prune_metrics = json.loads(paths.metrics("prune", target).read_text())
         compact_metrics = json.loads(paths.metrics("compact", target).read_text())
         missed = "" if prune_metrics["target_reached"] else " (target not reached within tolerance)"
