@@ -40,7 +40,8 @@ TINY = {
               "evals_per_epoch": 2, "freeze_word_embeddings": True, "sparsity_ramp": "cubic"},
     # per target: 0.3 and the 1.5x model (sparsity 1/3) take the nearest entry, 0: no fine-tuning
     "finetune": {"epochs": {0.4: 0, 0.5: 1}, "batch_size": 16, "evals_per_epoch": 1},
-    "benchmark": {"batch_sizes": [1], "sequence_lengths": [16], "precisions": ["fp32"], "warmup": 1, "repeats": 2},
+    "benchmark": {"batch_sizes": [1], "sequence_lengths": [16], "runtimes": ["torch", "torch-compile", "onnxruntime"],
+                  "precisions": ["fp32", "int8"], "warmup": 1, "repeats": 2},
     "deployments": {"cpu-b1": {"device": "cpu", "runtime": "torch", "precision": "fp32", "batch_size": 1,
                                "sequence_length": 16, "threads": 1}},
 }
@@ -124,6 +125,30 @@ def test_repro_writes_every_output_and_metric(project):
         assert difference == bench[name]["accuracy"] - bench["teacher"]["accuracy"]
         assert bench[name]["accuracy_vs_teacher_ci95_low"] <= difference <= bench[name]["accuracy_vs_teacher_ci95_high"]
     assert "accuracy_vs_teacher" not in bench["teacher"]
+    full = json.loads((project / "outputs" / "benchmark.json").read_text())["models"]
+    for name, entry in full.items():
+        # int8: an ONNX Runtime graph of integer products with the label names beside it, its dev metric measured
+        int8 = project / "outputs" / "onnx" / f"{name}.int8.onnx"
+        assert entry["onnx"]["int8_path"] == f"outputs/onnx/{name}.int8.onnx" and int8.stat().st_size > 0
+        assert (project / "outputs" / "onnx" / f"{name}.int8.labels.json").read_text() == (
+            project / "outputs" / "onnx" / f"{name}.labels.json").read_text()
+        assert bench[name]["accuracy_int8"] == entry["by_precision"]["int8"]["accuracy"]
+        assert bench[name]["accuracy_int8_vs_fp32"] == pytest.approx(bench[name]["accuracy_int8"] - bench[name]["accuracy"])
+        # compiled: checked against eager, its compile time recorded
+        compiled = next(t for t in entry["timings"] if t["key"] == "torch-compile_fp32_b1_s16")
+        assert compiled["max_abs_logit_difference"] <= 1e-4 and compiled["prepare_s"] > 0
+        assert bench[name]["compile_s_torch-compile_fp32_b1_s16"] == compiled["prepare_s"]
+        # best against best: the model's fastest configuration against the teacher's fastest
+        (best,) = entry["best"]
+        fastest = min(entry["timings"], key=lambda t: t["fastest_ms"])
+        teacher_fastest = min(full["teacher"]["timings"], key=lambda t: t["fastest_ms"])
+        assert (best["key"], best["teacher_key"]) == (fastest["key"], teacher_fastest["key"])
+        assert bench[name]["best_speedup_b1_s16"] == teacher_fastest["fastest_ms"] / fastest["fastest_ms"]
+        assert bench[name]["best_accuracy_b1_s16"] == entry["by_precision"][fastest["precision"]]["accuracy"]
+    assert {t["key"] for t in full["teacher"]["timings"]} == {
+        "torch_fp32_b1_s16", "torch-compile_fp32_b1_s16", "onnxruntime_fp32_b1_s16", "onnxruntime_int8_b1_s16", "cpu-b1"}
+    report_text = (project / "report" / "report.md").read_text()
+    assert report_text.index("## Each model at its fastest") < report_text.index("## Every configuration")
     assert (project / "report" / "report.md").exists()
     assert (project / "report" / "accuracy_vs_speedup.png").exists()
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)
