@@ -20,13 +20,16 @@ import time
 from pathlib import Path
 
 from cofi.benchmark import SHAPES, shape_config
-from cofi.latency import Deployment, check_fit, profile, random_structures, stopwatch
+from cofi.latency import Deployment, check_fit, default_grids, profile, random_structures, stopwatch
+from cofi.quantize import INT8_METHODS
+from cofi.serving import PRECISIONS, RUNTIMES
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=SHAPES, default="minilm")
-    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--int8", choices=INT8_METHODS, default="dynamic", help="how int8 models are quantized")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
@@ -44,9 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
     config = shape_config(args.shape, vocab_size=30522 if args.shape != "tiny" else 100)
     keep_multiple = 16 if args.shape != "tiny" else 4
     deployment = Deployment(args.device, args.runtime, args.precision, args.batch_size, args.seq_len, args.threads)
-    prepare = stopwatch(deployment, repeats=args.repeats)
+    prepare = stopwatch(deployment, repeats=args.repeats, int8_method=args.int8)
     start = time.perf_counter()
-    model = profile(config, deployment, prepare=prepare, rounds=args.rounds,
+    model = profile(config, deployment, default_grids(config, keep_multiple), prepare=prepare, rounds=args.rounds,
                     calibration=random_structures(config, args.calibration, keep_multiple, seed=1),
                     progress=lambda m: print(f"  profile: {m}", flush=True))
     profiled = time.perf_counter() - start

@@ -20,9 +20,7 @@ import torch
 from torch import nn
 
 from cofi.allocator import keep_freed_memory
-from cofi.onnx_export import onnx_feed
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+from cofi.serving import AUTOCAST, Served, serve
 
 SHAPES = {  # the benchmarks' model shapes: hidden, layers, heads, intermediate
     "bert-base": (768, 12, 12, 3072),
@@ -42,7 +40,7 @@ def shape_config(shape: str, vocab_size: int = 30522):
 
 @dataclass
 class Timing:
-    runtime: str  # "torch" or "onnxruntime"
+    runtime: str  # cofi.serving.RUNTIMES
     batch_size: int
     sequence_length: int
     precision: str
@@ -107,7 +105,6 @@ def measure(call: Callable[[], object], device: torch.device, warmup: int, repea
     return q1, median, q3
 
 
-@torch.inference_mode()
 def time_forward(
     model: nn.Module,
     batch_size: int,
@@ -116,30 +113,24 @@ def time_forward(
     warmup: int = 3,
     repeats: int = 10,
 ) -> Timing:
-    """Latency of ``model``'s forward pass on a (batch, sequence) block of random tokens."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; allowed: {sorted(PRECISIONS)}")
-    model.eval()
-    device = next(model.parameters()).device
-    inputs = random_inputs(model.config.vocab_size, batch_size, sequence_length, device)
-    dtype = PRECISIONS[precision]
-
-    def forward() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            model(**inputs)
-
-    q1, median, q3 = measure(forward, device, warmup, repeats)
-    return Timing("torch", batch_size, sequence_length, precision, device.type, torch.get_num_threads(), repeats,
-                  median, q1, q3)
+    """Latency of ``model``'s eager forward pass on a (batch, sequence) block of random tokens."""
+    if precision not in AUTOCAST:
+        raise ValueError(f"precision={precision!r}; allowed: {sorted(AUTOCAST)}")
+    return time_served(serve(model, "torch", precision, next(model.parameters()).device.type), model.config.vocab_size,
+                       batch_size, sequence_length, warmup, repeats)
 
 
-def time_onnx(session, vocab_size: int, batch_size: int, sequence_length: int, threads: int,
-              warmup: int = 3, repeats: int = 10) -> Timing:
-    """Latency of an ONNX Runtime session (fp32, CPU), timed like ``time_forward``."""
-    inputs = random_inputs(vocab_size, batch_size, sequence_length, torch.device("cpu"))
-    feed = onnx_feed(session, inputs)
-    q1, median, q3 = measure(lambda: session.run(None, feed), torch.device("cpu"), warmup, repeats)
-    return Timing("onnxruntime", batch_size, sequence_length, "fp32", "cpu", threads, repeats, median, q1, q3)
+def time_served(served: Served, vocab_size: int, batch_size: int, sequence_length: int, warmup: int = 3,
+                repeats: int = 10, threads: int | None = None) -> Timing:
+    """Latency of a served model (cofi.serving: any runtime and precision) on a (batch,
+    sequence) block of random tokens; a compiled model is compiled for that shape first,
+    outside the timing. ``threads``: the runtime's thread count, for the record (torch's own
+    count when None)."""
+    device = torch.device(served.device)
+    call = served.bind(random_inputs(vocab_size, batch_size, sequence_length, device))
+    q1, median, q3 = measure(call, device, warmup, repeats)
+    return Timing(served.runtime, batch_size, sequence_length, served.precision, device.type,
+                  torch.get_num_threads() if threads is None else threads, repeats, median, q1, q3)
 
 
 def processor(env: Mapping) -> str:

@@ -37,13 +37,12 @@ import torch
 from sklearn.isotonic import isotonic_regression
 from torch import Tensor
 
-from cofi.benchmark import environment, time_forward, time_onnx
+from cofi.benchmark import environment, random_inputs, time_served
 from cofi.compact import compact_config
 from cofi.configuration_cofi import CofiConfig
 from cofi.modeling_cofi import CofiForSequenceClassification
+from cofi.serving import Served, check_supported, serve
 from cofi.sparsity import ModelShape, complete_counts
-
-RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -51,17 +50,14 @@ class Deployment:
     """Where the compact model will serve: what the latency model is measured on."""
 
     device: str = "cpu"
-    runtime: str = "torch"  # "torch" or "onnxruntime" (CPU, fp32)
-    precision: str = "fp32"  # "fp32" or "bf16" (torch only)
+    runtime: str = "torch"  # cofi.serving.RUNTIMES: torch, torch-compile, onnxruntime (CPU)
+    precision: str = "fp32"  # fp32, bf16 (torch runtimes), int8 (onnxruntime)
     batch_size: int = 32
     sequence_length: int = 128
     threads: int = 0  # 0: the runtime's default
 
     def __post_init__(self):
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"runtime={self.runtime!r}; allowed: {', '.join(RUNTIMES)}")
-        if self.runtime == "onnxruntime" and (self.device, self.precision) != ("cpu", "fp32"):
-            raise ValueError(f"ONNX Runtime is timed on the CPU in fp32, not {self.device} {self.precision}")
+        check_supported(self.device, self.runtime, self.precision)
 
     @property
     def key(self) -> str:
@@ -241,10 +237,12 @@ class LatencyModel:
 
     def max_speedup(self, shape: ModelShape, families: Sequence[str], keep_multiple: int = 1) -> float:
         """The largest speedup pruning ``families`` can reach by this model: everything they
-        can remove removed, the residual stream (if pruned) at its narrowest, ``keep_multiple``."""
+        can remove removed, the residual stream (if pruned) at its narrowest: ``keep_multiple``,
+        or the narrowest width the profile measured if that is wider (never extrapolated)."""
         least = {f: torch.zeros(shape.num_layers, dtype=torch.float64) for f in families if f != "hidden"}
         if "hidden" in families:
-            least["hidden"] = torch.tensor(float(min(keep_multiple, shape.hidden_size)), dtype=torch.float64)
+            narrowest = max(min(keep_multiple, shape.hidden_size), min(self.hidden_grid))
+            least["hidden"] = torch.tensor(float(narrowest), dtype=torch.float64)
         return 1.0 / float(self.relative_of_counts(shape, least))
 
     def check_reachable(self, speedup: float, shape: ModelShape, families: Sequence[str], keep_multiple: int = 1) -> None:
@@ -275,7 +273,19 @@ class LatencyModel:
 # ratio of fastest timings is directly a speedup. Against the median of ratios to the
 # reference timed just before, a repeated check moved 16-70% less (README).
 
-Stopwatch = Callable[..., Callable[[], float]]  # prepare(model, onnx=None) -> timer
+Stopwatch = Callable[..., Callable[[], float]]  # prepare(model, onnx=None) -> timer (a Timer, or a fake's function)
+
+
+@dataclass
+class Timer:
+    """A model as a deployment serves it (``served``), ready to be timed: each call times it
+    and returns the median of its passes, in ms."""
+
+    served: Served
+    time: Callable[[], float]
+
+    def __call__(self) -> float:
+        return self.time()
 REFERENCE_EVERY = 6  # models timed per timing of the reference
 
 
@@ -293,50 +303,34 @@ def full_structure(config: CofiConfig) -> Structure:
     return Structure(config.hidden_size, (config.num_attention_heads,) * L, (config.intermediate_size,) * L)
 
 
-def stopwatch(deployment: Deployment, repeats: int = 2, warmup: int = 1) -> Stopwatch:
-    """``prepare(model, onnx=None)`` readies a model for ``deployment`` (moved to its device, in
-    place, and run ``warmup`` times; or exported to ONNX, unless ``onnx`` is its exported file) and
-    returns a function timing it: the median of ``repeats`` passes, in ms (ONNX Runtime: in a new
-    session each time, after ``warmup`` discarded passes)."""
+def stopwatch(deployment: Deployment, repeats: int = 2, warmup: int = 1, int8_method: str = "dynamic") -> Stopwatch:
+    """``prepare(model, onnx=None)`` readies a model as ``deployment`` serves it (cofi.serving:
+    moved to its device in place, compiled, or exported to ONNX unless ``onnx`` is its exported
+    file, and quantized for int8), runs it ``warmup`` times, and returns a function timing it:
+    the median of ``repeats`` passes, in ms. ONNX Runtime: a new session for each timing,
+    after ``warmup`` discarded passes. Static int8 calibrates on random tokens: the scales
+    change the values, not the speed."""
     if deployment.threads:
         torch.set_num_threads(deployment.threads)
-    if deployment.runtime == "torch":
-        device = torch.device(deployment.device)
+    batch, length = deployment.batch_size, deployment.sequence_length
 
-        def prepare_torch(model: torch.nn.Module, onnx: Path | None = None) -> Callable[[], float]:
-            model = model.to(device)
-
-            def run(warmup: int, n: int) -> float:
-                return time_forward(model, deployment.batch_size, deployment.sequence_length, deployment.precision,
-                                    warmup, n).median_ms
-
-            if warmup:
-                run(warmup - 1, 1)
-            return lambda: run(0, repeats)
-
-        return prepare_torch
-
-    from cofi.onnx_export import export_onnx, onnx_session
-
-    def prepare_ort(model: torch.nn.Module, onnx: Path | None = None) -> Callable[[], float]:
-        if onnx is None:
-            with tempfile.TemporaryDirectory() as tmp:
-                onnx = export_onnx(model, Path(tmp) / "model.onnx")
-                graph = onnx.read_bytes()
-        else:
-            graph = onnx.read_bytes()
+    def prepare(model: torch.nn.Module, onnx: Path | None = None) -> Timer:
         vocab = model.config.vocab_size
+        calibration = [{k: v.numpy() for k, v in random_inputs(vocab, batch, length, torch.device("cpu"), seed).items()}
+                       for seed in range(4)] if int8_method == "static" else None
+        served = serve(model, deployment.runtime, deployment.precision, deployment.device, onnx, deployment.threads,
+                       calibration, int8_method)
 
         def run(warmup: int, n: int) -> float:
-            # a session per timing: an idle session's threads spin after each run and
-            # would steal the cores from the next model's (34 live: the unpruned model 3.6x slower at batch 1)
-            session = onnx_session(graph, deployment.threads)
-            return time_onnx(session, vocab, deployment.batch_size, deployment.sequence_length, deployment.threads,
-                             warmup, n).median_ms
+            return time_served(served, vocab, batch, length, warmup, n).median_ms
 
-        return lambda: run(warmup, repeats)
+        if deployment.runtime != "onnxruntime":  # torch: warmed up once here (and compiled)
+            if warmup:
+                run(warmup - 1, 1)
+            return Timer(served, lambda: run(0, repeats))
+        return Timer(served, lambda: run(warmup, repeats))  # a fresh session each time: warmed up each time
 
-    return prepare_ort
+    return prepare
 
 
 @dataclass
@@ -378,15 +372,18 @@ def relative_latencies(
 
 
 def default_grids(config: CofiConfig, keep_multiple: int = 16) -> tuple[list[int], list[int], list[int]]:
-    """Hidden widths, head counts and FFN widths to measure: enough points for the fit
-    measured in the README, few enough for a profile in about a minute here."""
+    """Hidden widths, head counts and FFN widths to measure. The hidden widths reach down to
+    the narrowest a pruned model can have (``keep_multiple``): the fixed costs at residual
+    width d (embeddings, LayerNorms, residual adds) are what bounds a compact model's speed
+    once heads and units are gone, so a speed target must see what narrowing d buys, and
+    ``max_speedup`` is computed where the profile measured, not extrapolated."""
     d, H, U = config.hidden_size, config.num_attention_heads, config.intermediate_size
     step = max(keep_multiple, 1)
 
     def rounded(x: float, top: int) -> int:
         return min(top, max(step, int(round(x / step)) * step))
 
-    hidden = sorted({rounded(d * f, d) for f in (0.75, 1.0)})  # CoFi keeps most of the residual width
+    hidden = sorted({rounded(d * f, d) for f in (0.0, 1 / 6, 1 / 3, 0.5, 0.75, 1.0)})
     heads = sorted({max(1, round(H * f)) for f in (1 / H, 0.25, 0.5, 0.75, 1.0)})
     units = sorted({rounded(U * f, U) for f in (1 / 96, 1 / 24, 0.125, 0.25, 0.5, 0.75, 1.0)})
     return hidden, heads, units
@@ -445,8 +442,9 @@ def random_structures(config: CofiConfig, n: int, keep_multiple: int = 16, seed:
     seeded jitter within its n-th of that range), and in each layer a sublayer is removed
     with probability (1 - k)/2, else keeps a fraction of its heads or units drawn
     uniformly in [k/2, min(1, 2k)]; half of the structures have a narrower residual
-    stream (at least 3/4 of it); widths rounded up to ``keep_multiple``. Speed targets
-    reach into the nearly-empty end, so the fit is checked there too."""
+    stream, its width log-uniform between ``keep_multiple`` and the full width; widths
+    rounded up to ``keep_multiple``. Speed targets reach into the nearly-empty end and
+    into narrow residual streams, so the fit is checked there too."""
     rng = random.Random(seed)
     d, H, U, L = config.hidden_size, config.num_attention_heads, config.intermediate_size, config.num_hidden_layers
     step = max(keep_multiple, 1)
@@ -463,7 +461,8 @@ def random_structures(config: CofiConfig, n: int, keep_multiple: int = 16, seed:
 
         heads = tuple(min(H, max(1, round(f))) if f else 0 for f in (kept(H) for _ in range(L)))
         units = tuple(rounded_up(f, U) if f else 0 for f in (kept(U) for _ in range(L)))
-        hidden = d if rng.random() < 0.5 else rounded_up(d * rng.uniform(0.75, 1.0), d)
+        narrowest = min(step, d)
+        hidden = d if rng.random() < 0.5 else rounded_up(narrowest * (d / narrowest) ** rng.random(), d)
         out.append(Structure(hidden, heads, units))
     return out
 

@@ -25,6 +25,8 @@ from cofi.ablations import ABLATIONS
 from cofi.data import TASKS
 from cofi.lagrangian import RAMPS
 from cofi.metrics import METRICS
+from cofi.quantize import INT8_METHODS
+from cofi.serving import PRECISIONS, RUNTIMES, check_supported
 from cofi.sparsity import FAMILIES
 from pipeline.paths import Speedup, Target
 
@@ -264,12 +266,13 @@ class Finetune(_Section):
 class Benchmark(_Section):
     batch_sizes: _unique_list(Count)
     sequence_lengths: _unique_list(Annotated[int, Field(ge=1, le=512)])
-    precisions: _unique_list(Literal["fp32", "bf16"])
+    runtimes: _unique_list(Literal[RUNTIMES])
+    precisions: _unique_list(Literal[PRECISIONS])
+    int8: Literal[INT8_METHODS]  # how int8 models are quantized (cofi.quantize)
     warmup: Threads
     repeats: Count
     rounds: Count
     threads: Threads
-    onnx: bool
 
 
 BASELINE_METHODS = ("layer_subset", "magnitude")
@@ -286,8 +289,8 @@ class DeploymentTarget(_Section):
     """Where compact models will serve (cofi.latency.Deployment); the profile stage measures there."""
 
     device: Literal["cpu", "cuda"]
-    runtime: Literal["torch", "onnxruntime"]
-    precision: Literal["fp32", "bf16"]
+    runtime: Literal[RUNTIMES]
+    precision: Literal[PRECISIONS]
     batch_size: Count
     sequence_length: Annotated[int, Field(ge=1, le=512)]
     threads: Threads
@@ -295,7 +298,7 @@ class DeploymentTarget(_Section):
 
 def _deployment_names(targets: dict) -> dict:
     """Names become file and stage names, and DVC param paths (deployments.<name>: no '.');
-    ONNX Runtime is measured on the CPU in fp32."""
+    each runtime serves its own precisions (cofi.serving.SUPPORTED)."""
     for name, target in targets.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
             raise PydanticCustomError(
@@ -303,12 +306,10 @@ def _deployment_names(targets: dict) -> dict:
                 f"deployments: name {name!r} must be letters, digits, '_' or '-' (it names files, a stage and "
                 f"the DVC param deployments.<name>)",
             )
-        if target.runtime == "onnxruntime" and (target.device, target.precision) != ("cpu", "fp32"):
-            raise PydanticCustomError(
-                "conflict",
-                f"deployments.{name}: runtime onnxruntime is measured on the CPU in fp32, "
-                f"not {target.device} {target.precision}",
-            )
+        try:
+            check_supported(target.device, target.runtime, target.precision)
+        except ValueError as e:
+            raise PydanticCustomError("conflict", f"deployments.{name}: {e}") from None
     return targets
 
 

@@ -96,6 +96,9 @@ class Paths:
     def onnx(self, model_name: str) -> Path:
         return self.root / "outputs" / "onnx" / f"{model_name}.onnx"
 
+    def onnx_int8(self, model_name: str) -> Path:
+        return self.root / "outputs" / "onnx" / f"{model_name}.int8.onnx"
+
     def latency_model(self, deployment: str) -> Path:
         return self.root / "outputs" / "latency" / f"{deployment}.json"
 

@@ -44,7 +44,7 @@ def run(params: Params, name: str, root: Path = Path(".")) -> dict:
     keep_multiple = params.prune.keep_multiple
     with mlflow_run(f"{STAGE}@{name}", params, paths.root, tags=lineage.data_tags(paths.teacher)):
         start = time.perf_counter()
-        prepare = stopwatch(deployment, REPEATS)
+        prepare = stopwatch(deployment, REPEATS, int8_method=params.benchmark.int8)
         calibration = random_structures(config, CALIBRATION_STRUCTURES, keep_multiple, params.seed + 1)
         checked = random_structures(config, FIT_STRUCTURES, keep_multiple, params.seed)
         measured = []

@@ -33,7 +33,7 @@ from pipeline.plotting import structure_figure  # noqa: E402
 from pipeline.runtime import mlflow_run, task_spec_of, write_curve  # noqa: E402
 
 STAGE = "report"
-HEADLINE = "torch_fp32_b32_s128"  # the configuration of the sweep plot, when measured (see headline_key)
+HEADLINE = "torch_fp32_b32_s128"  # the configuration of the same-runtime sweep, when measured (see headline_key)
 CURVES = {  # report/curves/<name>/<target>.csv, drawn by the top-level plots of dvc.yaml
     "sparsity": ["mask_sparsity", "expected_sparsity", "target_sparsity"],
     "speedup": ["predicted_speedup", "expected_speedup", "target_speedup"],  # speedup targets
@@ -54,6 +54,27 @@ def headline_timing(timings: list[dict], key: str) -> dict:
     return next(t for t in timings if t["key"] == key)
 
 
+def best_at(entry: dict, shape: tuple) -> dict:
+    """A model's best-against-best entry (stages.benchmark.add_best) at (device, batch, sequence)."""
+    return next(b for b in entry["best"] if (b["device"], b["batch_size"], b["sequence_length"]) == shape)
+
+
+def headline_shape(params: Params, models: dict) -> tuple:
+    """The (device, batch, sequence) of the headline comparison, best against best: the
+    speedup targets' deployment's, else that of HEADLINE if timed, else the largest batch."""
+    teacher = models["teacher"]
+    key = headline_key(params, models)
+    t = headline_timing(teacher["timings"], key)
+    shapes = [(b["device"], b["batch_size"], b["sequence_length"]) for b in teacher["best"]]
+    shape = (t["device"], t["batch_size"], t["sequence_length"])
+    return shape if shape in shapes else max(shapes, key=lambda s: s[1])
+
+
+def shape_name(shape: tuple) -> str:
+    device, batch, length = shape
+    return f"batch {batch} × {length}" + ("" if device == "cpu" else f" on {device}")
+
+
 SAME_SPEED = 1.10  # models whose headline speedups are within 10% compete at "the same speed"
 STYLES = {  # method → matplotlib marker style for the sweep figure
     "teacher": dict(color="C1", marker="*", s=120),
@@ -66,11 +87,11 @@ ABLATION_STYLE = dict(color="C4", marker="^")
 LABELS = {"cofi": "CoFi, sparsity target", "cofi-speedup": "CoFi, speedup target"}
 
 
-def winners(models: dict, metric: str, key: str) -> dict[str, str]:
+def winners(models: dict, metric: str, shape: tuple) -> dict[str, str]:
     """{model: "best at ~k×"} for the most accurate model of each group of similar speed
-    (headline speedups within SAME_SPEED of the group's slowest), where the group holds
-    more than one method. The teacher is not a contender."""
-    speed = {n: headline_timing(e["timings"], key)["speedup"] for n, e in models.items() if n != "teacher"}
+    (best-against-best speedups at ``shape`` within SAME_SPEED of the group's slowest),
+    where the group holds more than one method. The teacher is not a contender."""
+    speed = {n: best_at(e, shape)["speedup"] for n, e in models.items() if n != "teacher"}
     groups: list[list[str]] = []
     for name in sorted(speed, key=speed.get):
         if groups and speed[name] <= SAME_SPEED * speed[groups[-1][0]]:
@@ -85,24 +106,44 @@ def winners(models: dict, metric: str, key: str) -> dict[str, str]:
     return marks
 
 
-def best_marks(models: dict, metric: str, key: str) -> dict[str, tuple[str, float]]:
+def best_marks(models: dict, metric: str, shape: tuple) -> dict[str, tuple[str, float]]:
     """The winners as weights_sha256 -> (label, speedup), for MLflow's tags and registry aliases."""
     marks = {}
-    for name, label in winners(models, metric, key).items():
+    for name, label in winners(models, metric, shape).items():
         weights = models[name].get("weights_sha256")
         if weights:
             marks[weights] = (label, float(re.search(r"~([0-9.]+)×", label).group(1)))
     return marks
 
 
-def results_table(models: dict, metric: str, key: str) -> list[str]:
-    """Markdown rows: one per model; speedup and efficiency per timed configuration."""
+def best_table(models: dict, metric: str, shape: tuple) -> list[str]:
+    """Markdown rows, best against best: per model and batch, its fastest runtime and
+    precision, that timing, its speedup over the teacher's fastest at the same batch, and
+    the model's dev metric in that precision; then the fp32 metric against the teacher's."""
+    shapes = [(b["device"], b["batch_size"], b["sequence_length"]) for b in models["teacher"]["best"]]
+    header = ["model", "sparsity", f"{metric} (fp32)", "vs teacher, points [95% CI]"]
+    header += [f"{shape_name(s)}: fastest · ms · speedup · {metric}" for s in shapes]
+    header.append("wins")
+    marks = winners(models, metric, shape)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in models.items():
+        cells = [name, f"{entry['sparsity']:.3f}", f"{entry[metric]:.4f}", versus_teacher_cell(entry.get("vs_teacher"))]
+        for s in shapes:
+            b = best_at(entry, s)
+            cells.append(f"{b['runtime']} {b['precision']} · {b['fastest_ms']:.1f} · **{b['speedup']:.2f}×** · "
+                         f"{b[metric]:.4f}")
+        cells.append(marks.get(name, ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def results_table(models: dict, metric: str) -> list[str]:
+    """Markdown rows: one per model; speedup and efficiency per timed configuration (the same
+    runtime and precision for the model and the teacher)."""
     keys = [t["key"] for t in models["teacher"]["timings"]]
     header = ["model", "method", "sparsity", "parameters", "prunable (nonzero)", metric,
               "vs teacher, points [95% CI]", "GFLOPs/example"]
     header += [f"{k}: ms · speedup · eff." for k in keys]
-    header.append("wins")
-    marks = winners(models, metric, key)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in models.items():
         by_key = {t["key"]: t for t in entry["timings"]}
@@ -112,7 +153,6 @@ def results_table(models: dict, metric: str, key: str) -> list[str]:
                  f"{entry[metric]:.4f}", versus_teacher_cell(entry.get("vs_teacher")), flops]
         cells += [f"{by_key[k]['median_ms']:.1f} · {by_key[k]['speedup']:.2f}× · {by_key[k]['efficiency']:.2f}"
                   for k in keys]
-        cells.append(marks.get(name, ""))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -125,17 +165,6 @@ def versus_teacher_cell(versus: dict | None) -> str:
         return ""
     low, high = versus["ci95"]
     return f"{100 * versus['difference']:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
-
-
-RUNTIME_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime"}
-
-
-def configuration_label(timing: dict) -> str:
-    """A timed configuration in words: a deployment by its name, else "PyTorch fp32, 32×128"."""
-    if timing.get("deployment"):
-        return timing["deployment"]
-    runtime = RUNTIME_NAMES.get(timing["runtime"], timing["runtime"])
-    return f"{runtime} {timing['precision']}, {timing['batch_size']}×{timing['sequence_length']}"
 
 
 def code_version(code: dict) -> str:
@@ -153,18 +182,21 @@ def provenance_line(env: dict, code: dict, date: str) -> str:
 
 
 def summary_table(models: dict, metric: str) -> list[str]:
-    """Markdown rows: per model its sparsity, the metric (×100), its difference from the teacher
-    with the 95% interval, and its speedup in every configuration the benchmark timed."""
-    timings = models["teacher"]["timings"]
+    """Markdown rows: per model its sparsity, the metric (×100, fp32) with its difference from
+    the teacher and the 95% interval, then per batch shape the speedup best against best
+    (stages.benchmark.add_best), the runtime and precision it is reached in, and the metric
+    in that precision."""
     score = "accuracy %" if metric == "accuracy" else f"{metric} ×100"
-    header = ["model", "sparsity", score, "vs teacher, points [95% CI]",
-              *(f"speedup, {configuration_label(t)}" for t in timings)]
+    shapes = [(b["device"], b["batch_size"], b["sequence_length"]) for b in models["teacher"]["best"]]
+    header = ["model", "sparsity", f"{score} (fp32)", "vs teacher, points [95% CI]",
+              *(f"{shape_name(s)}: speedup, fastest runtime, {score}" for s in shapes)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in models.items():
-        by_key = {t["key"]: t for t in entry["timings"]}
         cells = [name, f"{entry['sparsity']:.3f}", f"{100 * entry[metric]:.2f}",
-                 versus_teacher_cell(entry.get("vs_teacher")) or "—",
-                 *(f"{by_key[t['key']]['speedup']:.2f}×" for t in timings)]
+                 versus_teacher_cell(entry.get("vs_teacher")) or "—"]
+        for s in shapes:
+            b = best_at(entry, s)
+            cells.append(f"**{b['speedup']:.2f}×**, {b['runtime']} {b['precision']}, {100 * b[metric]:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -174,8 +206,32 @@ def summary(models: dict, metric: str, env: dict, code: dict, date: str) -> str:
     return "\n".join([provenance_line(env, code, date), "", *summary_table(models, metric)]) + "\n"
 
 
+def precision_lines(models: dict, metric: str) -> list[str]:
+    """The dev metric of each model in each precision it was served in, and what that
+    precision costs against the model's own fp32 (with the 95% paired-bootstrap interval)."""
+    precisions = [p for p in ("bf16", "int8") if p in models["teacher"]["by_precision"]]
+    if not precisions:
+        return []
+    header = ["model", f"{metric} fp32"] + [f"{metric} {p} · vs its fp32, points [95% CI]" for p in precisions]
+    lines = ["Dev metric in each served precision:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in models.items():
+        by = entry["by_precision"]
+        lines.append("| " + " | ".join([name, f"{entry[metric]:.4f}"] + [
+            f"{by[p][metric]:.4f} · {versus_teacher_cell(by[p]['vs_fp32'])}" for p in precisions]) + " |")
+    return lines + [""]
+
+
 def sweep_figure(rows: list[dict], metric: str, key: str) -> plt.Figure:
+    """Accuracy against speedup in one configuration, the same runtime for every model."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    draw_sweep(ax, rows, metric)
+    ax.set_xlabel(f"speedup over the teacher ({key})")
+    ax.set_title(f"accuracy vs speedup on {key}")
+    fig.tight_layout()
+    return fig
+
+
+def draw_sweep(ax, rows: list[dict], metric: str) -> None:
     labelled = set()
     for row in rows:
         method = row["method"]
@@ -187,11 +243,32 @@ def sweep_figure(rows: list[dict], metric: str, key: str) -> plt.Figure:
     for method in ("cofi", "cofi-speedup"):  # each kind of target's sweep as a line
         sweep = sorted((r for r in rows if r["method"] == method), key=lambda r: r["speedup"])
         ax.plot([r["speedup"] for r in sweep], [r[metric] for r in sweep], color=STYLES[method]["color"], linewidth=0.8)
-    ax.set_xlabel(f"speedup over teacher ({key})")
     ax.set_ylabel(f"dev {metric}")
-    ax.set_title("accuracy vs speedup")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def best_figure(models: dict, metric: str) -> plt.Figure:
+    """Accuracy against best-against-best speedup, a panel per batch: each model at its fastest
+    configuration and the metric of that precision; the teacher in every precision it was
+    timed in (int8 included: the baseline a user would otherwise deploy), at its fastest
+    timing in that precision over its fastest overall."""
+    shapes = [(b["device"], b["batch_size"], b["sequence_length"]) for b in models["teacher"]["best"]]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4), squeeze=False)
+    teacher = models["teacher"]
+    for ax, shape in zip(axes[0], shapes):
+        reference = best_at(teacher, shape)["fastest_ms"]
+        rows = [{"model": n, "method": e["method"], "speedup": best_at(e, shape)["speedup"],
+                 metric: best_at(e, shape)[metric]} for n, e in models.items() if n != "teacher"]
+        for precision, values in teacher["by_precision"].items():
+            timed = [t["fastest_ms"] for t in teacher["timings"] if t["precision"] == precision
+                     and (t["device"], t["batch_size"], t["sequence_length"]) == shape]
+            if timed:
+                rows.append({"model": f"teacher {precision}", "method": "teacher", "speedup": reference / min(timed),
+                             metric: values[metric]})
+        draw_sweep(ax, rows, metric)
+        ax.set_xlabel(f"speedup over the teacher's fastest, {shape_name(shape)}")
+        ax.set_title("accuracy vs speedup, each model at its fastest")
     fig.tight_layout()
     return fig
 
@@ -292,43 +369,54 @@ def run(params: Params, root: Path = Path(".")) -> str:
     out = paths.report_dir
     out.mkdir(parents=True, exist_ok=True)
 
-    rows = []
     # the teacher first, then the file's order (JSON files here are written with sorted keys)
     models = {"teacher": bench["models"]["teacher"], **{k: v for k, v in bench["models"].items() if k != "teacher"}}
-    key = headline_key(params, models)
-    for name, entry in models.items():
-        t = headline_timing(entry["timings"], key)
-        rows.append({"model": name, "method": entry["method"], metric: entry[metric], "sparsity": entry["sparsity"],
-                     "speedup": t["speedup"]})
-    write_curve(out / "sweep.csv", rows)
+    key, shape = headline_key(params, models), headline_shape(params, models)
+    rows = [{"model": name, "method": entry["method"], metric: best_at(entry, shape)[metric], "sparsity": entry["sparsity"],
+             "speedup": best_at(entry, shape)["speedup"]} for name, entry in models.items()]
+    write_curve(out / "sweep.csv", rows)  # best against best at the headline batch: what `dvc plots show` draws
 
     env = bench["environment"]
     lines = [f"# CoFi report: {params.data.task}", "",
              f"Measured on {env['device']} ({processor(env)}), "
              f"{env['threads']} threads of {env['cores']} cores; torch {env['torch']}, transformers "
-             f"{env['transformers']}, onnxruntime {env['onnxruntime']}. Each configuration times the teacher and "
-             f"then every model in {params.benchmark.rounds} interleaved rounds of {params.benchmark.repeats} "
-             f"forward passes (after {params.benchmark.warmup} warm-up passes): latency is the median over rounds, "
-             "speedup the teacher's fastest timing ÷ the model's; columns named after a deployment "
-             "are timed in its own configuration; efficiency is speedup ÷ FLOP-ratio speedup "
-             "(1.0: the model is as fast as its FLOPs allow); \"vs teacher\" is the dev metric's difference from the "
-             "teacher's in points, with its 95% paired-bootstrap interval over the dev set's examples (an interval "
-             "that holds 0: this dev set cannot tell the model from the teacher)."
+             f"{env['transformers']}, onnxruntime {env['onnxruntime']}."
              + (f" Not timed: {', '.join(env['precisions_not_timed'])}, which this {env['device'].upper()} only emulates."
                 if env.get("precisions_not_timed") else ""), "",
-             *results_table(models, metric, key)]
+             "## Each model at its fastest", "",
+             "Per batch, each model in the runtime and precision it runs fastest in (torch eager, torch.compile, "
+             "ONNX Runtime; fp32, bf16 where native, int8), against the teacher in its own fastest: the speedup a user "
+             "serving each model at its best gets. The metric is the model's dev metric in that precision, measured; "
+             "\"vs teacher\" is the fp32 metric's difference from the teacher's fp32 in points, with its 95% "
+             "paired-bootstrap interval over the dev set's examples (an interval that holds 0: this dev set cannot "
+             "tell the model from the teacher).", "",
+             *best_table(models, metric, shape), "",
+             "![accuracy vs speedup](accuracy_vs_speedup.png)", "",
+             "## Every configuration", "",
+             f"Each configuration (runtime, precision, batch, sequence) times the teacher and then every model in "
+             f"{params.benchmark.rounds} interleaved rounds of {params.benchmark.repeats} forward passes (after "
+             f"{params.benchmark.warmup} warm-up passes): latency is the median over rounds, speedup the teacher's "
+             "fastest timing ÷ the model's in the same configuration; columns named after a deployment are timed in "
+             "its own configuration; efficiency is speedup ÷ FLOP-ratio speedup (1.0: the model is as fast as its "
+             "FLOPs allow).", "",
+             *results_table(models, metric), "",
+             *precision_lines(models, metric)]
 
-    figures = {"accuracy_vs_speedup.png": sweep_figure(rows, metric, key)}
-    lines += ["", "![accuracy vs speedup](accuracy_vs_speedup.png)", ""]
+    figures = {"accuracy_vs_speedup.png": best_figure(models, metric)}
+    if params.prune.speedups:  # the speed models on the deployment they were pruned for, beside the sparsity models
+        same = [{"model": n, "method": e["method"], metric: e[metric], "speedup": headline_timing(e["timings"], key)["speedup"]}
+                for n, e in models.items()]
+        figures[f"accuracy_vs_speedup_{key}.png"] = sweep_figure(same, metric, key)
+        lines += [f"![accuracy vs speedup on {key}](accuracy_vs_speedup_{key}.png)", ""]
     structures: dict[str, Structure] = {}  # per CoFi model, for the latency section
     sparsity_models = [f"cofi-{target_name(t)}" for t in params.prune.targets]  # what speed models are compared with
     for target in params.prune.all_targets:
         t = target_name(target)
         config = CofiConfig.from_pretrained(paths.compact(target))  # the structure; no weights needed
         structures[f"cofi-{t}"] = Structure.of(config)
-        shape = (config.num_attention_heads, config.intermediate_size)
-        table = structure_table(config.layer_num_heads, config.layer_intermediate_size, *shape)
-        figures[f"structure-{t}.png"] = structure_figure(table, *shape, title=f"structure at target {t}")
+        full = (config.num_attention_heads, config.intermediate_size)
+        table = structure_table(config.layer_num_heads, config.layer_intermediate_size, *full)
+        figures[f"structure-{t}.png"] = structure_figure(table, *full, title=f"structure at target {t}")
         prune_metrics = json.loads(paths.metrics("prune", target).read_text())
         compact_metrics = json.loads(paths.metrics("compact", target).read_text())
         missed = "" if prune_metrics["target_reached"] else " (target not reached within tolerance)"
@@ -366,7 +454,7 @@ def run(params: Params, root: Path = Path(".")) -> str:
         mlflow.log_artifacts(str(out), artifact_path="report")
         mlflow.log_text(report, "report.md")
         compared = [e["weights_sha256"] for e in models.values() if e.get("weights_sha256")]
-        tracking.set_best_aliases(best_marks(models, metric, key), compared=compared)
+        tracking.set_best_aliases(best_marks(models, metric, shape), compared=compared)
     if run.info.run_id:
         print(f"report: {out / 'report.md'}; compare the models in MLflow: "
               f"{tracking.ui_link(mlflow.get_tracking_uri(), run.info.experiment_id)}", flush=True)

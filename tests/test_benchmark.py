@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from cofi.benchmark import environment, time_forward, time_onnx
+from cofi.benchmark import environment, time_forward, time_served
 from cofi.compact import compact
 from cofi.data import TASKS
 from cofi.flops import forward_flops
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ort = pytest.importorskip("onnxruntime")
 from cofi.onnx_export import export_onnx, max_logit_difference, onnx_session  # noqa: E402
+from cofi.serving import serve  # noqa: E402
 from stages.benchmark import flat_metrics, versus_teacher  # noqa: E402
 
 
@@ -80,8 +82,10 @@ def test_onnx_export_of_a_heterogeneous_model_matches_pytorch(heterogeneous, tmp
         mask[0, length // 2:] = 0  # padding
         inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
         assert max_logit_difference(heterogeneous, session, inputs) <= 1e-5
-    t = time_onnx(session, vocab_size=50, batch_size=2, sequence_length=8, threads=1, warmup=1, repeats=3)
-    assert t.runtime == "onnxruntime" and t.key == "onnxruntime_fp32_b2_s8" and t.median_ms > 0
+    t = time_served(serve(heterogeneous, "onnxruntime", "fp32", onnx=path, threads=1), vocab_size=50, batch_size=2,
+                    sequence_length=8, warmup=1, repeats=3, threads=1)
+    assert (t.runtime, t.precision, t.key, t.threads) == ("onnxruntime", "fp32", "onnxruntime_fp32_b2_s8", 1)
+    assert 0 < t.q1_ms <= t.median_ms <= t.q3_ms
 
 
 def test_a_model_with_no_attention_left_exports_runs_and_times_in_onnx(tmp_path):
@@ -95,7 +99,8 @@ def test_a_model_with_no_attention_left_exports_runs_and_times_in_onnx(tmp_path)
     ids = torch.randint(2, 50, (2, 9), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
     assert max_logit_difference(model, session, inputs) <= 1e-5
-    assert time_onnx(session, vocab_size=50, batch_size=2, sequence_length=8, threads=1, warmup=1, repeats=2).median_ms > 0
+    served = serve(model, "onnxruntime", "fp32", onnx=tmp_path / "model.onnx", threads=1)
+    assert time_served(served, vocab_size=50, batch_size=2, sequence_length=8, warmup=1, repeats=2).median_ms > 0
 
 
 def test_the_prune_step_benchmark_runs_at_a_tiny_size(tmp_path):
@@ -135,28 +140,30 @@ def test_the_stage_measures_speedups_in_rounds_so_drift_cancels(monkeypatch):
     costs 1/2 and 1/4), while its median latency drifts with the clock."""
     from types import SimpleNamespace
 
-    from cofi.latency import Deployment
+    from cofi.latency import Deployment, Timer
     from stages import benchmark
 
     g, clock = 1.05, {"factor": 1.0}
 
-    def fake_stopwatch(config, repeats, warmup):
+    def fake_stopwatch(config, repeats, warmup, int8_method):
         def prepare(model, onnx=None):
             def time_once():
                 clock["factor"] *= g
                 return model.cost * clock["factor"]
-            return time_once
+            return Timer(SimpleNamespace(prepare_s=model.cost / 10), time_once)
         return prepare
 
     monkeypatch.setattr(benchmark, "stopwatch", fake_stopwatch)
     models = {"teacher": SimpleNamespace(cost=10.0), "a": SimpleNamespace(cost=5.0), "b": SimpleNamespace(cost=2.5)}
     config = Deployment("cpu", "torch", "fp32", 1, 16, 1)
-    timed = benchmark.time_configuration(models, {}, config, SimpleNamespace(rounds=5, repeats=2, warmup=1))
+    timed = benchmark.time_configuration(models, {}, config, SimpleNamespace(rounds=5, repeats=2, warmup=1, int8="dynamic"))
     assert timed["teacher"]["speedup"] == 1.0
     assert timed["a"]["speedup"] == pytest.approx(2 / g, rel=1e-12)
     assert timed["b"]["speedup"] == pytest.approx(4 / g**2, rel=1e-12)
     assert timed["a"]["median_ms"] == pytest.approx(5.0 * g ** (3 * 2 + 2), rel=1e-12)  # round 3's second timing
     assert timed["a"]["q1_ms"] < timed["a"]["median_ms"] < timed["a"]["q3_ms"]
+    assert timed["b"]["fastest_ms"] == pytest.approx(2.5 * g ** 3, rel=1e-12)  # round 1, third timing
+    assert [timed[n]["prepare_s"] for n in ("teacher", "a", "b")] == [1.0, 0.5, 0.25]
     assert {t["rounds"] for t in timed.values()} == {5} and {t["batch_size"] for t in timed.values()} == {1}
 
 
@@ -167,15 +174,19 @@ def test_the_stage_times_the_grid_then_every_deployment_in_its_own_configuration
     from stages.benchmark import configurations
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["benchmark"].update(batch_sizes=[1, 32], sequence_lengths=[128], precisions=["fp32"], onnx=True)
-    params["deployments"] = {"ort-b1": {"device": "cpu", "runtime": "onnxruntime", "precision": "fp32", "batch_size": 1,
+    params["benchmark"].update(batch_sizes=[1, 32], sequence_lengths=[128], runtimes=["torch", "torch-compile", "onnxruntime"],
+                               precisions=["fp32", "int8"])
+    params["deployments"] = {"ort-b1": {"device": "cpu", "runtime": "onnxruntime", "precision": "int8", "batch_size": 1,
                                         "sequence_length": 64, "threads": 1}}
     configs = configurations(validate_params(params), torch.device("cpu"), threads=2)
-    assert list(configs) == ["torch_fp32_b1_s128", "onnxruntime_fp32_b1_s128", "torch_fp32_b32_s128",
-                             "onnxruntime_fp32_b32_s128", "ort-b1"]
-    assert {c.threads for c, _ in list(configs.values())[:4]} == {2}
+    # each runtime in the precisions it serves: int8 only on ONNX Runtime
+    assert list(configs) == ["torch_fp32_b1_s128", "torch-compile_fp32_b1_s128", "onnxruntime_fp32_b1_s128",
+                             "onnxruntime_int8_b1_s128", "torch_fp32_b32_s128", "torch-compile_fp32_b32_s128",
+                             "onnxruntime_fp32_b32_s128", "onnxruntime_int8_b32_s128", "ort-b1"]
+    assert {c.threads for c, _ in list(configs.values())[:-1]} == {2}
     deployment, name = configs["ort-b1"]
-    assert name == "ort-b1" and (deployment.runtime, deployment.sequence_length, deployment.threads) == ("onnxruntime", 64, 1)
+    assert name == "ort-b1" and (deployment.runtime, deployment.precision, deployment.sequence_length,
+                                 deployment.threads) == ("onnxruntime", "int8", 64, 1)
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -187,12 +198,31 @@ def test_bf16_is_timed_only_where_the_device_runs_it_natively(monkeypatch, nativ
 
     monkeypatch.setattr("stages.benchmark.supports_bf16", lambda device: native)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["benchmark"].update(batch_sizes=[32], sequence_lengths=[128], precisions=["fp32", "bf16"], onnx=False)
+    params["benchmark"].update(batch_sizes=[32], sequence_lengths=[128], runtimes=["torch", "torch-compile"],
+                               precisions=["fp32", "bf16"])
     params["deployments"] = {"cpu-bf16": {"device": "cpu", "runtime": "torch", "precision": "bf16", "batch_size": 1,
                                           "sequence_length": 64, "threads": 1}}
     configs = configurations(validate_params(params), torch.device("cpu"), threads=2)
     # a deployment is timed as named, even in emulated bf16: the user serves there
-    assert list(configs) == ["torch_fp32_b32_s128"] + ["torch_bf16_b32_s128"] * native + ["cpu-bf16"]
+    assert list(configs) == (["torch_fp32_b32_s128"] + ["torch_bf16_b32_s128"] * native + ["torch-compile_fp32_b32_s128"]
+                             + ["torch-compile_bf16_b32_s128"] * native + ["cpu-bf16"])
+
+
+@pytest.mark.parametrize(("runtime", "precision", "message"), [
+    ("torch", "int8", "deployments.bad: runtime torch serves fp32 and bf16, not int8"),
+    ("onnxruntime", "bf16", "deployments.bad: runtime onnxruntime serves fp32 and int8, not bf16"),
+    ("tensorrt", "fp32", "deployments.bad.runtime"),
+])
+def test_a_deployment_a_runtime_does_not_serve_is_refused_naming_it(runtime, precision, message):
+    import yaml
+
+    from pipeline.params import ParamsError, validate_params
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["deployments"] = {"bad": {"device": "cpu", "runtime": runtime, "precision": precision, "batch_size": 1,
+                                     "sequence_length": 64, "threads": 1}}
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        validate_params(params)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -248,6 +278,96 @@ def test_the_difference_from_the_teacher_is_exact_and_flattened_for_dvc_and_mlfl
     low, high = versus["ci95"]
     assert low <= versus["difference"] <= high < 0  # every miss of the teacher is one of the model's too
     flat = flat_metrics({"accuracy": 0.75, "sparsity": 0.5, "parameters": 1, "prunable_parameters": 1,
-                         "nonzero_prunable_parameters": 1, "flops": {}, "timings": [], "vs_teacher": versus}, "accuracy")
+                         "nonzero_prunable_parameters": 1, "flops": {}, "timings": [], "vs_teacher": versus,
+                         "by_precision": {}, "best": []}, "accuracy")
     assert (flat["accuracy_vs_teacher"], flat["accuracy_vs_teacher_ci95_low"], flat["accuracy_vs_teacher_ci95_high"]) \
         == (versus["difference"], low, high)
+
+
+# ---- serving: every runtime computes the eager model's function; int8 is really int8 ------------
+
+def test_a_compiled_model_computes_the_eager_models_logits_and_reports_its_compile_time(heterogeneous):
+    inputs = {"input_ids": torch.randint(2, 50, (2, 8), generator=torch.Generator().manual_seed(1))}
+    inputs.update(attention_mask=torch.ones_like(inputs["input_ids"]), token_type_ids=torch.zeros_like(inputs["input_ids"]))
+    inputs["attention_mask"][1, 5:] = 0
+    eager = serve(heterogeneous, "torch", "fp32").logits([inputs])[0]
+    with torch.no_grad():
+        assert torch.equal(eager, heterogeneous(**inputs).logits)
+    compiled = serve(heterogeneous, "torch-compile", "fp32")
+    assert compiled.prepare_s == 0.0  # compiled on the first call of a shape, not before
+    assert (compiled.logits([inputs])[0] - eager).abs().max() <= 1e-5
+    first = compiled.prepare_s
+    assert first > 0
+    compiled.logits([inputs])  # the same shape: no second compilation
+    assert compiled.prepare_s == first
+
+
+def test_int8_graphs_hold_int8_products_and_stay_close_to_fp32(heterogeneous, tmp_path):
+    """Dynamic int8 replaces every MatMul with an integer one; static puts QDQ pairs around
+    them from calibration ranges. Both stay within 15% of the fp32 logits' largest magnitude
+    (a tiny random model: its logits are about 0.02, and int8 rounding is relative)."""
+    import onnx
+
+    from cofi.quantize import quantize_onnx
+
+    fp32 = export_onnx(heterogeneous, tmp_path / "model.onnx")
+    generator = torch.Generator().manual_seed(0)
+    feeds = [{"input_ids": torch.randint(2, 50, (4, 12), generator=generator)} for _ in range(4)]
+    for f in feeds:
+        f.update(attention_mask=torch.ones_like(f["input_ids"]), token_type_ids=torch.zeros_like(f["input_ids"]))
+    calibration = [{k: v.numpy() for k, v in f.items()} for f in feeds]
+    reference = torch.cat(serve(heterogeneous, "onnxruntime", "fp32", onnx=fp32, threads=1).logits(feeds))
+    ops = {}
+    for method in ("dynamic", "static"):
+        path = quantize_onnx(fp32, tmp_path / f"{method}.onnx", method, calibration if method == "static" else None)
+        ops[method] = [n.op_type for n in onnx.load(str(path)).graph.node]
+        int8 = torch.cat(serve(heterogeneous, "onnxruntime", "int8", onnx=path, threads=1, int8_method="given").logits(feeds))
+        assert not torch.equal(int8, reference)  # it is not the fp32 graph
+        assert (int8 - reference).abs().max() <= 0.15 * reference.abs().max(), method
+    graph = onnx.load(str(fp32)).graph
+    weights = {i.name for i in graph.initializer}
+    products = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    of_weights = sum(any(i in weights for i in n.input) for n in products)
+    assert of_weights == 10 and len(products) == 12  # Q, K, V, O, up, down; FFN up, down; pooler; classifier; QKᵀ, PV
+    # dynamic: each product with a weight becomes an integer one; the two of activations stay fp32
+    assert ops["dynamic"].count("MatMulInteger") == of_weights and ops["dynamic"].count("MatMul") == 2
+    # static: every product keeps its op, its inputs quantized and dequantized around it
+    assert ops["static"].count("MatMul") + ops["static"].count("Gemm") == 12
+    assert ops["static"].count("DequantizeLinear") >= 2 * 12
+    with pytest.raises(ValueError, match="static int8 quantization needs calibration batches"):
+        quantize_onnx(fp32, tmp_path / "x.onnx", "static")
+
+
+def test_best_against_best_is_the_teachers_fastest_over_each_models_fastest():
+    """Per batch size, each model's fastest configuration against the teacher's fastest (in
+    any runtime and precision), with the metric measured in the winning precision."""
+    from stages.benchmark import add_best, flat_metrics
+
+    def timing(runtime, precision, batch, ms):
+        return {"runtime": runtime, "precision": precision, "device": "cpu", "batch_size": batch, "sequence_length": 128,
+                "key": f"{runtime}_{precision}_b{batch}_s128", "fastest_ms": ms, "median_ms": ms, "iqr_ms": 0.0,
+                "speedup": 1.0, "efficiency": 1.0, "prepare_s": 0.0}
+
+    models = {
+        "teacher": {"timings": [timing("torch", "fp32", 1, 40.0), timing("onnxruntime", "int8", 1, 10.0),
+                                timing("torch", "fp32", 32, 400.0), timing("torch-compile", "bf16", 32, 100.0)],
+                    "by_precision": {"fp32": {"accuracy": 0.90}, "int8": {"accuracy": 0.89}, "bf16": {"accuracy": 0.91}}},
+        "small": {"timings": [timing("torch", "fp32", 1, 5.0), timing("onnxruntime", "int8", 1, 2.0),
+                              timing("torch", "fp32", 32, 20.0), timing("torch-compile", "bf16", 32, 25.0)],
+                  "by_precision": {"fp32": {"accuracy": 0.88}, "int8": {"accuracy": 0.86}, "bf16": {"accuracy": 0.87}}},
+    }
+    add_best(models, "accuracy")
+    best = {b["batch_size"]: b for b in models["small"]["best"]}
+    assert (best[1]["key"], best[1]["teacher_key"], best[1]["speedup"]) == ("onnxruntime_int8_b1_s128",
+                                                                          "onnxruntime_int8_b1_s128", 5.0)
+    assert best[1]["accuracy"] == 0.86 and best[1]["accuracy_vs_teacher"] == pytest.approx(-0.04)
+    # at batch 32 the model is fastest in eager fp32, the teacher compiled in bf16: 100 / 20
+    assert (best[32]["key"], best[32]["teacher_key"], best[32]["speedup"]) == ("torch_fp32_b32_s128",
+                                                                             "torch-compile_bf16_b32_s128", 5.0)
+    assert best[32]["accuracy"] == 0.88
+    assert {b["speedup"] for b in models["teacher"]["best"]} == {1.0}
+    entry = {"accuracy": 0.88, "sparsity": 0.9, "parameters": 1, "prunable_parameters": 1, "nonzero_prunable_parameters": 1,
+             "flops": {}, "timings": [], "by_precision": {"fp32": models["small"]["by_precision"]["fp32"]},
+             "best": models["small"]["best"]}
+    flat = flat_metrics(entry, "accuracy")
+    assert (flat["best_speedup_b1_s128"], flat["best_ms_b1_s128"], flat["best_accuracy_b32_s128"]) == (5.0, 2.0, 0.88)

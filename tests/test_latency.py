@@ -126,11 +126,15 @@ def test_the_model_round_trips_through_json_and_names_its_target():
 
 
 def test_deployment_settings_are_checked():
-    with pytest.raises(ValueError, match="runtime='tensorrt'"):
+    with pytest.raises(ValueError, match="runtime='tensorrt'; allowed: torch, torch-compile, onnxruntime"):
         Deployment(runtime="tensorrt")
-    with pytest.raises(ValueError, match="ONNX Runtime is timed on the CPU in fp32, not cpu bf16"):
+    with pytest.raises(ValueError, match="^runtime onnxruntime serves fp32 and int8, not bf16$"):
         Deployment(runtime="onnxruntime", precision="bf16")
-    assert Deployment(runtime="onnxruntime", batch_size=1).key == "onnxruntime_fp32_b1_s128"
+    with pytest.raises(ValueError, match="^runtime torch-compile serves fp32 and bf16, not int8$"):
+        Deployment(runtime="torch-compile", precision="int8")
+    with pytest.raises(ValueError, match="^runtime onnxruntime is served on the CPU here, not cuda$"):
+        Deployment(device="cuda", runtime="onnxruntime")
+    assert Deployment(runtime="onnxruntime", precision="int8", batch_size=1).key == "onnxruntime_int8_b1_s128"
 
 
 def test_random_structures_are_what_pruning_makes():
@@ -139,7 +143,9 @@ def test_random_structures_are_what_pruning_makes():
     assert all(len(s.heads) == len(s.units) == 3 for s in structures)
     assert all(0 <= h <= 4 for s in structures for h in s.heads)
     assert all(u % 16 == 0 and 0 <= u <= 128 for s in structures for u in s.units)
-    assert all(s.hidden % 16 == 0 and 48 <= s.hidden <= 64 for s in structures)
+    # half keep the full residual width, the rest down to the narrowest pruning keeps (16)
+    assert all(s.hidden % 16 == 0 and 16 <= s.hidden <= 64 for s in structures)
+    assert 15 <= sum(s.hidden == 64 for s in structures) <= 35 and any(s.hidden <= 32 for s in structures)
     assert any(0 in s.heads for s in structures) and any(0 in s.units for s in structures)
 
 
@@ -158,7 +164,10 @@ def test_random_structures_run_from_nearly_whole_to_nearly_empty():
 
 def test_default_grids_span_the_shape():
     hidden, heads, units = default_grids(CofiConfig(hidden_size=384, num_attention_heads=12, intermediate_size=1536))
-    assert hidden == [288, 384] and heads[0] == 1 and heads[-1] == 12
+    # down to the narrowest width pruning keeps: keep_multiple
+    assert hidden == [16, 64, 128, 192, 288, 384] and heads[0] == 1 and heads[-1] == 12
+    assert default_grids(CofiConfig(hidden_size=384, num_attention_heads=12, intermediate_size=1536), 32)[0] == [
+        32, 64, 128, 192, 288, 384]
     assert units[0] == 16 and units[-1] == 1536 and all(u % 16 == 0 for u in units)
 
 
@@ -218,7 +227,7 @@ def test_a_profile_disturbed_while_its_tables_are_timed_is_measured_again(tmp_pa
         return prepare
 
     params = validate_params(data)
-    monkeypatch.setattr(profile_stage, "stopwatch", lambda d, r: stopwatch(d, r, disturbed=True))
+    monkeypatch.setattr(profile_stage, "stopwatch", lambda d, r, int8_method: stopwatch(d, r, disturbed=True))
     metrics = profile_stage.run(params, "cpu", tmp_path)
     assert len(measurements) == 2 and metrics["measurements"] == 2
     assert "worst |error|" in capsys.readouterr().out.split("measuring the tables again")[0]
@@ -226,6 +235,6 @@ def test_a_profile_disturbed_while_its_tables_are_timed_is_measured_again(tmp_pa
     assert metrics["worst_relative_error"] == saved.fit["worst_relative_error"] <= 1e-12  # the second, exact fit
 
     measurements.clear()
-    monkeypatch.setattr(profile_stage, "stopwatch", lambda d, r: stopwatch(d, r, disturbed=False))
+    monkeypatch.setattr(profile_stage, "stopwatch", lambda d, r, int8_method: stopwatch(d, r, disturbed=False))
     metrics = profile_stage.run(params, "cpu", tmp_path)
     assert len(measurements) == 1 and metrics["measurements"] == 1 and metrics["worst_relative_error"] <= 1e-12

@@ -107,7 +107,7 @@ BAD = [
         "deployment of ONNX Runtime in bf16",
         {"deployments": {"ort": {"device": "cpu", "runtime": "onnxruntime", "precision": "bf16",
                                  "batch_size": 1, "sequence_length": 128, "threads": 0}}},
-        ["deployments.ort: runtime onnxruntime is measured on the CPU in fp32, not cpu bf16"],
+        ["deployments.ort: runtime onnxruntime serves fp32 and int8, not bf16"],
     ),
     *[(
         f"deployment name with {bad!r}",
@@ -159,7 +159,7 @@ BAD = [
     (
         "precision fp16",
         {"benchmark.precisions": ["fp16"]},
-        ["benchmark.precisions[0] = 'fp16': must be one of 'fp32' or 'bf16'"],
+        ["benchmark.precisions[0] = 'fp16': must be one of 'fp32', 'bf16' or 'int8'"],
     ),
     (
         "warm-up longer than training",

@@ -16,7 +16,7 @@ from pipeline import lineage
 from pipeline.params import load_params
 from pipeline.paths import Paths
 from stages import report
-from stages.benchmark import add_speedups
+from stages.benchmark import add_best, add_speedups
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [0.5, 0.8]
@@ -25,7 +25,15 @@ TARGETS = [0.5, 0.8]
 def timing(key_runtime: str, precision: str, ms: float) -> dict:
     return {"runtime": key_runtime, "batch_size": 32, "sequence_length": 128, "precision": precision, "device": "cpu",
             "threads": 2, "repeats": 10, "median_ms": ms, "q1_ms": ms * 0.95, "q3_ms": ms * 1.05, "iqr_ms": ms * 0.1,
-            "key": f"{key_runtime}_{precision}_b32_s128", "deployment": None, "rounds": 5}
+            "fastest_ms": ms * 0.95, "key": f"{key_runtime}_{precision}_b32_s128", "deployment": None, "rounds": 5,
+            "prepare_s": 0.0}
+
+
+def served_in(accuracy: float, int8_cost: float) -> dict:
+    """A model's dev metric per precision (stages.benchmark.by_precision's form)."""
+    versus = {"difference": -int8_cost, "ci95": [-int8_cost - 0.01, -int8_cost + 0.01]}
+    return {"fp32": {"accuracy": accuracy, "vs_fp32": {"difference": 0.0, "ci95": [0.0, 0.0]}},
+            "int8": {"accuracy": accuracy - int8_cost, "vs_fp32": versus}}
 
 
 @pytest.fixture
@@ -41,8 +49,9 @@ def project(tmp_path, monkeypatch) -> Path:
         d, kind="teacher", parent_dir=None, data_digest="d", mlflow_run_id=None))
     models = {"teacher": {"method": "teacher", "accuracy": 0.9, "sparsity": 0.0, "parameters": 10_000,
                           "prunable_parameters": 6_000, "nonzero_prunable_parameters": 6_000,
-                          "flops": {"128": 4_000_000}, "timings": [timing("torch", "fp32", 40.0),
-                                                                    timing("onnxruntime", "fp32", 30.0)]}}
+                          "flops": {"128": 4_000_000}, "by_precision": served_in(0.9, 0.005),
+                          "timings": [timing("torch", "fp32", 40.0), timing("onnxruntime", "fp32", 30.0),
+                                      timing("onnxruntime", "int8", 24.0)]}}
     for i, t in enumerate(TARGETS):
         heads = torch.ones(2, 4)
         heads[1, : 2 + i] = 0
@@ -51,7 +60,9 @@ def project(tmp_path, monkeypatch) -> Path:
         models[f"cofi-{t:g}"] = {"method": "cofi", "accuracy": 0.88 - 0.05 * i, "sparsity": t,
                                  "parameters": 8_000 - 1000 * i, "prunable_parameters": 3_000 - 1000 * i,
                                  "nonzero_prunable_parameters": 3_000 - 1000 * i, "flops": {"128": 2_000_000 - 800_000 * i},
-                                 "timings": [timing("torch", "fp32", 25.0 - 10 * i), timing("onnxruntime", "fp32", 20.0 - 8 * i)]}
+                                 "by_precision": served_in(0.88 - 0.05 * i, 0.002),
+                                 "timings": [timing("torch", "fp32", 25.0 - 10 * i), timing("onnxruntime", "fp32", 20.0 - 8 * i),
+                                             timing("onnxruntime", "int8", 15.0 - 6 * i)]}
         paths.metrics("prune", t).parent.mkdir(parents=True, exist_ok=True)
         paths.metrics("prune", t).write_text(json.dumps({"target_reached": i == 0, "accuracy": 0.8}))
         paths.metrics("compact", t).write_text(json.dumps(
@@ -66,12 +77,15 @@ def project(tmp_path, monkeypatch) -> Path:
     models["baseline-layer_subset"] = {"method": "baseline-layer_subset", "accuracy": 0.86, "sparsity": 0.5,
                                        "parameters": 7_000, "prunable_parameters": 3_000,
                                        "nonzero_prunable_parameters": 3_000, "flops": {"128": 2_000_000},
-                                       "timings": [timing("torch", "fp32", 24.0), timing("onnxruntime", "fp32", 19.0)]}
+                                       "by_precision": served_in(0.86, 0.0),
+                                       "timings": [timing("torch", "fp32", 24.0), timing("onnxruntime", "fp32", 19.0),
+                                                   timing("onnxruntime", "int8", 15.5)]}
     teacher_ms = {t["key"]: t["median_ms"] for t in models["teacher"]["timings"]}
     for entry in models.values():  # the benchmark measures these in rounds; here: the ratio of the medians
         for t in entry["timings"]:
             t["speedup"] = teacher_ms[t["key"]] / t["median_ms"]
     add_speedups(models)
+    add_best(models, "accuracy")
     models["cofi-0.5"]["vs_teacher"] = {"difference": -0.02, "ci95": [-0.0325, -0.005]}
     paths.benchmark.write_text(json.dumps(sort_keys=True, obj={"environment": {"device": "cpu", "cpu": "test CPU", "gpu": None, "cores": 2,
                                                            "threads": 2, "torch": "x", "transformers": "y",
@@ -83,25 +97,36 @@ def test_report_renders_every_table_and_figure(project):
     text = report.run(load_params(project / "params.yaml"), project)
     out = project / "report"
     assert (out / "report.md").read_text() == text
-    table = [line for line in text.splitlines() if line.startswith("| ")]
+    best, every = text.split("## Every configuration")
+    # first, best against best: the teacher at its fastest (ONNX Runtime int8, 24 ms) against each model's fastest
+    table = [line for line in best.splitlines() if line.startswith("| ")]
+    assert table[0] == ("| model | sparsity | accuracy (fp32) | vs teacher, points [95% CI] | "
+                        "batch 32 × 128: fastest · ms · speedup · accuracy | wins |")
+    row = next(line for line in table if line.startswith("| cofi-0.5 "))
+    assert row == "| cofi-0.5 | 0.500 | 0.8800 | -2.00 [-3.25, -0.50] | onnxruntime int8 · 14.2 · **1.60×** · 0.8780 | best at ~1.5× |"
+    assert next(line for line in table if line.startswith("| teacher ")).startswith(
+        "| teacher | 0.000 | 0.9000 |  | onnxruntime int8 · 22.8 · **1.00×** · 0.8950 |")
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| teacher", "| baseline-layer_subset", "| cofi-0.5", "| cofi-0.8"]
+    assert next(line for line in table if line.startswith("| baseline-")).endswith("|  |")  # as fast (1.55×), less accurate
+    # then every configuration, the same runtime for the model and the teacher
+    table = [line for line in every.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| model | method | sparsity | parameters | prunable (nonzero) | accuracy | "
                                "vs teacher, points [95% CI] | GFLOPs/example")
-    assert "torch_fp32_b32_s128: ms · speedup · eff." in table[0] and "onnxruntime_fp32_b32_s128" in table[0]
+    assert "torch_fp32_b32_s128: ms · speedup · eff." in table[0] and "onnxruntime_int8_b32_s128" in table[0]
     # teacher 40 ms, cofi-0.5 25 ms → 1.60×; FLOP ratio 4.0/2.0 → efficiency 0.80
     row = next(line for line in table if line.startswith("| cofi-0.5 "))
-    assert "25.0 · 1.60× · 0.80" in row
-    assert "| 0.8800 | -2.00 [-3.25, -0.50] | " in row  # points; the teacher's own cell is empty
+    assert "| 25.0 · 1.60× · 0.80 |" in row and "| 0.8800 | -2.00 [-3.25, -0.50] | " in row
     assert "| 0.9000 |  | " in next(line for line in table if line.startswith("| teacher "))
-    assert [line.split(" | ")[0] for line in table[1:]] == ["| teacher", "| baseline-layer_subset", "| cofi-0.5", "| cofi-0.8"]
-    assert row.endswith("| best at ~1.6× |")  # beats the baseline of the same speed
-    assert next(line for line in table if line.startswith("| baseline-")).endswith("|  |")
+    # and the metric in each served precision, with what int8 costs against the model's own fp32
+    assert "| cofi-0.8 | 0.8300 | 0.8280 · -0.20 [-1.20, +0.80] |" in every
     assert "target not reached" in text  # target 0.8 is marked
     for name in ["accuracy_vs_speedup.png", "structure-0.5.png", "structure-0.8.png", "curves-0.5.png", "curves-0.8.png"]:
         assert (out / name).stat().st_size > 1000, name
         assert f"({name})" in text
     sweep = pd.read_csv(out / "sweep.csv")
     assert list(sweep["model"]) == ["teacher", "baseline-layer_subset", "cofi-0.5", "cofi-0.8"]  # teacher first
-    assert sweep["speedup"].tolist() == pytest.approx([1.0, 40 / 24, 1.6, 40 / 15])
+    assert sweep["speedup"].tolist() == pytest.approx([1.0, 24 / 15.5, 24 / 15, 24 / 9])  # best against best
+    assert sweep["accuracy"].tolist() == pytest.approx([0.895, 0.86, 0.878, 0.828])  # in int8, where each is fastest
     assert not (out / "curves" / "speedup").exists()  # only speedup targets have that curve
     for name, columns in report.CURVES.items():
         if name == "speedup":
@@ -113,7 +138,7 @@ def test_report_renders_every_table_and_figure(project):
 def test_the_summary_is_the_results_table_under_its_provenance_line(project):
     """report/summary.md, the block the README's results table is copied from: the date, the
     code version (pipeline.codestate), the benchmark's processor and torch, then one row per
-    model with its sparsity, metric, difference from the teacher and a speedup per configuration."""
+    model with its sparsity, metric, difference from the teacher and its speedup best against best."""
     from datetime import datetime, timezone
 
     from pipeline.codestate import code_state
@@ -124,13 +149,14 @@ def test_the_summary_is_the_results_table_under_its_provenance_line(project):
     assert lines[0] == f"Provenance: {today} · commit {report.code_version(code_state())} · test CPU · torch x"
     assert lines[1:] == [
         "",
-        "| model | sparsity | accuracy % | vs teacher, points [95% CI] | speedup, PyTorch fp32, 32×128 "
-        "| speedup, ONNX Runtime fp32, 32×128 |",
-        "|---|---|---|---|---|---|",
-        "| teacher | 0.000 | 90.00 | — | 1.00× | 1.00× |",
-        "| baseline-layer_subset | 0.500 | 86.00 | — | 1.67× | 1.58× |",  # 40/24 ms, 30/19 ms
-        "| cofi-0.5 | 0.500 | 88.00 | -2.00 [-3.25, -0.50] | 1.60× | 1.50× |",
-        "| cofi-0.8 | 0.800 | 83.00 | — | 2.67× | 2.50× |",
+        "| model | sparsity | accuracy % (fp32) | vs teacher, points [95% CI] "
+        "| batch 32 × 128: speedup, fastest runtime, accuracy % |",
+        "|---|---|---|---|---|",
+        # best against best: the teacher's fastest (int8, 24 ms) over each model's fastest, accuracy in int8
+        "| teacher | 0.000 | 90.00 | — | **1.00×**, onnxruntime int8, 89.50 |",
+        "| baseline-layer_subset | 0.500 | 86.00 | — | **1.55×**, onnxruntime int8, 86.00 |",  # 24 / 15.5
+        "| cofi-0.5 | 0.500 | 88.00 | -2.00 [-3.25, -0.50] | **1.60×**, onnxruntime int8, 87.80 |",
+        "| cofi-0.8 | 0.800 | 83.00 | — | **2.67×**, onnxruntime int8, 82.80 |",
     ]
 
 

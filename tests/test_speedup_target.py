@@ -1,6 +1,6 @@
 """Pruning to a speedup (issue 15): the Lagrangian controls the predicted latency of
-the structure that ships, computed from a latency model; on a runtime whose cost is
-exactly what the latency model assumes, the shipped model's speedup is the target's."""
+the structure that ships, computed from a latency model profiled on a runtime; measured
+on that runtime, the shipped model's speedup is the target's, within the fit's error."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 
 from cofi.compact import compact, load_model
 from cofi.gates import GateConfig, HardConcreteGates
-from cofi.latency import Deployment, Structure, default_grids, profile
+from cofi.latency import Deployment, Structure, default_grids, model_of, profile
 from cofi.sparsity import ModelShape, mask_sparsity
 from cofi.trainer import PruneConfig
 from pipeline.paths import MASKS_FILE, Speedup
 from tests.conftest import FINE_GRID, tiny_config
-from tests.test_latency import additive_cost, exact
+from tests.test_latency import exact
 from tests.test_trainer import Recorder, make_trainer
 
 CONFIG = tiny_config(**FINE_GRID)
@@ -32,11 +32,26 @@ def latency():
     return profile(CONFIG, Deployment(), grids=default_grids(CONFIG, keep_multiple=4), prepare=exact)
 
 
-def measured_speedup(model) -> float:
-    """The exact runtime's speedup of a compact model over the unpruned shape."""
-    full = Structure(CONFIG.hidden_size, (CONFIG.num_attention_heads,) * 3, (CONFIG.intermediate_size,) * 3)
-    return (1.0 + 0.01 * full.hidden + sum(0.3 + 0.002 * h * full.hidden for h in full.heads)
-            + sum(0.2 + 0.0001 * u * full.hidden + 0.001 * u for u in full.units)) / additive_cost(model)
+def curved_cost(model) -> float:
+    """A runtime outside the latency model's family (cofi.latency: a fixed cost and one cost
+    per sublayer, each piecewise linear between the profiled widths): wider products run
+    more efficiently (the square roots), and the layers share a cache, so the total is not
+    the sum of its parts (the power). The latency model only sees its timings on the grid."""
+    s = Structure.of(model.config)
+    fixed = 1.0 + 0.01 * s.hidden + 0.05 * math.sqrt(s.hidden)
+    attention = sum(0.3 + 0.002 * h * s.hidden + 0.02 * math.sqrt(h * s.hidden) for h in s.heads if h)
+    ffn = sum(0.2 + 0.0001 * u * s.hidden + 0.001 * u + 0.01 * math.sqrt(u * s.hidden) for u in s.units if u)
+    return (fixed + attention + ffn) ** 0.9
+
+
+def curved(model):
+    """A stopwatch whose every pass takes curved_cost(model) ms."""
+    return lambda: curved_cost(model)
+
+
+@pytest.fixture(scope="module")
+def curved_latency():
+    return profile(CONFIG, Deployment(), grids=default_grids(CONFIG, keep_multiple=4), prepare=curved)
 
 
 def test_the_speedup_of_counts_is_the_latency_models_prediction_of_the_structure(latency):
@@ -93,11 +108,13 @@ def test_stacked_counts_predict_each_structure_as_alone(latency, families):
     assert all(torch.allclose(a, b, rtol=1e-12, atol=0) and a.abs().sum() > 0 for a, b in zip(grads_alone, grads_together))
 
 
-def test_pruning_to_a_speedup_ships_that_speedup(task, latency):
+def test_pruning_to_a_speedup_ships_that_speedup(task, curved_latency):
     """At every pruning step the Lagrangian sees the latency saved by the deterministic
     structure (recomputed here from the masks, through compaction); the best checkpoint is
-    within the tolerance of the target, and so is the compact model's speedup on the
-    exact runtime: the speedup that is measured, not only predicted."""
+    within the tolerance of the target, and the compact model, timed on the runtime the
+    latency model was profiled on (curved_cost, which the model only approximates), is
+    within 10% of the target: the speedup that is measured, not only predicted."""
+    latency = curved_latency
     prune = PruneConfig(target_speedup=3.0, latency=latency, distill_epochs=1, sparsity_warmup_epochs=8,
                         reg_learning_rate=0.1, lambda_2_init=100.0, gates=GateConfig(keep_multiple=4))
     recorder = Recorder()
@@ -132,7 +149,10 @@ def test_pruning_to_a_speedup_ships_that_speedup(task, latency):
     assert abs(best / 3.0 - 1) <= prune.speedup_tolerance
     shipped = compact(trainer.model, result.masks)
     assert latency.speedup(Structure.of(shipped.config)) == pytest.approx(best, rel=1e-9)
-    assert measured_speedup(shipped) == pytest.approx(best, rel=1e-9)  # the exact runtime: prediction = measurement
+    full = model_of(CONFIG, Structure(CONFIG.hidden_size, (CONFIG.num_attention_heads,) * 3, (CONFIG.intermediate_size,) * 3))
+    measured = curved_cost(full) / curved_cost(shipped)
+    assert abs(measured / 3.0 - 1) <= 0.10, measured
+    assert abs(measured / best - 1) > 1e-4  # measured, not the prediction restated
     assert result.best_metrics["sparsity"] == pytest.approx(mask_sparsity(trainer.shape, result.masks))
 
 
