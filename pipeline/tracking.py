@@ -419,6 +419,7 @@ def stage_run(
         except Exception:  # never hide the original error
             log.exception("could not end MLflow run %s as %s", run.info.run_id, status)
         raise
+    mlflow.flush_async_logging()
     mlflow.end_run()
     MlflowClient().set_terminated(parent_id, RunStatus.to_string(RunStatus.FINISHED))
 
@@ -478,7 +479,8 @@ class MlflowCallback(TrainerCallback):
     of the run, at the trainer's step numbers.
 
     Each step's and each evaluation's values go to MLflow's asynchronous logging
-    (``log_batch(..., synchronous=False)``): training does not wait for the store. At most
+    (``log_batch(..., synchronous=False)``, the queue ``mlflow.log_metrics(..., synchronous=False)``
+    feeds, without its synchronous read of the run per call): training does not wait for the store. At most
     ``max_pending`` batches are in flight; past that a step waits for the oldest (memory
     stays bounded when the store falls behind). :meth:`flush` waits for every batch and
     raises the store's error, as does a step that waits; :func:`stage_run` waits for
