@@ -203,18 +203,18 @@ def find_descendants(teacher: str, project_dir: Path, experiment: str | None) ->
     """
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import check_tracking_server, retry_locked, store_client, tracking_uri
+    from pipeline.tracking import check_tracking_server, sqlite_path, store_client, tracking_uri
 
     teacher = teacher.strip()
     uri = tracking_uri(project_dir)
     check_tracking_server(uri)
-    if uri.startswith("sqlite:") and not Path(uri.removeprefix("sqlite:///")).exists():
+    if sqlite_path(uri) is not None and not sqlite_path(uri).exists():
         return []  # nothing tracked yet; do not create an empty store
     client = store_client(uri)
     if experiment is None:
-        experiment_ids = [e.experiment_id for e in retry_locked(lambda: client.search_experiments(), "searching")]
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
     else:
-        found = retry_locked(lambda: client.get_experiment_by_name(experiment), "searching")
+        found = client.get_experiment_by_name(experiment)
         experiment_ids = [found.experiment_id] if found is not None else []
     if not experiment_ids:
         return []
@@ -222,10 +222,7 @@ def find_descendants(teacher: str, project_dir: Path, experiment: str | None) ->
     def search(filter_string: str) -> list:
         runs, token = [], None
         while True:
-            page = retry_locked(
-                lambda: client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token),
-                "searching runs",
-            )
+            page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
             runs.extend(page)
             token = page.token
             if not token:
@@ -248,7 +245,7 @@ def find_descendants(teacher: str, project_dir: Path, experiment: str | None) ->
 
     def add_versions(filter_string: str) -> list:
         try:
-            found = retry_locked(lambda: client.search_model_versions(filter_string), "searching model versions")
+            found = client.search_model_versions(filter_string)
         except MlflowException:  # a store without a model registry
             return []
         for mv in found:
@@ -263,7 +260,7 @@ def find_descendants(teacher: str, project_dir: Path, experiment: str | None) ->
     for mv in tagged:
         if mv.run_id and mv.run_id not in runs:
             try:
-                run = retry_locked(lambda: client.get_run(mv.run_id), "reading a run")
+                run = client.get_run(mv.run_id)
             except MlflowException:  # the run was deleted; the version remains
                 continue
             if run.info.experiment_id in experiment_ids:

@@ -19,36 +19,36 @@ Store: ``MLFLOW_TRACKING_URI`` if set, else the embedded SQLite file
 ``<project>/mlflow.db`` with artifacts in ``<project>/mlruns``. A tracking
 server that does not answer fails the stage within seconds instead of after
 MLflow's minutes of retries. Several stage processes may share one SQLite file
-(``dvc queue start -j 2``): the database and the experiment are created under
-a file lock, and writes that meet "database is locked" are retried.
+(``dvc queue start -j 2``): MLflow's SQLite sessions wait for each other's
+writes (busy_timeout 20 s); what MLflow does not lock (migrating a fresh
+database, creating the experiment, the group's parent run) runs under a file
+lock beside the database.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import io
 import json
 import logging
 import os
-import random
 import re
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
-import weakref
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Iterator, Mapping, Sequence
 
 import mlflow
+import requests
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
+from sqlalchemy.engine import make_url
 
 from cofi.trainer import TrainerCallback
 from pipeline.codestate import git_state
@@ -60,7 +60,6 @@ __all__ = [
     "tracking_uri",
     "check_tracking_server",
     "store_client",
-    "retry_locked",
     "stage_run",
     "flatten_params",
     "MlflowCallback",
@@ -119,10 +118,6 @@ HTTP_CLIENT_ENV = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
-LOCK_RETRY_DEADLINE_S = 120.0
-
-T = TypeVar("T")
-
 
 class TrackingUnavailableError(RuntimeError):
     """The MLflow tracking server does not answer."""
@@ -178,13 +173,8 @@ def ui_link(uri: str, experiment_id: str, tab: str = "models") -> str:
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (None for other stores and in-memory SQLite)."""
-    if not uri.startswith("sqlite:"):
-        return None
-    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
-    path = path.split("?", 1)[0]
-    if not path or path == ":memory:":
-        return None
-    return Path(path)
+    database = make_url(uri).database if uri.startswith("sqlite:") else None
+    return Path(database) if database and database != ":memory:" else None
 
 
 def _default_artifact_location(uri: str, experiment: str) -> str | None:
@@ -201,86 +191,34 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast if an HTTP(S) tracking server does not answer; prepare a SQLite store's directory.
 
     For http(s) URIs: one ``GET <uri>/health`` with ``timeout_s`` and no
-    retries; a connection error, a timeout or a 5xx answer (a proxy in front
-    of a dead server) raises :class:`TrackingUnavailableError` naming the URI.
-    It also lowers the MLflow client's retries and request timeout (unless the
-    environment sets them) so a server that dies later costs seconds, not
-    minutes.
+    retries, through ``requests`` as MLflow's own client (so the same proxies
+    and NO_PROXY apply); a connection error, a timeout or a 5xx answer (a proxy
+    in front of a dead server) raises :class:`TrackingUnavailableError` naming
+    the URI. It also lowers the MLflow client's retries and request timeout
+    (unless the environment sets them) so a server that dies later costs
+    seconds, not minutes.
     """
     if is_http(uri):
         for name, value in HTTP_CLIENT_ENV.items():
             os.environ.setdefault(name, value)
         url = uri.rstrip("/") + "/health"
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler(_proxies_for(uri)))
         try:
-            with opener.open(urllib.request.Request(url, method="GET"), timeout=timeout_s) as response:
-                response.read(64)
-        except urllib.error.HTTPError as e:
-            if e.code >= 500:
-                raise TrackingUnavailableError(
-                    f"MLflow tracking server {uri} is unavailable: GET {url} answered HTTP {e.code}"
-                ) from e
-            # 4xx: something answers (e.g. a server without /health or behind a path prefix)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
+            status = requests.get(url, timeout=timeout_s).status_code
+        except requests.RequestException as e:
             raise TrackingUnavailableError(
-                f"MLflow tracking server {uri} does not answer within {timeout_s:g} s ({reason}); "
+                f"MLflow tracking server {uri} does not answer within {timeout_s:g} s ({e}); "
                 "start it, or unset MLFLOW_TRACKING_URI to use the embedded SQLite store"
             ) from e
+        if status >= 500:  # 4xx: something answers (a server without /health, or behind a path prefix)
+            raise TrackingUnavailableError(f"MLflow tracking server {uri} is unavailable: GET {url} answered HTTP {status}")
         return
     db = sqlite_path(uri)
     if db is not None:
         db.absolute().parent.mkdir(parents=True, exist_ok=True)
 
 
-def _proxies_for(uri: str) -> dict[str, str]:
-    """The environment's proxies, unless NO_PROXY (or a loopback host) excludes the server."""
-    host = urllib.parse.urlparse(uri).hostname or ""
-    if host in ("localhost", "127.0.0.1", "::1") or urllib.request.proxy_bypass(host):
-        return {}
-    return urllib.request.getproxies()
-
-
 # ----------------------------------------------------------------------------
-# SQLite concurrency
-
-
-def _is_lock_error(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        text = str(e).lower()
-        if "database is locked" in text or "database table is locked" in text or "database is busy" in text:
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def retry_locked(fn: Callable[[], T], what: str, deadline_s: float = LOCK_RETRY_DEADLINE_S) -> T:
-    """Call ``fn`` (one MLflow store call) and return its result, retrying with jittered backoff
-    while SQLite says the database is locked, for up to ``deadline_s``; ``what`` names the call in
-    the warning logged per retry. Any other error, or the lock past the deadline, is raised.
-    Every module that calls the store directly wraps its calls in this.
-
-    MLflow's SQLite sessions wait 20 s for a lock (busy_timeout), but SQLite
-    answers "database is locked" at once when waiting could deadlock, and a
-    long migration or a busy sibling can exceed the wait. Each MLflow store
-    call is one transaction that is rolled back on error, so repeating it is safe.
-    """
-    start = time.monotonic()
-    delay = 0.05
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except Exception as e:
-            attempt += 1
-            if not _is_lock_error(e) or time.monotonic() - start > deadline_s:
-                raise
-            log.warning("MLflow store locked during %s (attempt %d); retrying", what, attempt)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 2.0)
+# SQLite: what MLflow does not lock
 
 
 def lock_file(db: Path) -> Path:
@@ -291,12 +229,11 @@ def lock_file(db: Path) -> Path:
 
 @contextmanager
 def _store_lock(uri: str, timeout_s: float = 600.0) -> Iterator[None]:
+    """The file lock of a SQLite store (nothing for other stores)."""
     db = sqlite_path(uri)
     if db is None:
         yield
         return
-    from filelock import FileLock
-
     lock = lock_file(db)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock), timeout=timeout_s):
@@ -314,33 +251,28 @@ def store_client(uri: str) -> MlflowClient:
     store object is cached per process, so only the first client pays.
     """
     with _store_lock(uri):
-        return retry_locked(lambda: MlflowClient(uri), "opening the MLflow store")
+        return MlflowClient(uri)
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment's id, creating it (and a fresh SQLite database: migrations) once under a lock."""
-
-    def get_or_create() -> str:
+    """The experiment's id, creating it (and a fresh SQLite database: migrations) once under a lock.
+    A tracking server has no such lock: of two stages creating it at once, one finds the other's."""
+    with _store_lock(uri):
+        client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             try:
                 return client.create_experiment(name, artifact_location=_default_artifact_location(uri, name),
                                                 tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
             except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
                 experiment = client.get_experiment_by_name(name)
-                if experiment is None:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS" or experiment is None:
                     raise
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         if TAG_EXPERIMENT_KIND not in experiment.tags:  # created before the tag was set; a user's choice is kept
             client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return experiment.experiment_id
-
-    with _store_lock(uri):
-        client = retry_locked(lambda: MlflowClient(uri), "opening the MLflow store")
-        return retry_locked(get_or_create, f"creating experiment {name!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -398,9 +330,7 @@ def log_params(params: Mapping[str, Any], run_id: str | None = None) -> dict[str
     flat = {}
     for key, value in flatten_params(params).items():
         flat[_key(key)] = _truncate(value, MAX_PARAM_VAL_LENGTH, f"param {key}")
-    client = MlflowClient()
-    items = [Param(k, v) for k, v in flat.items()]
-    retry_locked(lambda: client.log_batch(run_id, params=items), "logging params")  # MLflow chunks it
+    MlflowClient().log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])  # MLflow chunks it
     return flat
 
 
@@ -424,12 +354,6 @@ def _source_name(project_dir: Path) -> str:
     if spec is not None and spec.name:
         return spec.name
     return path or "<interactive>"
-
-
-def _system_metrics_available() -> bool:
-    # mlflow.start_run(log_system_metrics=True) raises *after* creating the run
-    # when psutil is missing, leaving it RUNNING forever; check first.
-    return importlib.util.find_spec("psutil") is not None
 
 
 def _run_tags(stage: str, group: str, tags: Mapping[str, str], project_dir: Path) -> dict[str, str]:
@@ -469,10 +393,10 @@ def stage_run(
     starts a run named ``stage`` under it (tag ``mlflow.parentRunId``) with tags
     ``cofi.stage``, ``cofi.group``, ``cofi.git.commit``/``cofi.git.dirty``,
     ``mlflow.source.*`` and ``tags``, logs ``params`` flattened, and enables
-    system metrics (CPU, memory, GPU when pynvml is present) if psutil is
-    installed. Metrics buffered by :class:`MlflowCallback` objects of this run
-    are flushed before it ends. An exception ends the run FAILED (KILLED for
-    Ctrl-C) and propagates.
+    system metrics (CPU, memory, GPU when pynvml is present). Before the run
+    ends, MLflow's asynchronous logging is flushed: every metric handed to it
+    (:class:`MlflowCallback`) is in the store. An exception ends the run FAILED
+    (KILLED for Ctrl-C) and propagates.
     """
     project_dir = Path(project_dir)
     uri = tracking_uri(project_dir)
@@ -480,32 +404,24 @@ def stage_run(
     mlflow.set_tracking_uri(uri)
     experiment_id = ensure_experiment(uri, experiment)
     run_tags = _run_tags(stage, group, tags, project_dir)
-    sysmetrics = system_metrics and _system_metrics_available()
-    if system_metrics and not sysmetrics:
-        log.warning("psutil is not installed; running without MLflow system metrics")
-
     parent_id = _pipeline_run(uri, experiment_id, group, params, run_tags)
-    run = retry_locked(
-        lambda: mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags,
-                                 parent_run_id=parent_id, log_system_metrics=sysmetrics),
-        f"starting run {stage!r}",
-    )
-    run_id = run.info.run_id
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags, parent_run_id=parent_id,
+                           log_system_metrics=system_metrics)
     try:
-        log_params(params, run_id)
+        log_params(params, run.info.run_id)
         yield run
-        _flush_callbacks(run_id)
     except BaseException as e:
-        status = RunStatus.KILLED if isinstance(e, KeyboardInterrupt) else RunStatus.FAILED
+        status = RunStatus.to_string(RunStatus.KILLED if isinstance(e, KeyboardInterrupt) else RunStatus.FAILED)
         try:
-            _flush_callbacks(run_id, raise_errors=False)
-            _end_run(RunStatus.to_string(status))
-            _end_pipeline_run(parent_id, RunStatus.to_string(status))
+            mlflow.flush_async_logging()
+            mlflow.end_run(status)
+            MlflowClient().set_terminated(parent_id, status)
         except Exception:  # never hide the original error
-            log.exception("could not end MLflow run %s as %s", run_id, RunStatus.to_string(status))
+            log.exception("could not end MLflow run %s as %s", run.info.run_id, status)
         raise
-    _end_run(RunStatus.to_string(RunStatus.FINISHED))
-    _end_pipeline_run(parent_id, RunStatus.to_string(RunStatus.FINISHED))
+    mlflow.flush_async_logging()
+    mlflow.end_run()
+    MlflowClient().set_terminated(parent_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
 def pipeline_run_name(group: str) -> str:
@@ -529,62 +445,26 @@ def _pipeline_run(uri: str, experiment_id: str, group: str, params: Mapping[str,
     def find() -> list:
         return client.search_runs([experiment_id], filter_string, order_by=["attributes.start_time ASC"], max_results=10)
 
-    def find_or_create() -> str:
+    with _store_lock(uri):
         found = find()
         if found:
-            return found[0].info.run_id
-        tags = {TAG_GROUP: group, TAG_ROLE: ROLE_PIPELINE, TAG_STAGE: ROLE_PIPELINE}
-        tags.update({k: v for k, v in stage_tags.items() if k.startswith(("mlflow.source.", "cofi.git."))})
-        created = client.create_run(experiment_id, run_name=pipeline_run_name(group), tags=tags)
-        log_params(params, created.info.run_id)
-        found = find()
-        for duplicate in found[1:]:
-            if duplicate.info.run_id == created.info.run_id:
-                client.delete_run(created.info.run_id)
-        return found[0].info.run_id if found else created.info.run_id
-
-    with _store_lock(uri):
-        parent_id = retry_locked(find_or_create, f"finding the pipeline run of group {group}")
-    retry_locked(lambda: client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING)), "resuming pipeline run")
+            parent_id = found[0].info.run_id
+        else:
+            tags = {TAG_GROUP: group, TAG_ROLE: ROLE_PIPELINE, TAG_STAGE: ROLE_PIPELINE}
+            tags.update({k: v for k, v in stage_tags.items() if k.startswith(("mlflow.source.", "cofi.git."))})
+            created = client.create_run(experiment_id, run_name=pipeline_run_name(group), tags=tags).info.run_id
+            log_params(params, created)
+            found = find()
+            oldest = found[0].info.run_id if found else created
+            if oldest != created:
+                client.delete_run(created)
+            parent_id = oldest
+    client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
     return parent_id
-
-
-def _end_pipeline_run(parent_id: str, status: str) -> None:
-    client = MlflowClient()
-    retry_locked(lambda: client.set_terminated(parent_id, status), "ending the pipeline run")
-
-
-def _end_run(status: str) -> None:
-    run = mlflow.active_run()
-    if run is None:
-        return
-    run_id = run.info.run_id
-    try:
-        mlflow.end_run(status)
-    except Exception as e:
-        if not _is_lock_error(e):
-            raise
-        # end_run already popped the run and stopped its monitor; record the status directly
-        retry_locked(lambda: MlflowClient().set_terminated(run_id, status), "ending run")
 
 
 # ----------------------------------------------------------------------------
 # metrics
-
-
-_live_callbacks: "weakref.WeakSet[MlflowCallback]" = weakref.WeakSet()
-
-
-def _flush_callbacks(run_id: str, raise_errors: bool = True) -> None:
-    for callback in list(_live_callbacks):
-        if callback.run_id != run_id:
-            continue
-        try:
-            callback.flush()
-        except Exception:
-            if raise_errors:
-                raise
-            log.exception("could not flush buffered metrics of run %s", run_id)
 
 
 def _float(value: Any) -> float | None:
@@ -595,103 +475,44 @@ def _float(value: Any) -> float | None:
 
 
 class MlflowCallback(TrainerCallback):
-    """Records the trainer's step logs and evaluations as MLflow metrics.
+    """Records the trainer's step logs and evaluations (prefixed ``eval_``) as MLflow metrics
+    of the run, at the trainer's step numbers.
 
-    Metrics are buffered and handed to MLflow's asynchronous logging
-    (``log_batch(..., synchronous=False)``: training does not wait for the
-    store) every ``flush_every`` steps and after every evaluation. :meth:`flush`
-    (also called before the :func:`stage_run` of their run ends) waits for
-    them and logs synchronously, retrying while SQLite is locked, whatever is
-    left or failed; it raises if that fails. A failed periodic hand-over keeps
-    the buffer (up to ``max_buffer`` metrics) for the next one.
+    Each step's and each evaluation's values go to MLflow's asynchronous logging
+    (``log_batch(..., synchronous=False)``, the queue ``mlflow.log_metrics(..., synchronous=False)``
+    feeds, without its synchronous read of the run per call): training does not wait for the store. At most
+    ``max_pending`` batches are in flight; past that a step waits for the oldest (memory
+    stays bounded when the store falls behind). :meth:`flush` waits for every batch and
+    raises the store's error, as does a step that waits; :func:`stage_run` waits for
+    whatever is left before the run ends, an ended stage included.
     """
 
-    def __init__(
-        self,
-        run_id: str | None = None,
-        *,
-        flush_every: int = 50,
-        eval_prefix: str = "eval_",
-        client: MlflowClient | None = None,
-        max_buffer: int = 200_000,
-    ) -> None:
+    def __init__(self, run_id: str | None = None, *, eval_prefix: str = "eval_", max_pending: int = 1000) -> None:
         self.run_id = run_id or _active_run_id()
-        self.client = client or MlflowClient(mlflow.get_tracking_uri())
-        self.flush_every = max(1, int(flush_every))
+        self.client = MlflowClient()
         self.eval_prefix = eval_prefix
-        self.max_buffer = max_buffer
-        self._buffer: list[Metric] = []
-        self._pending: list[tuple[Any, list[Metric]]] = []  # MLflow async operations not yet waited for
-        self._pid = os.getpid()  # MLflow's async queue thread does not survive a fork
-        self._steps_since_flush = 0
-        _live_callbacks.add(self)
+        self.max_pending = max_pending
+        self._pending: deque = deque()  # MLflow's RunOperations, oldest first
 
-    def _add(self, step: int, values: Mapping[str, Any], prefix: str = "") -> None:
+    def _log(self, step: int, values: Mapping[str, Any], prefix: str = "") -> None:
         timestamp = int(time.time() * 1000)
-        for name, value in values.items():
-            number = _float(value)
-            if number is None:
-                continue
-            self._buffer.append(Metric(_key(f"{prefix}{name}"), number, timestamp, int(step)))
-        if len(self._buffer) > self.max_buffer:
-            dropped = len(self._buffer) - self.max_buffer
-            log.warning("MLflow metric buffer full; dropping the %d oldest metrics", dropped)
-            del self._buffer[:dropped]
+        numbers = _metric_values({f"{prefix}{name}": value for name, value in values.items()})
+        metrics = [Metric(key, number, timestamp, int(step)) for key, number in numbers.items()]
+        if metrics:
+            self._pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
+        if len(self._pending) > self.max_pending:
+            self._pending.popleft().wait()
 
     def on_step(self, step: int, logs: Mapping[str, float]) -> None:
-        self._add(step, logs)
-        self._steps_since_flush += 1
-        if self._steps_since_flush >= self.flush_every:
-            self._try_flush()
+        self._log(step, logs)
 
     def on_evaluate(self, step: int, metrics: Mapping[str, float]) -> None:
-        self._add(step, metrics, prefix=self.eval_prefix)
-        self._try_flush()
-
-    def _try_flush(self) -> None:
-        """Hand the buffer to MLflow's asynchronous logging (training does not wait for the store);
-        :meth:`flush` waits for it, and logs again, with lock retries, what did not get through."""
-        self._steps_since_flush = 0
-        if not self._buffer:
-            return
-        if os.getpid() != self._pid:
-            try:
-                self.flush()
-            except Exception as e:
-                log.warning("could not log metrics to MLflow (will retry at the next flush): %s", e)
-            return
-        batch = list(self._buffer)
-        try:
-            operation = self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
-        except Exception as e:
-            log.warning("could not log metrics to MLflow (will retry at the next flush): %s", e)
-            return
-        del self._buffer[: len(batch)]
-        self._pending.append((operation, batch))
+        self._log(step, metrics, prefix=self.eval_prefix)
 
     def flush(self) -> None:
-        """Write every buffered metric now: wait for the asynchronous batches, then log the rest
-        (and any batch that failed) in one synchronous ``log_batch`` (MLflow splits it into requests)."""
-        self._steps_since_flush = 0
-        pending, self._pending = self._pending, []
-        failed: list[Metric] = []
-        for operation, batch in pending:
-            try:
-                operation.wait()
-            except Exception as e:  # logging a metric again is harmless: the store keeps one (same key, step, time, value)
-                log.warning("asynchronous MLflow metric logging failed (%s); logging again", e)
-                failed.extend(batch)
-        self._buffer[:0] = failed
-        if self._buffer:
-            batch = list(self._buffer)
-            retry_locked(lambda: self.client.log_batch(self.run_id, metrics=batch), "logging metrics")
-            del self._buffer[: len(batch)]
-
-    def __enter__(self) -> "MlflowCallback":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.flush()
+        """Wait until every metric handed to MLflow is in the store; raises the store's error."""
+        while self._pending:
+            self._pending.popleft().wait()
 
 
 # ----------------------------------------------------------------------------
@@ -761,7 +582,7 @@ def log_dataset(frame_or_path: Any, name: str, digest: str, source: str, context
     input_tags = {DATASET_INPUT_DIGEST_TAG: str(digest)}
     if isinstance(frame_or_path, (str, os.PathLike)):
         input_tags["cofi.data.path"] = _truncate(str(frame_or_path), MAX_INPUT_TAG_VALUE, "data set path")
-    retry_locked(lambda: mlflow.log_input(dataset, context=context, tags=input_tags), f"logging data set {name}")
+    mlflow.log_input(dataset, context=context, tags=input_tags)
 
 
 # ----------------------------------------------------------------------------
@@ -776,18 +597,14 @@ def log_structure(table: Mapping[str, list], figure: Any, name: str, summary: Ma
     figure (:func:`pipeline.plotting.structure_figure`); ``summary``:
     :func:`cofi.structure.structure_summary`.
     """
+    import pandas as pd
+
     stem = f"structure/{_key(name).replace('/', '_')}"
-    csv = io.StringIO()
-    columns = list(table)
-    csv.write(",".join(columns) + "\n")
-    for row in zip(*table.values()):
-        csv.write(",".join(str(v) for v in row) + "\n")
-    retry_locked(lambda: mlflow.log_table(data=dict(table), artifact_file=f"{stem}.json"), "logging structure table")
-    mlflow.log_text(csv.getvalue(), f"{stem}.csv")
+    mlflow.log_table(data=dict(table), artifact_file=f"{stem}.json")
+    mlflow.log_text(pd.DataFrame(table).to_csv(index=False), f"{stem}.csv")
     mlflow.log_figure(figure, f"{stem}.png")
     if summary:
-        metrics = {f"structure/{k}": float(v) for k, v in summary.items()}
-        retry_locked(lambda: mlflow.log_metrics(metrics), "logging structure metrics")
+        mlflow.log_metrics({f"structure/{k}": float(v) for k, v in summary.items()})
 
 
 # ----------------------------------------------------------------------------
@@ -834,18 +651,18 @@ def log_model(
     kwargs = dict(name=model_name(name), source_run_id=run_id, tags=model_tags, params=model_params,
                   model_type=model_type)
     if model_dir is None:
-        model = retry_locked(lambda: mlflow.create_external_model(**kwargs), f"creating model {name!r}")
+        model = mlflow.create_external_model(**kwargs)
     else:
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise NotADirectoryError(f"{model_dir} is not a model directory")
-        model = retry_locked(lambda: mlflow.initialize_logged_model(**kwargs), f"creating model {name!r}")
+        model = mlflow.initialize_logged_model(**kwargs)
         try:
             MlflowClient().log_model_artifacts(model.model_id, str(model_dir))
         except BaseException:
-            retry_locked(lambda: mlflow.finalize_logged_model(model.model_id, "FAILED"), "failing model")
+            mlflow.finalize_logged_model(model.model_id, "FAILED")
             raise
-        model = retry_locked(lambda: mlflow.finalize_logged_model(model.model_id, "READY"), f"finalizing model {name!r}")
+        model = mlflow.finalize_logged_model(model.model_id, "READY")
     if metrics:
         log_model_metrics(model.model_id, metrics)
     return model
@@ -856,8 +673,7 @@ def log_model_metrics(model_id: str, metrics: Mapping[str, Any], run_id: str | N
     run_id = run_id or _active_run_id()
     timestamp = int(time.time() * 1000)
     batch = [Metric(k, v, timestamp, 0, model_id=model_id) for k, v in _metric_values(metrics).items()]
-    client = MlflowClient()
-    retry_locked(lambda: client.log_batch(run_id, metrics=batch), "logging model metrics")
+    MlflowClient().log_batch(run_id, metrics=batch)
 
 
 def find_model(weights_sha256: str, experiment_id: str | None = None):
@@ -867,12 +683,9 @@ def find_model(weights_sha256: str, experiment_id: str | None = None):
         if run is None:
             raise RuntimeError("no active MLflow run; pass experiment_id")
         experiment_id = run.info.experiment_id
-    found = retry_locked(
-        lambda: mlflow.search_logged_models(
-            experiment_ids=[experiment_id], filter_string=f"tags.`{TAG_MODEL_WEIGHTS}` = '{weights_sha256}'",
-            order_by=[{"field_name": "creation_time", "ascending": False}], max_results=1, output_format="list"),
-        "searching models",
-    )
+    found = mlflow.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"tags.`{TAG_MODEL_WEIGHTS}` = '{weights_sha256}'",
+        order_by=[{"field_name": "creation_time", "ascending": False}], max_results=1, output_format="list")
     return found[0] if found else None
 
 
@@ -882,18 +695,15 @@ def model_run(name: str, tags: Mapping[str, str] | None = None) -> Iterator[mlfl
     metrics have their own run, not one key per model in the stage's run)."""
     stage = mlflow.get_run(_active_run_id())
     group = stage.data.tags.get(TAG_GROUP, "")
-    run = retry_locked(  # the experiment is the stage run's, not MLflow's active (default) one
-        lambda: mlflow.start_run(run_name=name, nested=True, experiment_id=stage.info.experiment_id,
-                                 tags={TAG_GROUP: group, **(tags or {})}),
-        f"starting run {name!r}",
-    )
+    # the experiment is the stage run's, not MLflow's active (default) one
+    run = mlflow.start_run(run_name=name, nested=True, experiment_id=stage.info.experiment_id,
+                           tags={TAG_GROUP: group, **(tags or {})})
     try:
         yield run
     except BaseException as e:
-        status = RunStatus.KILLED if isinstance(e, KeyboardInterrupt) else RunStatus.FAILED
-        _end_run(RunStatus.to_string(status))
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if isinstance(e, KeyboardInterrupt) else RunStatus.FAILED))
         raise
-    _end_run(RunStatus.to_string(RunStatus.FINISHED))
+    mlflow.end_run()
 
 
 def register_model(model_dir: Path, name: str, tags: dict[str, str], model: Any = None, artifact_path: str = "model"):
@@ -909,13 +719,10 @@ def register_model(model_dir: Path, name: str, tags: dict[str, str], model: Any 
     if model is None:
         model = log_model(model_dir, name, tags=tags)
     version_tags = {_key(k): str(v) for k, v in tags.items()}
-    version = retry_locked(
-        lambda: mlflow.register_model(f"models:/{model.model_id}", name, tags=version_tags),
-        f"registering a version of {name!r}",
-    )
+    version = mlflow.register_model(f"models:/{model.model_id}", name, tags=version_tags)
     registered = f"{name}/{version.version}"
-    retry_locked(lambda: MlflowClient().set_tag(run_id, TAG_REGISTERED, registered), "tagging run")
-    retry_locked(lambda: mlflow.set_logged_model_tags(model.model_id, {TAG_REGISTERED: registered}), "tagging model")
+    MlflowClient().set_tag(run_id, TAG_REGISTERED, registered)
+    mlflow.set_logged_model_tags(model.model_id, {TAG_REGISTERED: registered})
     return version
 
 
@@ -945,25 +752,24 @@ def set_best_aliases(
         if model is None:
             log.warning("no MLflow model with weights %s; not marking it %r", weights[:12], label)
             continue
-        retry_locked(lambda: mlflow.set_logged_model_tags(model.model_id, {TAG_BEST: label}), "tagging model")
+        mlflow.set_logged_model_tags(model.model_id, {TAG_BEST: label})
         registered = model.tags.get(TAG_REGISTERED)
         if not registered:
             continue
         name, version = registered.rsplit("/", 1)
         alias = best_alias(speedup)
-        retry_locked(lambda: client.set_registered_model_alias(name, alias, version), f"setting alias {alias}")
+        client.set_registered_model_alias(name, alias, version)
         set_aliases[registered] = alias
         keep.setdefault(name, set()).add(alias)
     for weights in compared:
         model = find_model(weights, experiment_id)
         if model is not None and weights not in marks and TAG_BEST in model.tags:
-            retry_locked(lambda: client.delete_logged_model_tag(model.model_id, TAG_BEST), "untagging model")
+            client.delete_logged_model_tag(model.model_id, TAG_BEST)
         registered = model.tags.get(TAG_REGISTERED) if model is not None else None
         if not registered:
             continue
         name = registered.rsplit("/", 1)[0]
-        aliases = retry_locked(lambda: client.get_registered_model(name).aliases, "reading aliases")
-        for alias in aliases:
+        for alias in client.get_registered_model(name).aliases:
             if alias.startswith(BEST_ALIAS_PREFIX) and alias not in keep.get(name, set()):
-                retry_locked(lambda: client.delete_registered_model_alias(name, alias), f"removing alias {alias}")
+                client.delete_registered_model_alias(name, alias)
     return set_aliases

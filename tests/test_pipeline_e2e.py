@@ -370,6 +370,27 @@ def test_a_param_invalidates_only_the_stages_that_read_it(project, section, key,
     assert stale <= changed and not changed & fresh, changed
 
 
+PRUNE_STAGES = {"prune@0.3", "prune@0.5", "prune-speedup@1.5"}
+
+
+@pytest.mark.parametrize("edited, stale", [
+    ("stages/report.py", {"report"}),
+    ("pipeline/plotting.py", PRUNE_STAGES | {"report"}),  # the structure figure: pruning logs it, the report draws it
+])
+def test_a_code_edit_invalidates_only_the_stages_that_import_it(project, edited, stale):
+    """dvc.yaml's code deps are each stage's import closure (pipeline/stage_deps.py)."""
+    assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
+    path = project / edited
+    original = path.read_text()
+    path.write_text(original + "\n# an edit\n")
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    finally:
+        path.write_text(original)
+    assert set(status) == stale
+    assert all(status[stage] == [{"changed deps": {edited: "modified"}}] for stage in stale), status
+
+
 def test_one_mlflow_run_per_stage_with_lineage_tags(project):
     from mlflow.tracking import MlflowClient
 

@@ -29,6 +29,7 @@ mlflow = pytest.importorskip("mlflow")
 pd = pytest.importorskip("pandas")
 
 from mlflow import MlflowClient  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 
 from cofi.structure import structure_summary, structure_table  # noqa: E402
 from pipeline import tracking  # noqa: E402
@@ -173,14 +174,14 @@ def logged(request, tmp_path_factory, template_db) -> Logged:
         os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
         with stage_run("prune@0.6", params=PARAMS, group="sweep-1", tags={"extra": "yes"},
                        project_dir=project, experiment=EXPERIMENT) as run:
-            callback = MlflowCallback(flush_every=2)
+            callback = MlflowCallback()
             for step in range(1, 6):
                 callback.on_step(step, {"loss": 1.0 / step, "loss_distill": 0.5 / step, "expected_sparsity": 0.1 * step,
                                         "target_sparsity": 0.12 * step, "lambda_1": -0.01 * step, "lambda_2": 0.02 * step,
                                         "learning_rate": 5e-5})
             callback.on_evaluate(3, {"accuracy": 0.8, "sparsity": 0.3})
             callback.on_evaluate(5, {"accuracy": 0.85, "sparsity": 0.6})
-            callback.on_step(6, {"loss": 0.1})  # still buffered: stage_run flushes it before the run ends
+            callback.on_step(6, {"loss": 0.1})  # not flushed: stage_run waits for it before the run ends
             tracking.log_dataset(frame, name="sst2-train", digest=TRAIN_DIGEST, source="data/glue", context="train")
             tracking.log_dataset(project / "validation.parquet", name="sst2-validation", digest="abc123",
                                  source="hub:nyu-mll/glue", context="validation")
@@ -352,7 +353,7 @@ def test_failed_stage_ends_run_failed(tmp_path, template_db):
     with pytest.raises(RuntimeError, match="boom"):
         with stage_run("teacher", params={}, group="g", tags={}, project_dir=tmp_path, experiment=EXPERIMENT,
                        system_metrics=False) as run:
-            callback = MlflowCallback(flush_every=100)
+            callback = MlflowCallback()
             callback.on_step(1, {"loss": 2.0})
             raise RuntimeError("boom")
     assert mlflow.active_run() is None
@@ -363,6 +364,51 @@ def test_failed_stage_ends_run_failed(tmp_path, template_db):
     assert finished.data.tags["cofi.git.commit"] == "unknown"  # no git here
     experiment = client.get_experiment(finished.info.experiment_id)
     assert experiment.artifact_location == (tmp_path / "mlruns" / EXPERIMENT).as_uri()
+
+
+STORE_DELAY_S = 0.5
+
+
+def test_steps_do_not_wait_for_a_slow_store_and_the_stage_waits_for_them(tmp_path, template_db, monkeypatch):
+    """Every write of the store takes STORE_DELAY_S: the trainer's steps return at once (MLflow's
+    asynchronous logging writes them), and the run ends only once all of them are in the store."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    write = SqlAlchemyStore.log_batch
+
+    def slow_write(self, *args, **kwargs):
+        time.sleep(STORE_DELAY_S)
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqlAlchemyStore, "log_batch", slow_write)  # before this store is opened
+    with stage_run("prune@0.6", params={}, group="g", tags={}, project_dir=tmp_path, experiment=EXPERIMENT,
+                   system_metrics=False) as run:
+        callback = MlflowCallback()
+        start = time.monotonic()
+        for step in range(1, 9):
+            callback.on_step(step, {"loss": 1.0 / step})
+        callback.on_evaluate(8, {"accuracy": 0.75})
+        assert time.monotonic() - start < STORE_DELAY_S  # nine writes of STORE_DELAY_S each, none waited for
+    client = MlflowClient(tracking.tracking_uri(tmp_path))
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 9))
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval_accuracy")] == [(8, 0.75)]
+
+
+def test_a_store_error_surfaces_when_the_metrics_are_flushed(tmp_path, template_db):
+    """Metrics for a run the store refuses (deleted): the steps return, flush raises the store's error."""
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    with stage_run("teacher", params={}, group="g", tags={}, project_dir=tmp_path, experiment=EXPERIMENT,
+                   system_metrics=False) as run:
+        client = MlflowClient(tracking.tracking_uri(tmp_path))
+        gone = client.create_run(run.info.experiment_id).info.run_id
+        client.delete_run(gone)
+        callback = MlflowCallback(gone)
+        callback.on_step(1, {"loss": 2.0})
+        with pytest.raises(MlflowException, match=f"(?s)async logging.*{gone}.*active"):
+            callback.flush()
+        callback.flush()  # what failed is reported once
+    assert client.get_metric_history(gone, "loss") == []
 
 
 def test_tracking_uri(tmp_path, monkeypatch):
@@ -419,30 +465,6 @@ def test_cofi_ui_page_defaults_the_layout_before_mlflow_runs():
 def test_flatten_params():
     assert tracking.flatten_params({"a": {"b": {"c": 1}}, "d": [1, 2], "e": None, "f": {}, "g": "x", "h": 0.5}) == {
         "a.b.c": "1", "d": "[1, 2]", "e": "null", "f": "{}", "g": "x", "h": "0.5"}
-
-
-def test_lock_errors_are_retried_others_are_not(monkeypatch):
-    from mlflow.exceptions import MlflowException
-
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
-    calls = []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise MlflowException("(sqlite3.OperationalError) database is locked")
-        return "done"
-
-    assert tracking.retry_locked(flaky, "test") == "done" and len(calls) == 3
-
-    def broken():
-        calls.append(1)
-        raise MlflowException("INVALID_PARAMETER_VALUE: bad key")
-
-    calls.clear()
-    with pytest.raises(MlflowException, match="bad key"):
-        tracking.retry_locked(broken, "test")
-    assert len(calls) == 1
 
 
 def test_structure_figure_marks_removed_layers():
@@ -503,7 +525,7 @@ def _worker(project: str, name: str, barrier, results) -> None:
         barrier.wait(timeout=60)
         with stage_run(name, params={"worker": name}, group="concurrent", tags={}, project_dir=Path(project),
                        experiment="concurrent", system_metrics=False) as run:
-            callback = MlflowCallback(flush_every=1)  # one write transaction per step
+            callback = MlflowCallback()  # one write transaction per step
             for step in range(40):
                 callback.on_step(step, {"loss": 1.0 / (step + 1), "lambda_1": float(step)})
             model = Path(project) / "models" / name

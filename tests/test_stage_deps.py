@@ -1,0 +1,107 @@
+"""dvc.yaml's code deps: each stage lists exactly the project files it imports
+(pipeline.stage_deps), so an edit reruns only the stages that run the edited file.
+The real `dvc status` after an edit is in tests/test_pipeline_e2e.py."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from pipeline import stage_deps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dvc_yaml_lists_each_stages_import_closure():
+    assert stage_deps.check() == []
+
+
+def test_every_stage_runs_the_launcher_its_stage_module_and_their_imports():
+    deps = {name: stage["deps"] for name, stage in stage_deps.stages(ROOT / "dvc.yaml").items()}
+    report = set(deps.pop("report"))
+    assert {"pipeline/launch.py", "pipeline/cli.py", "stages/__init__.py", "stages/report.py",
+            "pipeline/plotting.py", "cofi/structure.py", "cofi/__init__.py"} <= report
+    assert all("stages/report.py" not in d for d in deps.values())  # an edit of it reruns only report
+    assert {name for name, d in deps.items() if "pipeline/plotting.py" in d} == {
+        "prune", "prune-speedup", "prune-ablation"}
+    assert all("pipeline/training.py" not in deps[name] for name in ("data", "profile"))
+
+
+def _project(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_the_closure_follows_every_kind_of_import(tmp_path):
+    root = _project(tmp_path, {
+        "pipeline/__init__.py": "",
+        "pipeline/launch.py": "from pipeline import cli\n",
+        "pipeline/cli.py": "import os\ndef main():\n    import pipeline.lazy\n",  # inside a function
+        "pipeline/lazy.py": "from .rel import x\n",  # relative
+        "pipeline/rel.py": "x = 1\n",
+        "stages/__init__.py": "",
+        "stages/s.py": ("from typing import TYPE_CHECKING\nfrom cofi import sub\nimport cofi.deep.leaf\n"
+                        "if TYPE_CHECKING:\n    from cofi import typing_only\n"),
+        "cofi/__init__.py": "from cofi.registered import C\n",  # a package's __init__ runs first
+        "cofi/registered.py": "",
+        "cofi/sub.py": "",
+        "cofi/typing_only.py": "",
+        "cofi/unused.py": "",
+        "cofi/deep/__init__.py": "",
+        "cofi/deep/leaf.py": "",
+    })
+    assert stage_deps.import_closure(["pipeline/launch.py", "stages/s.py"], root) == [
+        "cofi/__init__.py", "cofi/deep/__init__.py", "cofi/deep/leaf.py", "cofi/registered.py", "cofi/sub.py",
+        "pipeline/__init__.py", "pipeline/cli.py", "pipeline/launch.py", "pipeline/lazy.py", "pipeline/rel.py",
+        "stages/__init__.py", "stages/s.py"]
+
+
+def _copy(tmp_path: Path) -> Path:
+    for package in stage_deps.PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    return tmp_path
+
+
+def test_check_names_a_missing_import_and_an_unneeded_listing(tmp_path):
+    project = _copy(tmp_path)
+    report = project / "stages" / "report.py"
+    report.write_text(report.read_text() + "\nimport cofi.baselines  # noqa\n")
+    dvc_yaml = project / "dvc.yaml"
+    dvc_yaml.write_text(dvc_yaml.read_text().replace(
+        "      - outputs/data\n      - cofi/__init__.py", "      - outputs/data\n      - cofi/__init__.py\n      - cofi/structure.py", 1))
+    assert stage_deps.check(dvc_yaml) == [
+        "stage teacher: deps lack [], list unimported ['cofi/structure.py']",
+        "stage report: deps lack ['cofi/baselines.py', 'cofi/flops.py'], list unimported []"]
+
+
+def test_write_replaces_only_the_code_lines(tmp_path):
+    """From whole-directory deps (the old dvc.yaml) to today's file, comments and the rest kept."""
+    project = _copy(tmp_path)
+    dvc_yaml = project / "dvc.yaml"
+    today = dvc_yaml.read_text()
+    code_line = re.compile(r"^\s+- (cofi|pipeline|stages)/\S+\n", re.M)
+    old = re.sub(r"(\n(\s+)- [^\n]*)\n(?=\s+params:)",
+                 lambda m: f"{m.group(1)}\n{m.group(2)}- cofi\n{m.group(2)}- pipeline\n{m.group(2)}- stages\n",
+                 code_line.sub("", today))
+    assert "      - stages\n" in old and "- cofi/" not in old
+    dvc_yaml.write_text(old)
+    stage_deps.write(dvc_yaml)
+    assert dvc_yaml.read_text() == today
+    stage_deps.write(dvc_yaml)
+    assert dvc_yaml.read_text() == today
+
+
+def test_the_prune_params_are_written_once():
+    text = (ROOT / "dvc.yaml").read_text()
+    assert text.count("prune.sparsity_tolerance") == 1
+    stages = yaml.safe_load(text)["stages"]
+    sparsity = stages["prune"]["do"]["params"]
+    speedup = stages["prune-speedup"]["do"]["params"]
+    assert speedup == [{"params.yaml": sparsity}, "prune.deployment", "prune.speedup_tolerance"]
+    assert len(sparsity) == 25
