@@ -5,7 +5,11 @@ quantizes each fp32 graph both ways (cofi.quantize: "dynamic"; "static", calibra
 the first training examples as the benchmark stage calibrates), then measures, per model
 and method, the dev metric with its difference from the model's own fp32 (95%
 paired-bootstrap interval), and the latency at each batch size, fp32 and both int8
-graphs timed in interleaved rounds (fastest round kept, as the benchmark does).
+graphs timed in interleaved rounds (fastest round kept, as the benchmark does). Also
+times ONNX Runtime's transformer graph optimizer (``onnxruntime.transformers.optimizer``,
+fusing attention, LayerNorm + residual and bias + GELU) on the fp32 graph ("fp32-fused"),
+against the session's own ORT_ENABLE_ALL optimizations that every graph gets, and
+reports which fused operators it inserted.
 
     python benchmarks/bench_int8.py                          # the project in the current directory
     python benchmarks/bench_int8.py --models teacher cofi-0.9 --batch-sizes 1 32 --rounds 5
@@ -62,18 +66,19 @@ def main(argv: list[str] | None = None) -> dict:
             fp32 = paths.onnx(name)
             graphs[name] = {"fp32": fp32, **{m: quantize_onnx(fp32, Path(tmp) / f"{name}.{m}.onnx", m, calibration)
                                              for m in INT8_METHODS}}
+            graphs[name]["fp32-fused"], fused_ops = transformer_optimized(fp32, Path(tmp) / f"{name}.fused.onnx")
             served = {k: serve(None, "onnxruntime", "fp32" if k == "fp32" else "int8", onnx=g, threads=args.threads,
                                int8_method="given") for k, g in graphs[name].items()}
             preds = {k: predict_served(s, data.validation, collate)[0] for k, s in served.items()}
             labels = predict_served(served["fp32"], data.validation, collate)[1]
-            entry = results["models"][name] = {"metric": {}, "ms": {}}
+            entry = results["models"][name] = {"metric": {}, "ms": {}, "fused_ops": fused_ops}
             for k, p in preds.items():
                 value = spec.metric_fn(p, labels)[metric]
                 low, high = paired_bootstrap(spec.metric_fn, metric, p, preds["fp32"], labels)
                 entry["metric"][k] = {metric: value, "vs_fp32": value - spec.metric_fn(preds["fp32"], labels)[metric],
                                       "ci95": [low, high]}
         for batch in args.batch_sizes:
-            for precision, methods in (("fp32", ["fp32"]), ("int8", list(INT8_METHODS))):
+            for precision, methods in (("fp32", ["fp32", "fp32-fused"]), ("int8", list(INT8_METHODS))):
                 prepare = stopwatch(Deployment("cpu", "onnxruntime", precision, batch, args.seq_len, args.threads),
                                     args.repeats, 1, int8_method="given")
                 for method in methods:
@@ -84,8 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nONNX Runtime int8 on {processor(results['environment'])}, sequence {args.seq_len}, fastest of "
           f"{args.rounds} rounds of {args.repeats} passes; {metric} on the dev set, difference from the model's fp32 "
           "[95% paired bootstrap], points")
+    kinds = ("fp32", "fp32-fused", *INT8_METHODS)
     header = ["model"] + [f"{m} {metric}" for m in ("fp32", *INT8_METHODS)]
-    header += [f"{m} b{b} ms" for b in args.batch_sizes for m in ("fp32", *INT8_METHODS)]
+    header += [f"{m} b{b} ms" for b in args.batch_sizes for m in kinds] + ["fused operators"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for name, entry in results["models"].items():
         cells = [name, f"{100 * entry['metric']['fp32'][metric]:.2f}"]
@@ -93,11 +99,25 @@ def main(argv: list[str] | None = None) -> dict:
             e = entry["metric"][m]
             cells.append(f"{100 * e[metric]:.2f} ({100 * e['vs_fp32']:+.2f} [{100 * e['ci95'][0]:+.2f}, "
                          f"{100 * e['ci95'][1]:+.2f}])")
-        cells += [f"{entry['ms'][f'{m}_b{b}']:.1f}" for b in args.batch_sizes for m in ("fp32", *INT8_METHODS)]
+        cells += [f"{entry['ms'][f'{m}_b{b}']:.1f}" for b in args.batch_sizes for m in kinds]
+        cells.append(", ".join(f"{op} {n}" for op, n in sorted(entry["fused_ops"].items())) or "none")
         print("| " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results
+
+
+def transformer_optimized(fp32: Path, out: Path) -> tuple[Path, dict[str, int]]:
+    """The fp32 graph after ONNX Runtime's BERT graph optimizer (num_heads and hidden_size
+    read from the graph: the layers of a compact model differ), and its fused operators."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(fp32), model_type="bert", num_heads=0, hidden_size=0, opt_level=1)
+    optimized.save_model_to_file(str(out))
+    fused = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu", "FastGelu",
+             "Gelu", "EmbedLayerNormalization")
+    ops = [n.op_type for n in optimized.model.graph.node]
+    return out, {op: ops.count(op) for op in fused if op in ops}
 
 
 def _vocab_stub(paths: Paths, name: str) -> torch.nn.Module:

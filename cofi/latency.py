@@ -271,7 +271,7 @@ class LatencyModel:
 # reference every few models throughout, and a latency is a model's fastest timing:
 # the least disturbed one. A spell costs a round, not a model's estimate, and a
 # ratio of fastest timings is directly a speedup. Against the median of ratios to the
-# reference timed just before, a repeated check moved 16-70% less (README).
+# reference timed just before, a repeated check moved 16-70% less (docs/experiments/latency-model-fit.md).
 
 Stopwatch = Callable[..., Callable[[], float]]  # prepare(model, onnx=None) -> timer (a Timer, or a fake's function)
 

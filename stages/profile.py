@@ -28,10 +28,10 @@ STAGE = "profile"
 FIT_STRUCTURES = 20  # random compact structures the fit is checked on
 CALIBRATION_STRUCTURES = 8  # others, for the latency model's scale
 # interleaved rounds (fastest timings kept), timed passes per model per round: one pass per round
-# halves the time at batch 32 (about 90 s here instead of 160) and fits no worse (README)
+# halves the time at batch 32 (about 90 s here instead of 160) and fits no worse (docs/experiments/latency-model-fit.md)
 ROUNDS, REPEATS = 3, 1
 # A slow spell while the tables are timed mis-predicts small models: one ort-b1 profile on the
-# AVX-512 EPYC read 24.6% worst, the next 5.0% (README). Beyond FIT_GOAL the tables are measured
+# AVX-512 EPYC read 24.6% worst, the next 5.0% (docs/experiments/latency-model-fit.md). Beyond FIT_GOAL the tables are measured
 # again, at most MEASUREMENTS times in all (about a minute each), and the better fit is kept.
 FIT_GOAL, MEASUREMENTS = 0.10, 2
 
