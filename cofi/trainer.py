@@ -22,9 +22,9 @@ fine-tuning with a fixed structure.
 
 The loop is seeded and resumable: the example order of an epoch is a function of
 (seed, epoch), a pruning step's mask noise a function of (seed, step)
-(``gate_noise_generator``), and a checkpoint holds every other piece of state
-(weights, gates, λ, optimizers, schedule, RNG) so a resumed run continues as if
-never stopped.
+(``gate_noise_generator``), and a checkpoint (cofi.checkpoint, on Accelerate) holds
+every other piece of state (weights, gates, λ, optimizers, schedule, every process's
+random states) so a resumed run, of one process or several, continues as if never stopped.
 SIGINT and SIGTERM are deferred to the end of the current step, which is then
 checkpointed. Under torchrun / accelerate launch (cofi.distributed) each of N
 processes takes every N-th example of the global batch; gradients are summed
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import signal
 import threading
 from contextlib import contextmanager, nullcontext
@@ -63,7 +62,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from cofi.batching import Collator, Example, batches, epoch_order, steps_per_epoch
 from cofi.distributed import Processes
-from cofi.checkpoint import load_checkpoint, save_checkpoint
+from cofi.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from cofi.distill import DistillationLoss, existing_layers, existing_layers_of_structure
 from cofi.teacher_cache import TeacherBatch, TeacherCache
 from cofi.gates import GateConfig, HardConcreteGates
@@ -634,61 +633,37 @@ class Trainer:
             self.best = {"step": self.step, "metrics": metrics, "state": self._weights()}
 
     # -------------------------------------------------------------- checkpoints
-    def _state(self) -> dict[str, Any]:
-        state = {
-            "step": self.step,
-            "weights": self._weights(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "evaluations": self.evaluations,
-            "history": self.history,
-            "best": self.best,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-            },
-        }
+    def _training_state(self) -> TrainingState:
+        """Everything a step changes, for cofi.checkpoint; each process's global random
+        states (dropout, mask draws) are saved with it."""
+        modules = [m for m in (self.model, self.distill, self.gates, self.lagrangian) if m is not None]
+        optimizers = [self.optimizer]
         if self.prune is not None:
-            state["lagrangian"] = self.lagrangian.state_dict()
-            state["gate_optimizer"] = self.gate_optimizer.state_dict()
-            state["lagrangian_optimizer"] = self.lagrangian_optimizer.state_dict()
-        return state
+            optimizers += [self.gate_optimizer, self.lagrangian_optimizer]
+        return TrainingState(modules, optimizers, [self.scheduler], generators={})
 
-    def _restore(self, state: Mapping[str, Any]) -> None:
-        self.step = state["step"]
-        self._load_weights(state["weights"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.evaluations, self.history, self.best = state["evaluations"], state["history"], state["best"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        if self.prune is not None:
-            self.lagrangian.load_state_dict(state["lagrangian"])
-            self.gate_optimizer.load_state_dict(state["gate_optimizer"])
-            self.lagrangian_optimizer.load_state_dict(state["lagrangian_optimizer"])
+    def _progress(self) -> dict[str, Any]:
+        return {"step": self.step, "evaluations": self.evaluations, "history": self.history, "best": self.best}
 
     def save_checkpoint(self) -> None:
-        """Written by the main process only (every process holds the same state)."""
+        """Every process saves its random states; the main process writes the rest."""
         self.read_logged()  # a non-finite step raises here, before the last good checkpoint is replaced
-        if self.checkpoint_dir is not None and self.processes.is_main:
-            save_checkpoint(self.checkpoint_dir, self._state(), self.step)
-        self.processes.barrier()
+        if self.checkpoint_dir is not None:
+            save_checkpoint(self.checkpoint_dir, self.step, self._training_state(), self._progress(), self.processes)
+
+    def _resume(self) -> None:
+        progress = load_checkpoint(self.checkpoint_dir, self._training_state(), self.processes)
+        if progress is None:
+            return
+        self.step = progress["step"]
+        self.evaluations, self.history, self.best = progress["evaluations"], progress["history"], progress["best"]
+        log.info("resumed from step %d of %d", self.step, self.total_steps)
+        self._refill_teacher_cache()
 
     # --------------------------------------------------------------------- fit
     def fit(self, resume: bool = True) -> TrainResult:
         if resume and self.checkpoint_dir is not None:
-            state = load_checkpoint(self.checkpoint_dir)
-            if state is not None:
-                self._restore(state)
-                log.info("resumed from step %d of %d", self.step, self.total_steps)
-                if self.processes.world_size > 1:  # the checkpoint holds the main process's random state
-                    torch.manual_seed(self.config.seed + 1_000_003 * self.processes.rank + self.step)
-                self._refill_teacher_cache()
+            self._resume()
         if self.config.evaluate_at_start and self.step == 0:
             self._record_evaluation(self.evaluate())
         self.model.train()

@@ -56,6 +56,14 @@ def local_dataset(tmp_path: Path) -> str:
     return str(directory)
 
 
+def scripted_dataset(tmp_path: Path) -> str:
+    """A dataset directory holding only a loading script, which datasets 2.x would run."""
+    directory = tmp_path / "scripted"
+    directory.mkdir()
+    (directory / "scripted.py").write_text('raise RuntimeError("the dataset\'s loading script ran")\n')
+    return str(directory)
+
+
 CASES = {
     "missing data directory": (lambda t: project(t, {"source": str(t / "no-such-dir")}),
                                r"no sst2 train split at .*no-such-dir/sst2/train-00000-of-00001.parquet"),
@@ -94,6 +102,10 @@ CASES = {
     "hub dataset that does not exist": (lambda t: hub(t, "no-such-user/no-such-dataset"),
                                         r"^hub:no-such-user/no-such-dataset/train: cannot load it with datasets "
                                         r"\(Couldn't reach 'no-such-user/no-such-dataset' on the Hub \(\w+\)\)$"),
+    # datasets>=3 (pyproject.toml): a dataset's own Python code is never run
+    "hub dataset with a loading script": (lambda t: hub(t, scripted_dataset(t)),
+                                          r"^hub:.*scripted/train: cannot load it with datasets \(Dataset scripts "
+                                          r"are no longer supported, but found scripted.py\)$"),
     "hub split that does not exist": (lambda t: hub(t, local_dataset(t), validation="dev"),
                                       r"^hub:.*dataset/dev: cannot load it with datasets \(Unknown split \"dev\". "
                                       r"Should be one of \['train', 'validation'\].\)$"),

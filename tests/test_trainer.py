@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
 from cofi.batching import Collator
-from cofi.checkpoint import load_checkpoint, save_checkpoint
+from cofi.checkpoint import FORMAT, TrainingState, load_checkpoint, save_checkpoint
+from cofi.distributed import Processes
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss
 from cofi.metrics import accuracy
 from cofi.compact import compact
 from cofi.gates import GateConfig
-from cofi.manifest import ManifestError, read_manifest
+from cofi.manifest import ManifestError, hash_files, list_files, read_manifest, write_manifest
 from cofi.sparsity import ModelShape, mask_sparsity, model_sparsity
 from cofi.trainer import (
     NonFiniteLossError, PruneConfig, TrainConfig, Trainer, TrainerCallback, TrainingInterrupted, supports_bf16,
@@ -239,23 +241,78 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(task, t
         trainer.fit()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["step"] == 12
-    state = load_checkpoint(tmp_path)  # hash verified
-    assert torch.isfinite(state["weights"]["model"]["classifier.weight"]).all()
+    fresh = make_trainer(task, epochs=2)
+    assert load_checkpoint(tmp_path, fresh._training_state(), fresh.processes)["step"] == 12  # hash verified
+    assert torch.isfinite(fresh.model.classifier.weight).all()
+
+
+def linear_state(seed: int) -> TrainingState:
+    """A module with one optimizer step taken, its scheduler and a generator: a small
+    state of each kind a checkpoint holds."""
+    torch.manual_seed(seed)
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    module(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return TrainingState([module], [optimizer], [scheduler], {"noise": torch.Generator().manual_seed(seed)})
 
 
 def test_a_checkpoint_replaces_the_last_and_a_damaged_one_is_refused(tmp_path):
-    save_checkpoint(tmp_path, {"x": torch.ones(3)}, step=1)
-    save_checkpoint(tmp_path, {"x": torch.zeros(3)}, step=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "state-00000002.pt"]
-    assert read_manifest(tmp_path)["step"] == 2 and torch.equal(load_checkpoint(tmp_path)["x"], torch.zeros(3))
-    (tmp_path / "state-00000001.pt").write_bytes(b"left by a crash before its deletion")
-    assert torch.equal(load_checkpoint(tmp_path)["x"], torch.zeros(3))  # only the listed file counts
-    state = tmp_path / "state-00000002.pt"
-    data = bytearray(state.read_bytes())
+    single = Processes(0, 1, torch.device("cpu"))
+    save_checkpoint(tmp_path, 1, linear_state(1), {"step": 1}, single)
+    saved = linear_state(2)
+    save_checkpoint(tmp_path, 2, saved, {"step": 2, "history": [{"loss": float("inf")}]}, single)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "step-00000002"]
+    assert sorted(p.name for p in (tmp_path / "step-00000002").iterdir()) == [
+        "generators_0.pt", "model.safetensors", "optimizer.bin", "progress.pt", "random_states_0.pkl", "scheduler.bin"]
+    manifest = read_manifest(tmp_path)
+    assert (manifest["step"], manifest["processes"], len(manifest["files"])) == (2, 1, 6)
+
+    def restored() -> TrainingState:
+        state = linear_state(3)
+        assert load_checkpoint(tmp_path, state, single) == {"step": 2, "history": [{"loss": float("inf")}]}
+        return state
+
+    (tmp_path / "step-00000001").mkdir()  # what a crash before the deletion of the previous state leaves
+    (tmp_path / "step-00000001" / "model.safetensors").write_bytes(b"partial")
+    state = restored()  # only the listed files count
+    assert torch.equal(state.modules[0].weight, saved.modules[0].weight)
+    assert torch.equal(state.optimizers[0].state_dict()["state"][0]["exp_avg"],
+                       saved.optimizers[0].state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(state.generators["noise"].get_state(), saved.generators["noise"].get_state())
+    damaged = tmp_path / "step-00000002" / "optimizer.bin"
+    data = bytearray(damaged.read_bytes())
     data[-10] ^= 1
-    state.write_bytes(bytes(data))
-    with pytest.raises(ManifestError, match=r"state-00000002.pt: SHA-256 mismatch.*delete the checkpoint directory"):
-        load_checkpoint(tmp_path)
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"optimizer.bin: SHA-256 mismatch.*delete the checkpoint directory"):
+        load_checkpoint(tmp_path, linear_state(3), single)
+
+
+class Planted:
+    """An object whose unpickling runs code (``__setstate__``): what a tampered checkpoint holds."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __setstate__(self, state):
+        Path(state["marker"]).touch()
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl", "progress.pt", "generators_0.pt"])
+def test_a_checkpoint_file_holding_a_pickled_object_is_refused_and_runs_nothing(tmp_path, name):
+    """The manifest sits beside the files, so whoever can replace a file can rewrite its
+    hash: the loader itself must read nothing but tensors and plain data."""
+    single = Processes(0, 1, torch.device("cpu"))
+    save_checkpoint(tmp_path / "ckpt", 2, linear_state(2), {"step": 2}, single)
+    marker = tmp_path / "code-ran"
+    torch.save({"state": Planted(marker)}, tmp_path / "ckpt" / "step-00000002" / name)
+    write_manifest(tmp_path / "ckpt", hash_files(tmp_path / "ckpt", list_files(tmp_path / "ckpt")), step=2,
+                   processes=1, format=FORMAT)  # the manifest rewritten to match
+    with pytest.raises(ManifestError, match=rf"{name}: holds {Planted.__module__}.Planted, not only tensors and plain "
+                                            r"data: refused to unpickle it; delete the checkpoint directory"):
+        load_checkpoint(tmp_path / "ckpt", linear_state(3), single)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("freeze", [True, False])
