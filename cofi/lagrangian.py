@@ -65,9 +65,9 @@ class Lagrangian(nn.Module):
         gap = sparsity - target
         return self.lambda_1 * gap + self.lambda_2 * gap * gap
 
-    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+    def make_optimizer(self, lr: float, fused: bool = False) -> torch.optim.Optimizer:
         """AdamW ascending on λ (the reference code used a negative learning rate)."""
-        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.0, maximize=True)
+        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.0, maximize=True, fused=fused)
 
 
 # The target's share of the way from its start to the final target, at warm-up progress p in [0, 1]

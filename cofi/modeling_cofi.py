@@ -18,10 +18,14 @@ With a hidden mask, every LayerNorm takes its statistics over the dimensions
 whose mask is non-zero, which is exactly what the compacted model computes over
 its remaining dimensions.
 
-Heads and FFN units whose mask (or layer gate) is 0 are not computed at all
-(``computed_units``): the masked computation would multiply them by 0, so
+On the CPU, heads and FFN units whose mask (or layer gate) is 0 are not computed
+at all (``computed_units``): the masked computation would multiply them by 0, so
 leaving them out gives the same outputs and gradients (0 for their weights),
-and a pruning step at high sparsity costs a fraction of a dense one.
+and a pruning step at high sparsity costs a fraction of a dense one. Choosing
+them reads the masks on the host, and the weights it gathers change shape at
+every step; on a GPU that is a wait per forward and no CUDA graphs. So where
+``static_shapes`` is on (by default on every device but the CPU) every unit is
+computed and multiplied by its mask: the same numbers, shapes fixed by the config.
 
 Only public transformers APIs are used here, and nothing from the rest of the
 ``cofi`` package (see configuration_cofi.py).
@@ -190,15 +194,14 @@ def computed_units(masks: Mapping[str, Tensor]) -> dict[str, list[Tensor]]:
     """Per layer, the indices of the heads ("heads") and FFN units ("units") worth
     computing: those whose own mask and layer gate are both non-zero.
 
-    One host read for all layers (a single synchronisation on a GPU). On the meta
-    device, whose tensors hold no values, nothing: every unit is then computed.
+    One host read for all layers: the CPU's path only (``static_shapes`` off).
     """
     on = {}  # name -> (L, N) bool
     for name, unit, gate in (("heads", "head", "mha"), ("units", "intermediate", "ffn")):
         z = masks.get(unit)
         if z is not None:
             on[name] = (z != 0) if masks.get(gate) is None else (z != 0) & (masks[gate] != 0).unsqueeze(-1)
-    if not on or any(m.device.type == "meta" for m in on.values()):
+    if not on:
         return {}
     L = next(iter(on.values())).shape[0]
     rows = torch.cat([m.flatten() for m in on.values()]).cpu().split([m.shape[1] for m in on.values() for _ in range(L)])
@@ -251,7 +254,21 @@ class CofiForSequenceClassification(CofiPreTrainedModel):
         dropout = config.classifier_dropout
         self.classifier_dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
         self.classifier = nn.Linear(config.classifier_hidden_size, config.num_labels)
+        self._static_shapes: bool | None = None
         self.post_init()
+
+    @property
+    def static_shapes(self) -> bool:
+        """Compute every unit, masked (True), or leave out those whose mask is 0 (False,
+        ``computed_units``). Unless set, on everywhere but the CPU: a GPU (and the meta
+        device, which stands for one in tests) never waits for the host in a forward."""
+        if self._static_shapes is not None:
+            return self._static_shapes
+        return self.classifier.weight.device.type != "cpu"
+
+    @static_shapes.setter
+    def static_shapes(self, value: bool | None) -> None:
+        self._static_shapes = value
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
@@ -278,7 +295,7 @@ class CofiForSequenceClassification(CofiPreTrainedModel):
             token_type_ids = torch.zeros_like(input_ids)
         keep_tokens = attention_mask.bool().view(B, 1, 1, T)  # broadcast over heads and queries
 
-        computed = computed_units(masks)
+        computed = {} if self.static_shapes else computed_units(masks)
         x = self.embeddings(input_ids, token_type_ids, masks.get("hidden"))  # (B, T, C)
         hidden_states = [x]
         for i, layer in enumerate(self.layers):

@@ -429,8 +429,11 @@ class Trainer:
             self.initial_controlled = float(self._shipped(gates))
             self.gates = gates.to(self.device)
             self.lagrangian = Lagrangian(prune.lambda_2_init).to(self.device)
-            self.gate_optimizer = torch.optim.AdamW(self.gates.parameters(), lr=prune.reg_learning_rate, weight_decay=0.0)
-            self.lagrangian_optimizer = self.lagrangian.make_optimizer(prune.reg_learning_rate)
+            # fused as well: the unfused AdamW reads its step count on the host (.item())
+            fused = self.device.type != "meta"
+            self.gate_optimizer = torch.optim.AdamW(self.gates.parameters(), lr=prune.reg_learning_rate,
+                                                    weight_decay=0.0, fused=fused)
+            self.lagrangian_optimizer = self.lagrangian.make_optimizer(prune.reg_learning_rate, fused=fused)
 
         self.step = 0
         self.evaluations: list[dict[str, float]] = []
