@@ -124,7 +124,7 @@ def filled(server, tmp_path_factory) -> str:
             for name, (method, accuracy, sparsity, speedup) in MODELS.items():
                 flat = {"accuracy": accuracy, "sparsity": sparsity, "parameters": 22e6 * (1 - sparsity),
                         f"latency_ms_{HEADLINE}": 40 / speedup, f"speedup_{HEADLINE}": speedup}
-                log_model_results(name, {"method": method, "weights_sha256": name}, flat)
+                log_model_results(name, {"method": method, "weights_sha256": name, "best": []}, flat)
         with tracking.stage_run("report", **common):
             tracking.set_best_aliases({"cofi-0.6": ("best at ~2.1×", 2.1)})
         return mlflow.MlflowClient(server).get_experiment_by_name(EXPERIMENT).experiment_id

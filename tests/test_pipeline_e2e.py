@@ -310,7 +310,7 @@ def test_the_profile_stage_writes_a_checked_latency_model(project):
     # timed with freed memory kept, as the benchmark times (docs/benchmarking.md#the-memory-allocator)
     benchmark = json.loads((project / "outputs" / "benchmark.json").read_text())
     assert model.hardware["allocator"] == benchmark["environment"]["allocator"] == "freed memory kept"
-    assert model.hidden_grid == [288, 384] and model.head_grid[-1] == 12 and model.unit_grid[-1] == 1536
+    assert model.hidden_grid == [16, 64, 128, 192, 288, 384] and model.head_grid[-1] == 12 and model.unit_grid[-1] == 1536
     metrics = json.loads((project / "metrics" / "profile-cpu-b1.json").read_text())
     assert metrics["structures"] == 20 == len(model.fit["rows"])
     assert metrics["fingerprint"] == model.fingerprint
