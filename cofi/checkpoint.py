@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from cofi.distributed import Processes
-from cofi.manifest import MANIFEST, ManifestError, hash_files, list_files, read_manifest, verify_files, write_manifest
+from cofi.manifest import MANIFEST, ManifestError, fsync_path, hash_files, list_files, read_manifest, verify_files, write_manifest
 
 FORMAT = "accelerate-1"  # the manifest's "format": the layout above
 PROGRESS = "progress.pt"
@@ -83,14 +83,6 @@ def _accelerate(processes: Processes) -> None:
     PartialState(cpu=processes.device.type == "cpu")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(directory: str | os.PathLike, step: int, state: TrainingState, progress: Mapping[str, Any],
                     processes: Processes) -> Path:
     """Save ``state`` and ``progress`` (tensors and plain data) as the checkpoint of ``step``.
@@ -114,7 +106,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: TrainingStat
     if processes.is_main:
         names = [f"{folder.name}/{name}" for name in list_files(folder)]
         for name in names:  # on disk before the manifest names them
-            _fsync(directory / name)
+            fsync_path(directory / name)
         write_manifest(directory, hash_files(directory, names), step=step, processes=processes.world_size,
                        format=FORMAT)
         for previous in directory.glob("step-*"):

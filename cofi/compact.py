@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from cofi.configuration_cofi import CofiConfig
-from cofi.manifest import read_manifest, verify_files
+from cofi.manifest import fsync_path, read_manifest, verify_files
 from cofi.modeling_cofi import CofiForSequenceClassification
 
 __all__ = ["compact", "save_model", "load_model"]
@@ -369,15 +369,9 @@ def _fsync_tree(directory: Path) -> None:
         if file.is_file():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(directory)
+    fsync_path(directory)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -398,6 +392,6 @@ def _replace_dir(src: Path, dst: Path) -> None:
         if old is not None:
             os.rename(old, dst)
         raise
-    _fsync_dir(dst.parent)
+    fsync_path(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

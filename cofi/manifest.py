@@ -148,3 +148,13 @@ def verify_files(directory: str | os.PathLike, manifest: Mapping[str, Any], comp
             f"{directory / MANIFEST}: digest mismatch: expected {manifest['digest']}, actual {recorded} "
             "(the manifest was edited)", path=directory / MANIFEST, expected=manifest["digest"], actual=recorded,
         )
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk (a directory: the names of files
+    just written or renamed into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
