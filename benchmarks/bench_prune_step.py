@@ -57,7 +57,9 @@ from cofi.compact import compact
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
 from cofi.flops import forward_flops
 from cofi.gates import GateConfig, HardConcreteGates
-from cofi.latency import Deployment, LatencyModel, default_grids
+from cofi.deployment import Deployment
+from cofi.latency import LatencyModel
+from cofi.profiling import default_grids
 from cofi.metrics import accuracy
 from cofi.sparsity import ModelShape, mask_sparsity
 from cofi.trainer import PruneConfig, TrainConfig, Trainer

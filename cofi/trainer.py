@@ -64,6 +64,7 @@ from cofi.batching import Collator, Example, batches, epoch_order, steps_per_epo
 from cofi.distributed import Processes
 from cofi.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from cofi.distill import DistillationLoss, existing_layers, existing_layers_of_structure
+from cofi.errors import NonFiniteLossError, TrainingInterrupted
 from cofi.teacher_cache import TeacherBatch, TeacherCache
 from cofi.gates import GateConfig, HardConcreteGates
 from cofi.lagrangian import RAMPS, Lagrangian, controlled_sparsity, target_sparsity
@@ -171,20 +172,6 @@ def _check_range(name: str, value: float, low: float, high: float, low_open: boo
 
 PER_EXAMPLE_PARTS = ("ce", "pred")  # means over a micro-batch's examples
 PER_TOKEN_PARTS = ("layer",)  # means over its real tokens; "data" and "distill" combine both, the rest are global
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced NaN or infinity; the last good checkpoint is left untouched."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was saved first."""
-
-    def __init__(self, signum: int, step: int, saved: bool):
-        self.signum, self.step = signum, step
-        name = signal.Signals(signum).name
-        where = f"checkpoint saved at step {step}; rerun to resume" if saved else "no checkpoint directory: not saved"
-        super().__init__(f"{name} received: {where}")
 
 
 class TrainerCallback:
