@@ -192,6 +192,7 @@ class Compute(_Section):
     group_by_length: bool
     processes: Count
     accumulation_steps: Count
+    compile: bool  # torch.compile the training step (cofi.trainer.TrainConfig.compile)
     threads: Threads
     teacher_cache_gb: NonNegative  # GiB of the training device for the teacher's outputs (cofi.teacher_cache)
 

@@ -42,6 +42,7 @@ def train_config(params: Params, section, evals_per_epoch: int, num_examples: in
         group_by_length=params.compute.group_by_length,
         freeze_word_embeddings=params.prune.freeze_word_embeddings and not isinstance(section, Teacher),  # students only
         accumulation_steps=params.compute.accumulation_steps,
+        compile=params.compute.compile,
         teacher_cache_gb=params.compute.teacher_cache_gb,
         seed=params.seed,
         eval_steps=max(1, steps_per_epoch // evals_per_epoch),
