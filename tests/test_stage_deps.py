@@ -122,4 +122,4 @@ def test_the_prune_params_are_written_once():
     sparsity = stages["prune"]["do"]["params"]
     speedup = stages["prune-speedup"]["do"]["params"]
     assert speedup == [{"params.yaml": sparsity}, "prune.deployment", "prune.speedup_tolerance"]
-    assert len(sparsity) == 25
+    assert len(sparsity) == 26
