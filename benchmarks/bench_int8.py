@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 
 from cofi.benchmark import environment, processor
-from cofi.latency import Deployment, interleaved_rounds, stopwatch
+from cofi.deployment import INT8_METHODS, Deployment
+from cofi.profiling import interleaved_rounds, stopwatch
 from cofi.metrics import paired_bootstrap
-from cofi.quantize import INT8_METHODS, quantize_onnx
+from cofi.quantize import quantize_onnx
 from cofi.serving import predict_served, serve
 from pipeline.params import load_params
 from pipeline.paths import Paths
-from pipeline.runtime import collator, task_spec_of
-from pipeline.training import load_stage_data
+from pipeline.runtime import collator, load_stage_data, task_spec_of
 from stages.benchmark import calibration_batches
 
 

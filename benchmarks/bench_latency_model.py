@@ -2,7 +2,7 @@
 what profiling costs, on one deployment configuration of this machine.
 
 Profiles a random-weight model of the named shape (all-MiniLM-L6-v2's by default),
-then times random compact structures (``cofi.latency.random_structures``: from
+then times random compact structures (``cofi.profiling.random_structures``: from
 nearly whole to nearly empty, as pruning to 1.5x or to 20x makes them) and compares
 with the prediction.
 
@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 from cofi.benchmark import SHAPES, shape_config
-from cofi.latency import Deployment, check_fit, default_grids, profile, random_structures, stopwatch
-from cofi.quantize import INT8_METHODS
-from cofi.serving import PRECISIONS, RUNTIMES
+from cofi.deployment import INT8_METHODS, PRECISIONS, RUNTIMES, Deployment
+from cofi.profiling import check_fit, default_grids, profile, random_structures, stopwatch
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

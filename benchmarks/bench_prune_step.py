@@ -33,6 +33,8 @@ the math kernel anyway.
     python benchmarks/bench_prune_step.py --device cuda                 # a GPU: the paper's sizes
     python benchmarks/bench_prune_step.py --threads 1 --eval-batch 8    # this 2-core CPU
     python benchmarks/bench_prune_step.py --shape tiny --repeats 1      # smoke run (the suite runs it)
+    python benchmarks/bench_prune_step.py --shape minilm --threads 2 --precision fp32 --compile \
+        --read-steps 0 --sparsities                                     # compiled steps against eager ones
     python benchmarks/bench_prune_step.py --shape minilm --seq-len 16 --read-steps 0 --sparsities \
         --repeats 30 --warmup 5                                         # the kernel rule at SST-2's lengths
 """
@@ -57,7 +59,9 @@ from cofi.compact import compact
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
 from cofi.flops import forward_flops
 from cofi.gates import GateConfig, HardConcreteGates
-from cofi.latency import Deployment, LatencyModel, default_grids
+from cofi.deployment import Deployment
+from cofi.latency import LatencyModel
+from cofi.profiling import default_grids
 from cofi.metrics import accuracy
 from cofi.sparsity import ModelShape, mask_sparsity
 from cofi.trainer import PruneConfig, TrainConfig, Trainer
@@ -78,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-multiple", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: torch's default")
     p.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout of the trained models")
+    p.add_argument("--compile", action="store_true", help="also time each step compiled (TrainConfig.compile)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -99,9 +104,10 @@ def flop_latency_model(config) -> LatencyModel:
                         ffn=[[0.6 * (u / U) * (x / d) / L for u in units] for x in hidden])
 
 
-def build_trainer(args: argparse.Namespace, prune: str | None, precision: str, log_steps: int = 10) -> Trainer:
+def build_trainer(args: argparse.Namespace, prune: str | None, precision: str, log_steps: int = 10,
+                  compile: bool = False) -> Trainer:
     """A trainer whose every step prunes (``prune``: "sparsity" or "speedup" target) or
-    only distils (None), on one batch of random tokens."""
+    only distils (None), on one batch of random tokens; ``compile``: TrainConfig.compile."""
     student, teacher = random_model(args.shape, dropout=args.dropout), random_model(args.shape, dropout=args.dropout)
     layers = student.config.num_hidden_layers
     distill = DistillationLoss(PredictionDistillLoss(2.0),
@@ -111,7 +117,7 @@ def build_trainer(args: argparse.Namespace, prune: str | None, precision: str, l
             for i in range(args.batch_size)]  # one step per epoch
     # many epochs: the learning rate and the target sparsity stay about constant over the benchmark
     config = TrainConfig(epochs=100_000, batch_size=args.batch_size, bf16=precision == "bf16", device=args.device,
-                         progress=False, log_steps=log_steps)
+                         progress=False, log_steps=log_steps, compile=compile)
     target = {"sparsity": {"target_sparsity": 0.6},
               "speedup": {"target_speedup": 2.0, "latency": flop_latency_model(student.config)}}.get(prune)
     schedule = PruneConfig(**target, distill_epochs=0, sparsity_warmup_epochs=1_000,
@@ -147,6 +153,9 @@ def step_times(args: argparse.Namespace) -> dict:
     kinds = {"distill": None, "prune": "sparsity", "prune-speedup": "speedup"}
     configs = {f"{name}/{precision}": build_trainer(args, kind, precision)
                for precision in args.precision for name, kind in kinds.items()}
+    if args.compile:  # the same steps compiled (their first, warm-up rounds compile them)
+        configs |= {f"{name}+compiled/{precision}": build_trainer(args, kind, precision, compile=True)
+                    for precision in args.precision for name, kind in kinds.items()}
     indices = list(range(args.batch_size))
     times: dict[str, list[float]] = {name: [] for name in configs}
     names = list(configs)
@@ -161,6 +170,10 @@ def step_times(args: argparse.Namespace) -> dict:
         median = {name: results[f"{name}/{precision}"]["median_ms"] for name in kinds}
         results[f"prune_over_distill/{precision}"] = median["prune"] / median["distill"]
         results[f"speedup_over_sparsity_target/{precision}"] = median["prune-speedup"] / median["prune"]
+        if args.compile:
+            for name in kinds:
+                results[f"compiled_over_eager/{name}/{precision}"] = (
+                    results[f"{name}+compiled/{precision}"]["median_ms"] / median[name])
     return results
 
 
@@ -293,13 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     results = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}}
 
     results["steps"] = step_times(args)
-    print(f"\n{'step':20s} {'median ms':>10s} {'IQR ms':>8s}")
+    print(f"\n{'step':28s} {'median ms':>10s} {'IQR ms':>8s}")
     for name, s in results["steps"].items():
         if isinstance(s, dict):
-            print(f"{name:20s} {s['median_ms']:10.1f} {s['iqr_ms']:8.1f}")
+            print(f"{name:28s} {s['median_ms']:10.1f} {s['iqr_ms']:8.1f}")
     for precision in args.precision:
         print(f"prune / distill, {precision}: {results['steps'][f'prune_over_distill/{precision}']:.3f}; "
               f"speedup target / sparsity target: {results['steps'][f'speedup_over_sparsity_target/{precision}']:.3f}")
+        if args.compile:
+            print(f"compiled / eager, {precision}: " + ", ".join(
+                f"{kind} {results['steps'][f'compiled_over_eager/{kind}/{precision}']:.3f}"
+                for kind in ("distill", "prune", "prune-speedup")))
 
     results["attention_kernels"] = attention_kernels(args)
     print("\npruning steps, the trainer's attention-kernel rule against SDPA's own choice:")

@@ -40,7 +40,7 @@ def shape_config(shape: str, vocab_size: int = 30522):
 
 @dataclass
 class Timing:
-    runtime: str  # cofi.serving.RUNTIMES
+    runtime: str  # cofi.deployment.RUNTIMES
     batch_size: int
     sequence_length: int
     precision: str

@@ -20,7 +20,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-INT8_METHODS = ("dynamic", "static")
+from cofi.deployment import INT8_METHODS
+
 QUANTIZED_OPS = ["MatMul", "Gemm"]
 
 

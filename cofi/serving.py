@@ -1,7 +1,7 @@
 """How a classifier is served on each runtime and precision.
 
 One place turns a model (the teacher or a compact model) into what a deployment
-runs, for timing it (cofi.latency's stopwatch, the benchmark stage) and for
+runs, for timing it (cofi.profiling's stopwatch, the benchmark stage) and for
 measuring its accuracy in that form (the benchmark stage):
 
   runtime        precisions   what runs
@@ -31,9 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-RUNTIMES = ("torch", "torch-compile", "onnxruntime")
-PRECISIONS = ("fp32", "bf16", "int8")
-SUPPORTED = {"torch": ("fp32", "bf16"), "torch-compile": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8")}
+from cofi.deployment import PRECISIONS, RUNTIMES, SUPPORTED, check_supported
+
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 # Every compiled model shares the code of CofiForSequenceClassification.forward, whose
@@ -41,16 +40,6 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 # compiles about a hundred structures, and beyond the limit dynamo would silently run
 # the rest eagerly.
 RECOMPILE_LIMIT = 4096
-
-
-def check_supported(device: str, runtime: str, precision: str) -> None:
-    """ValueError, in one line, unless ``runtime`` serves ``precision`` on ``device``."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime={runtime!r}; allowed: {', '.join(RUNTIMES)}")
-    if precision not in SUPPORTED[runtime]:
-        raise ValueError(f"runtime {runtime} serves {' and '.join(SUPPORTED[runtime])}, not {precision}")
-    if runtime == "onnxruntime" and device != "cpu":
-        raise ValueError(f"runtime onnxruntime is served on the CPU here, not {device}")
 
 
 @dataclass

@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch._dynamo
+import torch._inductor.exc
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
@@ -64,6 +66,7 @@ from cofi.batching import Collator, Example, batches, epoch_order, steps_per_epo
 from cofi.distributed import Processes
 from cofi.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from cofi.distill import DistillationLoss, existing_layers, existing_layers_of_structure
+from cofi.errors import NonFiniteLossError, TrainingInterrupted
 from cofi.teacher_cache import TeacherBatch, TeacherCache
 from cofi.gates import GateConfig, HardConcreteGates
 from cofi.lagrangian import RAMPS, Lagrangian, controlled_sparsity, target_sparsity
@@ -74,6 +77,9 @@ if TYPE_CHECKING:
     from cofi.latency import LatencyModel
 
 log = logging.getLogger(__name__)
+
+# what torch.compile raises when it cannot compile (not errors of the model itself)
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError)
 
 
 @dataclass
@@ -106,6 +112,11 @@ class TrainConfig:
     # GiB of the training device kept for the teacher's outputs, so that each example's
     # are computed once, not once per epoch (cofi.teacher_cache); 0: computed every step
     teacher_cache_gb: float = 0.0
+    # torch.compile (inductor) of the student's training forward and backward; on CUDA with
+    # CUDA graphs (mode "reduce-overhead"). Every unit is then computed masked
+    # (modeling_cofi's static_shapes), as a per-step choice of units would recompile.
+    # Where compilation fails, training goes on eagerly with a warning.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check_range("epochs", self.epochs, 0.0, math.inf, low_open=True)
@@ -171,20 +182,6 @@ def _check_range(name: str, value: float, low: float, high: float, low_open: boo
 
 PER_EXAMPLE_PARTS = ("ce", "pred")  # means over a micro-batch's examples
 PER_TOKEN_PARTS = ("layer",)  # means over its real tokens; "data" and "distill" combine both, the rest are global
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced NaN or infinity; the last good checkpoint is left untouched."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was saved first."""
-
-    def __init__(self, signum: int, step: int, saved: bool):
-        self.signum, self.step = signum, step
-        name = signal.Signals(signum).name
-        where = f"checkpoint saved at step {step}; rerun to resume" if saved else "no checkpoint directory: not saved"
-        super().__init__(f"{name} received: {where}")
 
 
 class TrainerCallback:
@@ -373,6 +370,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)  # gates' initial log α and any fresh weights: the same on every process
         self.model = model.to(self.device)
+        self._compiled_student = self._compile(self.model) if config.compile else None
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         self.distill = distill.to(self.device) if distill is not None else None
         self.fixed_masks = {k: v.to(self.device) for k, v in fixed_masks.items() if v is not None} if fixed_masks else None
@@ -448,6 +446,26 @@ class Trainer:
             torch.manual_seed(config.seed + 1_000_003 * self.processes.rank)
 
     # ----------------------------------------------------------------- one step
+    def _compile(self, model: nn.Module) -> nn.Module:
+        """``model``'s compiled training forward (its parameters shared, so the optimisers
+        and checkpoints see ``self.model`` as ever)."""
+        if hasattr(model, "static_shapes"):
+            model.static_shapes = True
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        return torch.compile(model, mode=mode)
+
+    def _student(self, *inputs: Tensor, **kwargs: Any) -> Any:
+        """The student's training forward: compiled where ``config.compile`` is on and
+        compilation works, else eager."""
+        if self._compiled_student is not None:
+            try:
+                return self._compiled_student(*inputs, **kwargs)
+            except COMPILE_ERRORS as e:
+                log.warning("torch.compile of the training step failed (%s: %s); training eagerly",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self._compiled_student = None
+        return self.model(*inputs, **kwargs)
+
     def _pruning(self, step: int) -> bool:
         return self.prune is not None and step >= self.prune_start
 
@@ -506,7 +524,7 @@ class Trainer:
         inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         with autocast(self.device, self.bf16):
             with training_attention(self.device, self.bf16):
-                student = self.model(*inputs, labels=batch.get("labels"), masks=masks, output_hidden_states=layer_distill)
+                student = self._student(*inputs, labels=batch.get("labels"), masks=masks, output_hidden_states=layer_distill)
             if self.teacher is not None:
                 teacher = self._teacher_outputs(examples, inputs)
         if self.distill is None:

@@ -206,7 +206,7 @@ def main() -> None:
         app()
     except Exception as e:
         from cofi.manifest import ManifestError
-        from cofi.trainer import NonFiniteLossError, TrainingInterrupted
+        from cofi.errors import NonFiniteLossError, TrainingInterrupted
         from pipeline.tracking import TrackingUnavailableError
 
         if isinstance(e, TrainingInterrupted):

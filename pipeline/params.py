@@ -25,8 +25,7 @@ from cofi.ablations import ABLATIONS
 from cofi.data import TASKS
 from cofi.lagrangian import RAMPS
 from cofi.metrics import METRICS
-from cofi.quantize import INT8_METHODS
-from cofi.serving import PRECISIONS, RUNTIMES, check_supported
+from cofi.deployment import INT8_METHODS, PRECISIONS, RUNTIMES, check_supported
 from cofi.sparsity import FAMILIES
 from pipeline.paths import Speedup, Target
 
@@ -193,6 +192,7 @@ class Compute(_Section):
     group_by_length: bool
     processes: Count
     accumulation_steps: Count
+    compile: bool  # torch.compile the training step (cofi.trainer.TrainConfig.compile)
     threads: Threads
     teacher_cache_gb: NonNegative  # GiB of the training device for the teacher's outputs (cofi.teacher_cache)
 
@@ -286,19 +286,19 @@ class Baselines(_Section):
 
 
 class DeploymentTarget(_Section):
-    """Where compact models will serve (cofi.latency.Deployment); the profile stage measures there."""
+    """Where compact models will serve (cofi.deployment.Deployment); the profile stage measures there."""
 
     device: Literal["cpu", "cuda"]
     runtime: Literal[RUNTIMES]
     precision: Literal[PRECISIONS]
     batch_size: Count
     sequence_length: Annotated[int, Field(ge=1, le=512)]
-    threads: Threads
+    threads: Threads = 0  # the runtime's default
 
 
 def _deployment_names(targets: dict) -> dict:
     """Names become file and stage names, and DVC param paths (deployments.<name>: no '.');
-    each runtime serves its own precisions (cofi.serving.SUPPORTED)."""
+    each runtime serves its own precisions (cofi.deployment.SUPPORTED)."""
     for name, target in targets.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
             raise PydanticCustomError(

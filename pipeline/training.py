@@ -3,39 +3,86 @@ training: :func:`run_training_stage` opens the stage's MLflow run, calls the sta
 ``fit``, and on the main process saves the model with its manifest, tags the run with
 its lineage, logs and writes the metrics, then drops the resumable checkpoints;
 :func:`train` runs a `cofi.trainer.Trainer` with MLflow logging, a checkpoint
-directory tied to the stage's inputs, and the curve file."""
+directory tied to the stage's inputs, and the curve file; :func:`train_config`,
+:func:`prune_config` and :func:`distillation` build its configs from the params."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import mlflow
 from torch import nn
 
 from cofi.compact import save_model
+from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
+from cofi.gates import GateConfig
 from cofi.manifest import read_manifest
-from cofi.trainer import TrainConfig, Trainer, TrainerCallback, TrainResult
+from cofi.trainer import PruneConfig, TrainConfig, Trainer, TrainerCallback, TrainResult
 from pipeline import lineage, tracking
-from pipeline.params import Params
-from pipeline.paths import Paths
-from pipeline.runtime import (collator, fingerprint, is_main_process, load_examples, mlflow_run, task_spec_of,
+from pipeline.params import Finetune, Params, Teacher
+from pipeline.paths import Paths, Speedup, Target
+from pipeline.runtime import (StageData, collator, fingerprint, is_main_process, mlflow_run, task_spec_of,
                               write_curve, write_json)
 
-
-@dataclass
-class StageData:
-    train: list[dict]
-    validation: list[dict]
-    meta: dict[str, Any]
+if TYPE_CHECKING:
+    from cofi.latency import LatencyModel
 
 
-def load_stage_data(paths: Paths) -> StageData:
-    meta = json.loads(paths.data_meta.read_text())
-    return StageData(load_examples(paths.data_split("train")), load_examples(paths.data_split("validation")), meta)
+def train_config(params: Params, section, evals_per_epoch: int, num_examples: int, progress: bool = True) -> TrainConfig:
+    steps_per_epoch = -(-num_examples // section.batch_size)
+    return TrainConfig(
+        epochs=section.epochs,
+        batch_size=section.batch_size,
+        learning_rate=section.learning_rate,
+        warmup_ratio=getattr(section, "warmup_ratio", 0.0),
+        bf16=params.compute.bf16,
+        group_by_length=params.compute.group_by_length,
+        freeze_word_embeddings=params.prune.freeze_word_embeddings and not isinstance(section, Teacher),  # students only
+        accumulation_steps=params.compute.accumulation_steps,
+        compile=params.compute.compile,
+        teacher_cache_gb=params.compute.teacher_cache_gb,
+        seed=params.seed,
+        eval_steps=max(1, steps_per_epoch // evals_per_epoch),
+        evaluate_at_start=isinstance(section, Finetune),  # the pruned model is a candidate too
+        device=params.compute.device,
+        progress=progress,
+    )
+
+
+def prune_config(params: Params, target: Target, latency: LatencyModel | None = None) -> PruneConfig:
+    """Pruning to ``target``: a sparsity, or a speedup that ``latency`` (prune.deployment's model) predicts."""
+    p = params.prune
+    aim = ({"target_speedup": target.factor, "latency": latency, "speedup_tolerance": p.speedup_tolerance}
+           if isinstance(target, Speedup) else {"target_sparsity": target})
+    return PruneConfig(
+        **aim,
+        distill_epochs=p.distill_epochs,
+        sparsity_warmup_epochs=p.sparsity_warmup_epochs,
+        ramp=p.sparsity_ramp,
+        reg_learning_rate=p.reg_learning_rate,
+        lambda_2_init=p.lambda_2_init,
+        sparsity_tolerance=p.sparsity_tolerance,
+        gates=GateConfig(families=tuple(p.families), keep_multiple=p.keep_multiple),
+    )
+
+
+def distillation(params: Params, hidden_size: int, num_teacher_layers: int) -> DistillationLoss | None:
+    """The distillation loss prune.distillation asks for; None: gold labels only."""
+    p = params.prune
+    if p.distillation == "none":
+        return None
+    layer = None
+    if p.distillation == "layer_and_prediction":
+        teacher_layers = p.teacher_layers or default_teacher_layers(num_teacher_layers)
+        bad = [i for i in teacher_layers if i > num_teacher_layers]
+        if bad:
+            raise ValueError(f"prune.teacher_layers {bad} exceed the teacher's {num_teacher_layers} layers")
+        layer = LayerDistillLoss(hidden_size, teacher_layers, matching=p.layer_matching)
+    return DistillationLoss(PredictionDistillLoss(p.temperature), layer, p.prediction_weight)
+
 
 
 def train(

@@ -27,8 +27,9 @@ from cofi.sparsity import count_prunable_parameters
 from cofi.trainer import TrainerCallback, TrainResult
 from pipeline.params import Params, Prune
 from pipeline.paths import Paths
-from pipeline.runtime import distillation, is_main_process, setup, train_config, write_curve
-from pipeline.training import Manifest, StageData, Trained, load_stage_data, result_metrics, run_training_stage, train
+from pipeline.runtime import StageData, is_main_process, load_stage_data, setup, write_curve
+from pipeline.training import (Manifest, Trained, distillation, result_metrics, run_training_stage, train,
+                               train_config)
 
 STAGE = "baseline"
 

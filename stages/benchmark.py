@@ -33,19 +33,19 @@ from cofi.benchmark import environment, random_inputs
 from cofi.compact import load_model
 from cofi.data import TaskSpec
 from cofi.flops import forward_flops
-from cofi.latency import Deployment, interleaved_rounds, stopwatch
+from cofi.deployment import SUPPORTED, Deployment
+from cofi.profiling import interleaved_rounds, stopwatch
 from cofi.manifest import read_manifest
 from cofi.metrics import paired_bootstrap
 from cofi.onnx_export import export_onnx, labels_path, max_logit_difference, onnx_session
 from cofi.quantize import quantize_onnx
-from cofi.serving import SUPPORTED, Served, predict_served, serve
+from cofi.serving import Served, predict_served, serve
 from cofi.sparsity import PRUNABLE_LINEARS, count_prunable_parameters
 from cofi.trainer import device_name, predict, resolve_device, supports_bf16
 from pipeline import lineage, tracking
 from pipeline.params import Benchmark, Params
 from pipeline.paths import Paths, Speedup, target_name
-from pipeline.runtime import collator, mlflow_run, require_device, setup, task_spec_of, write_json
-from pipeline.training import load_stage_data
+from pipeline.runtime import collator, load_stage_data, mlflow_run, require_device, setup, task_spec_of, write_json
 
 STAGE = "benchmark"
 ONNX_TOLERANCE = 1e-4  # max |Δlogit| between ONNX Runtime and PyTorch in fp32
@@ -232,11 +232,11 @@ def configurations(params: Params, device: torch.device, threads: int) -> dict[s
 
 def time_configuration(models: dict[str, torch.nn.Module], onnx_files: dict[str, Path], config: Deployment,
                        bench: Benchmark) -> dict[str, dict]:
-    """Every model timed on ``config`` in ``bench.rounds`` interleaved rounds (cofi.latency, as
+    """Every model timed on ``config`` in ``bench.rounds`` interleaved rounds (cofi.profiling, as
     `profile` times): each round times the teacher, then each model. A model's latency is the
     median over rounds (with its spread), ``fastest_ms`` its fastest round; its speedup is the
     teacher's fastest timing ÷ its own, the estimate a slow spell of the machine's moves least
-    (cofi/latency.py, "measuring"), and the one the latency model predicts. ``onnx_files``: the
+    (cofi/profiling.py), and the one the latency model predicts. ``onnx_files``: the
     graphs ONNX Runtime serves (int8 ones for an int8 configuration). A compiled fp32 model
     must give the eager model's logits (``COMPILE_TOLERANCE``)."""
     given = config.runtime == "onnxruntime" and config.precision == "int8"

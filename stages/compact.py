@@ -23,8 +23,7 @@ from cofi.trainer import predict
 from pipeline import lineage, tracking
 from pipeline.params import Params
 from pipeline.paths import Paths, Target, target_name
-from pipeline.runtime import collator, mlflow_run, setup, task_spec_of, write_json
-from pipeline.training import load_stage_data
+from pipeline.runtime import collator, load_stage_data, mlflow_run, setup, task_spec_of, write_json
 
 STAGE = "compact"
 

@@ -22,8 +22,9 @@ from cofi.trainer import predict
 from cofi.manifest import read_manifest
 from pipeline.params import Params
 from pipeline.paths import LAYER_MAP_FILE, MASKS_FILE, Paths, Target
-from pipeline.runtime import collator, distillation, setup, task_spec_of, train_config, write_curve
-from pipeline.training import Manifest, Trained, load_stage_data, result_metrics, run_training_stage, train
+from pipeline.runtime import collator, load_stage_data, setup, task_spec_of, write_curve
+from pipeline.training import (Manifest, Trained, distillation, result_metrics, run_training_stage, train,
+                               train_config)
 
 STAGE = "finetune"
 

@@ -1,6 +1,6 @@
 """Stage `profile@<name>`: a latency model of the teacher's shape on one deployment target.
 
-Measures F(d), A(h, d) and B(u, d) (cofi/latency.py) on deployments[<name>], each
+Measures F(d), A(h, d) and B(u, d) (cofi/latency.py, by cofi/profiling.py) on deployments[<name>], each
 as a fraction of the unpruned model's latency in interleaved rounds, then checks
 the model on random compact structures: predicted against measured speedup. A fit
 worse than FIT_GOAL has its tables measured once more (the better fit is kept).
@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 
 from cofi.configuration_cofi import CofiConfig
-from cofi.latency import check_fit, default_grids, profile, random_structures, stopwatch
+from cofi.profiling import check_fit, default_grids, profile, random_structures, stopwatch
 from cofi.manifest import atomic_write
 from pipeline import lineage
 from pipeline.params import Params

@@ -24,8 +24,9 @@ from pipeline import tracking
 from pipeline.params import Params
 from pipeline.plotting import structure_figure
 from pipeline.paths import GATES_FILE, LAYER_MAP_FILE, MASKS_FILE, Paths, Speedup, Target
-from pipeline.runtime import distillation, is_main_process, prune_config, setup, train_config
-from pipeline.training import Manifest, Trained, load_stage_data, result_metrics, run_training_stage, train
+from pipeline.runtime import is_main_process, load_stage_data, setup
+from pipeline.training import (Manifest, Trained, distillation, prune_config, result_metrics, run_training_stage,
+                               train, train_config)
 
 STAGE = "prune"
 

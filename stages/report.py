@@ -338,7 +338,7 @@ def latency_section(params: Params, paths: Paths, models: dict, env: dict,
     if not params.deployments:
         return []
     lines = ["## Latency models", "",
-             "Measured by `profile@<name>` on each deployment target (cofi/latency.py); the fit compares predicted "
+             "Measured by `profile@<name>` on each deployment target (cofi/profiling.py); the fit compares predicted "
              "and measured speedups of random compact structures.", ""]
     for deployment in params.deployments:
         model = LatencyModel.from_dict(json.loads(paths.latency_model(deployment).read_text()))

@@ -16,8 +16,8 @@ from cofi.convert import load_pretrained_with_report, load_tokenizer
 from cofi.trainer import predict
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.runtime import base_model_path, collator, setup, task_spec_of, train_config, write_curve
-from pipeline.training import Manifest, Trained, load_stage_data, result_metrics, run_training_stage, train
+from pipeline.runtime import base_model_path, collator, load_stage_data, setup, task_spec_of, write_curve
+from pipeline.training import Manifest, Trained, result_metrics, run_training_stage, train, train_config
 
 STAGE = "teacher"
 

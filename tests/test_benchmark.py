@@ -140,7 +140,8 @@ def test_the_stage_measures_speedups_in_rounds_so_drift_cancels(monkeypatch):
     costs 1/2 and 1/4), while its median latency drifts with the clock."""
     from types import SimpleNamespace
 
-    from cofi.latency import Deployment, Timer
+    from cofi.deployment import Deployment
+    from cofi.profiling import Timer
     from stages import benchmark
 
     g, clock = 1.05, {"factor": 1.0}

@@ -14,10 +14,10 @@ import yaml
 
 from cofi import CofiConfig
 from cofi.benchmark import shape_config
-from cofi.latency import (
-    Deployment, LatencyModel, Structure, check_fit, default_grids, fingerprint, full_structure, model_of, monotone, profile,
-    random_structures, relative_latencies,
-)
+from cofi.deployment import Deployment
+from cofi.latency import LatencyModel, Structure, fingerprint
+from cofi.profiling import (check_fit, default_grids, full_structure, model_of, monotone, profile, random_structures,
+                            relative_latencies)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = CofiConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128)

@@ -341,6 +341,12 @@ def test_the_readme_deployments_validate():
     assert set(deployments) == {"cpu-b32", "ort-b1"} and deployments["ort-b1"].runtime == "onnxruntime"
 
 
+def test_a_deployment_without_threads_uses_the_runtimes_default():
+    deployment = {"device": "cpu", "runtime": "onnxruntime", "precision": "int8", "batch_size": 1, "sequence_length": 128}
+    params = validate_params(yaml.safe_load(changed({"deployments": {"ort-b1": deployment}})))
+    assert params.deployments["ort-b1"].threads == 0
+
+
 def test_the_readme_speed_targets_validate_and_make_their_stages(tmp_path):
     """The README's speed-target params, as printed, are valid, and DVC makes the stages it
     names from them (the e2e test runs the same keys through `dvc repro` at a tiny size)."""
@@ -364,7 +370,7 @@ def test_the_readme_speed_targets_validate_and_make_their_stages(tmp_path):
 
 
 def test_frozen_word_embeddings_are_for_students_not_the_teacher():
-    from pipeline.runtime import train_config
+    from pipeline.training import train_config
 
     params = load_params(REAL)
     params = params.model_copy(update={"prune": params.prune.model_copy(update={"freeze_word_embeddings": True})})
@@ -376,7 +382,7 @@ def test_frozen_word_embeddings_are_for_students_not_the_teacher():
 
 
 def test_only_fine_tuning_counts_the_model_it_starts_from_as_a_candidate():
-    from pipeline.runtime import train_config
+    from pipeline.training import train_config
 
     params = load_params(REAL)
     configs = {name: train_config(params, section.model_copy(update={"epochs": 1.0}), 1, 100)

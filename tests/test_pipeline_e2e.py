@@ -23,7 +23,7 @@ from cofi.batching import Collator
 from cofi.compact import load_model
 from cofi.trainer import predict, supports_bf16
 from pipeline.paths import Paths
-from pipeline.training import load_stage_data
+from pipeline.runtime import load_stage_data
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "data" / "glue"  # the demo data shipped with the repository (params.yaml's data.source)

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 from cofi.compact import compact, load_model
 from cofi.gates import GateConfig, HardConcreteGates
-from cofi.latency import Deployment, Structure, default_grids, model_of, profile
+from cofi.deployment import Deployment
+from cofi.latency import Structure
+from cofi.profiling import default_grids, model_of, profile
 from cofi.sparsity import ModelShape, mask_sparsity
 from cofi.trainer import PruneConfig
 from pipeline.paths import MASKS_FILE, Speedup

@@ -30,6 +30,23 @@ def test_every_stage_runs_the_launcher_its_stage_module_and_their_imports():
     assert all("pipeline/training.py" not in deps[name] for name in ("data", "profile"))
 
 
+def test_serving_and_training_code_reruns_only_the_stages_that_run_it():
+    """The params schema checks deployments with cofi.deployment alone, and the shared
+    runtime helpers import no trainer: an edit of the serving code (ONNX Runtime, int8,
+    the profiling of a latency model) never retrains a model, and an edit of the trainer never
+    re-reads the data."""
+    deps = {name: set(stage["deps"]) for name, stage in stage_deps.stages(ROOT / "dvc.yaml").items()}
+    serving = {"cofi/serving.py", "cofi/quantize.py", "cofi/onnx_export.py", "cofi/benchmark.py", "cofi/profiling.py"}
+    training = {"teacher", "prune", "finetune", "prune-speedup", "finetune-speedup", "prune-ablation",
+                "finetune-ablation", "baseline"}
+    for name in training | {"data"}:
+        assert not serving & deps[name], (name, sorted(serving & deps[name]))
+    assert serving - {"cofi/profiling.py"} <= deps["benchmark"] and "cofi/profiling.py" in deps["profile"]
+    assert "cofi/latency.py" in deps["prune-speedup"]  # the latency model's prediction steers the pruning
+    assert not {"cofi/trainer.py", "cofi/gates.py", "cofi/distill.py"} & deps["data"]
+    assert all("cofi/trainer.py" in deps[name] for name in training)
+
+
 def _project(tmp_path: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +94,8 @@ def test_check_names_a_missing_import_and_an_unneeded_listing(tmp_path):
         "      - outputs/data\n      - cofi/__init__.py", "      - outputs/data\n      - cofi/__init__.py\n      - cofi/structure.py", 1))
     assert stage_deps.check(dvc_yaml) == [
         "stage teacher: deps lack [], list unimported ['cofi/structure.py']",
-        "stage report: deps lack ['cofi/baselines.py', 'cofi/flops.py'], list unimported []"]
+        "stage report: deps lack ['cofi/baselines.py', 'cofi/checkpoint.py', 'cofi/distill.py', 'cofi/distributed.py', "
+        "'cofi/flops.py', 'cofi/gates.py', 'cofi/teacher_cache.py', 'cofi/trainer.py'], list unimported []"]
 
 
 def test_write_replaces_only_the_code_lines(tmp_path):
@@ -104,4 +122,4 @@ def test_the_prune_params_are_written_once():
     sparsity = stages["prune"]["do"]["params"]
     speedup = stages["prune-speedup"]["do"]["params"]
     assert speedup == [{"params.yaml": sparsity}, "prune.deployment", "prune.speedup_tolerance"]
-    assert len(sparsity) == 25
+    assert len(sparsity) == 26

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -418,3 +419,65 @@ def test_a_teacher_shared_with_the_student_is_refused(task):
     with pytest.raises(ValueError, match="separate copy"):
         Trainer(model, task[0], task[1], TrainConfig(progress=False), metric_fn=accuracy, primary_metric="accuracy",
                 collate=Collator(0), teacher=model, distill=distill)
+
+
+def compile_pair(task, **train):
+    """An eager and a compiled pruning trainer of the same model, pruning from step 0; the
+    eager one computes every unit masked too (static shapes), as the compiled one must."""
+    prune = dict(target_sparsity=0.5, distill_epochs=0, sparsity_warmup_epochs=0.5, reg_learning_rate=0.1)
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    eager = make_trainer(task, prune=PruneConfig(**prune), epochs=1, log_steps=1, model=no_dropout, **train)
+    eager.model.static_shapes = True
+    compiled = make_trainer(task, prune=PruneConfig(**prune), epochs=1, log_steps=1, model=no_dropout, compile=True,
+                            **train)
+    return eager, compiled
+
+
+def assert_same_steps(eager, compiled, steps: int, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Float rounding only: inductor fuses and reorders sums, which moves a logged value by
+    at most 1e-4 of itself, or 1e-5 where it is near 0 (the prediction loss of a student
+    that starts as its teacher is 5e-6)."""
+    for start in range(0, 8 * steps, 8):
+        eager.train_step(list(range(start, start + 8)))
+        compiled.train_step(list(range(start, start + 8)))
+    eager.read_logged(), compiled.read_logged()
+    assert len(eager.history) == len(compiled.history) == steps
+    for got, want in zip(compiled.history, eager.history):
+        assert set(got) == set(want)
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=rtol, abs=atol), (got["step"], key)
+    for (name, want), got in zip(eager.model.named_parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got.grad, want.grad, rtol=rtol, atol=atol, msg=lambda m: f"{name}.grad: {m}")
+    for family, want in eager.gates.log_alpha.items():
+        torch.testing.assert_close(compiled.gates.log_alpha[family].grad, want.grad, rtol=rtol, atol=atol)
+
+
+def test_a_compiled_training_step_takes_the_eager_steps(task):
+    """TrainConfig.compile: the student's forward and backward through torch.compile
+    (inductor, on the CPU here) give eager's losses, gradients and weights, step for step,
+    while pruning with layer distillation; and it really ran compiled. Without dropout:
+    with it, the compiled graph draws its dropout masks in another order (even with
+    inductor's fallback_random), so its steps are eager's in distribution only."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager, compiled = compile_pair(task)
+    assert compiled.model.static_shapes and compiled._compiled_student is not None
+    assert_same_steps(eager, compiled, steps=3)
+    assert compiled._compiled_student is not None  # no fallback
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+def test_where_compilation_fails_training_goes_on_eagerly_with_a_warning(task, monkeypatch, caplog):
+    def no_compiler(model, **kwargs):
+        def fails(*args, **kw):
+            raise torch._dynamo.exc.TorchRuntimeError("no C++ compiler here")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    eager, compiled = compile_pair(task)
+    with caplog.at_level(logging.WARNING, logger="cofi.trainer"):
+        assert_same_steps(eager, compiled, steps=2, rtol=0, atol=0)  # eager after the failure: the same arithmetic
+    assert compiled._compiled_student is None
+    assert [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()] == [
+        "torch.compile of the training step failed (TorchRuntimeError: no C++ compiler here); training eagerly"]
