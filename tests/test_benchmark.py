@@ -16,7 +16,7 @@ from cofi.benchmark import environment, time_forward, time_served
 from cofi.compact import compact
 from cofi.data import TASKS
 from cofi.flops import forward_flops
-from cofi.metrics import accuracy, paired_bootstrap
+from cofi.metrics import accuracy, accuracy_and_f1, matthews, paired_bootstrap
 from cofi.sparsity import count_prunable_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,6 +247,25 @@ def paired_se(preds: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> f
     gained = int(((preds == labels) & (reference != labels)).sum())  # model right, teacher wrong
     lost = int(((preds != labels) & (reference == labels)).sum())
     return math.sqrt(gained + lost - (gained - lost) ** 2 / n) / n
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_accuracy_f1_and_matthews_are_scikit_learns_exactly(classes):
+    """The numpy metrics the bootstrap calls thousands of times equal scikit-learn's to the last
+    bit, on random sets and on the degenerate ones (one class only, no positives, all wrong)."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(classes)
+    sets = [(rng.integers(0, classes, n), rng.integers(0, classes, n)) for n in (1, 2, 7, 100, 872)]
+    sets += [(np.zeros(9, int), np.zeros(9, int)), (np.zeros(9, int), np.ones(9, int)),
+             (np.ones(9, int), np.zeros(9, int)), (np.arange(9) % 2, 1 - np.arange(9) % 2)]
+    for preds, labels in sets:
+        assert matthews(preds, labels)["matthews"] == sklearn_metrics.matthews_corrcoef(labels, preds)
+        if classes == 2:
+            ours = accuracy_and_f1(preds, labels)
+            assert ours["accuracy"] == sklearn_metrics.accuracy_score(labels, preds)
+            assert ours["f1"] == sklearn_metrics.f1_score(labels, preds, zero_division=0.0)
+        else:
+            assert accuracy(preds, labels)["accuracy"] == sklearn_metrics.accuracy_score(labels, preds)
 
 
 def test_the_paired_bootstrap_interval_is_the_paired_normal_interval_on_sst2_sized_sets():

@@ -459,13 +459,19 @@ def test_lineage_verifies_then_detects_a_corrupt_weight_file(project):
     good = run([*cofi, "lineage", "outputs/compact/0.5"], project)
     assert "teacher" in good.stdout
     weights = project / "outputs" / "compact" / "0.5" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
+    original, mode = weights.read_bytes(), weights.stat().st_mode
+    data = bytearray(original)
     data[-1] ^= 0xFF
     weights.chmod(0o644)
-    weights.write_bytes(bytes(data))
-    bad = run([*cofi, "lineage", "outputs/compact/0.5"], project, check=False)
-    assert bad.returncode == 1
-    assert "model.safetensors" in bad.stdout + bad.stderr
+    try:
+        weights.write_bytes(bytes(data))
+        bad = run([*cofi, "lineage", "outputs/compact/0.5"], project, check=False)
+        assert bad.returncode == 1
+        assert "model.safetensors" in bad.stdout + bad.stderr
+    finally:  # the module's other tests share this run's outputs
+        weights.write_bytes(original)
+        weights.chmod(mode)
+    assert run([*cofi, "lineage", "outputs/compact/0.5"], project).returncode == 0  # the restored file checks out
 
 
 # last: it adds report runs to the pipeline execution that the tests above count
