@@ -24,12 +24,14 @@ timeout 270 python -m pytest -q -m cuda -p no:cacheprovider --durations=10 tests
 
 # 2. pruning against distillation steps, batch 32 x 128, fp32 and bf16: BERT-base eager
 #    (75 s), MiniLM eager and compiled (105 s: compiling takes the extra time)
-timeout 75 python benchmarks/bench_prune_step.py --device cuda --shape bert-base --repeats 10 --warmup 3 \
-  --read-steps 0 --sparsities --json "$out/steps-bert-base.json" 2>&1 | tee "$out/steps-bert-base.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 105 python benchmarks/bench_prune_step.py --device cuda --shape minilm --repeats 10 --warmup 3 \
-  --read-steps 0 --sparsities --compile --json "$out/steps-minilm.json" 2>&1 | tee "$out/steps-minilm.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+steps() {  # shape, time limit in s, extra flags
+  local shape="$1" limit="$2"; shift 2
+  timeout "$limit" python benchmarks/bench_prune_step.py --device cuda --shape "$shape" --repeats 10 --warmup 3 \
+    --read-steps 0 --sparsities "$@" --json "$out/steps-$shape.json" 2>&1 | tee "$out/steps-$shape.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
+steps bert-base 75
+steps minilm 105 --compile
 
 # 3. the goals, read from the JSON the benchmark wrote
 python - "$out" <<'PY' || status=1
