@@ -26,7 +26,8 @@ from cofi.trainer import (
 from tests.conftest import FINE_GRID, synthetic_task, tiny_model
 
 
-def make_trainer(task, *, prune=None, teacher=True, checkpoint_dir=None, callbacks=(), model=None, **train):
+def make_trainer(task, *, prune=None, teacher=True, checkpoint_dir=None, callbacks=(), model=None, pad_to_multiple=1,
+                 **train):
     """A trainer of the tiny model (``model``: overrides of its config)."""
     train_data, eval_data = task
     settings = dict(epochs=4, batch_size=8, learning_rate=1e-3, eval_steps=6, progress=False, seed=3)
@@ -40,7 +41,7 @@ def make_trainer(task, *, prune=None, teacher=True, checkpoint_dir=None, callbac
         kwargs["distill"] = DistillationLoss(PredictionDistillLoss(2.0), layer, 0.5)
     return Trainer(
         student, train_data, eval_data, TrainConfig(**settings),
-        metric_fn=accuracy, primary_metric="accuracy", collate=Collator(0),
+        metric_fn=accuracy, primary_metric="accuracy", collate=Collator(0, pad_to_multiple),
         prune=prune, checkpoint_dir=checkpoint_dir, callbacks=callbacks, **kwargs,
     )
 
@@ -466,6 +467,18 @@ def test_a_compiled_training_step_takes_the_eager_steps(task):
     assert_same_steps(eager, compiled, steps=3)
     assert compiled._compiled_student is not None  # no fallback
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+def test_steps_on_length_buckets_are_the_steps_on_the_longest_example(task):
+    """Padding to a bucket (what a compiled step gets: few graphs) changes no loss, gradient
+    or weight beyond rounding: every loss weights tokens by the attention mask. Without
+    dropout, whose masks are drawn for the padded shape."""
+    prune = PruneConfig(target_sparsity=0.5, distill_epochs=0, sparsity_warmup_epochs=0.5, reg_learning_rate=0.1)
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    plain = make_trainer(task, prune=prune, epochs=1, log_steps=1, model=no_dropout)
+    bucketed = make_trainer(task, prune=prune, epochs=1, log_steps=1, model=no_dropout, pad_to_multiple=16)
+    assert bucketed.collate([task[0][0]])["input_ids"].shape[1] == 16 > len(task[0][0]["input_ids"])
+    assert_same_steps(plain, bucketed, steps=3)
 
 
 def test_where_compilation_fails_training_goes_on_eagerly_with_a_warning(task, monkeypatch, caplog):
