@@ -291,6 +291,33 @@ def test_a_checkpoint_replaces_the_last_and_a_damaged_one_is_refused(tmp_path):
         load_checkpoint(tmp_path, linear_state(3), single)
 
 
+def test_a_model_with_empty_sublayers_checkpoints_without_a_warning_and_restores(tmp_path, capfd, caplog):
+    """A compacted model's pruned-away sublayers are empty tensors (here: two layers of no
+    units). safetensors took them for one shared tensor: the save kept one with accelerate's
+    "Removed shared tensor" warning, and the resume of a fine-tuning run failed on the missing
+    ones. The checkpoint stores the non-empty tensors, and a resume restores every tensor;
+    a checkpoint of another model is refused, naming the file."""
+    single = Processes(0, 1, torch.device("cpu"))
+
+    def state(seed: int) -> TrainingState:
+        torch.manual_seed(seed)
+        module = torch.nn.Sequential(torch.nn.Linear(3, 0), torch.nn.Linear(3, 2), torch.nn.Linear(0, 2))
+        return TrainingState([module], [torch.optim.AdamW(module.parameters())], [], {})
+
+    saved = state(1)
+    with caplog.at_level(logging.WARNING):
+        save_checkpoint(tmp_path, 1, saved, {"step": 1}, single)
+    assert "Removed shared tensor" not in capfd.readouterr().err + caplog.text
+    restored = state(2)
+    load_checkpoint(tmp_path, restored, single)
+    for (name, want), got in zip(saved.modules[0].state_dict().items(), restored.modules[0].state_dict().values()):
+        assert got.shape == want.shape and torch.equal(got, want), name
+    other = TrainingState([torch.nn.Sequential(torch.nn.Linear(3, 2))], [], [], {})
+    with pytest.raises(ManifestError, match=r"model.safetensors: weights of another model \(missing \['0.bias', "
+                                            r"'0.weight'\], unexpected \['1.bias', '1.weight', '2.bias'\]\)"):
+        load_checkpoint(tmp_path, other, single)
+
+
 class Planted:
     """An object whose unpickling runs code (``__setstate__``): what a tampered checkpoint holds."""
 
