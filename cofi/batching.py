@@ -11,18 +11,29 @@ from torch import Tensor
 Example = Mapping[str, Sequence[int] | int | float]
 
 
+# A compiled training step has one graph per batch shape; padding every batch to a
+# multiple of this many tokens keeps the shapes to max_length / 16 buckets (4 at the
+# default 64), where padding to the longest example gives one per length.
+COMPILED_LENGTH_MULTIPLE = 16
+
+
 class Collator:
-    """Pads a list of tokenised examples to the longest one in the batch.
+    """Pads a list of tokenised examples to the longest one in the batch, rounded up to
+    a multiple of ``pad_to_multiple`` (1: the longest; a compiled step: its buckets).
 
     Each example has "input_ids", optionally "token_type_ids" and "label";
     the batch gets an "attention_mask" (1 for real tokens).
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, pad_to_multiple: int = 1):
+        if pad_to_multiple < 1:
+            raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
         self.pad_token_id = pad_token_id
+        self.pad_to_multiple = pad_to_multiple
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, Tensor]:
-        T = max(len(e["input_ids"]) for e in examples)
+        longest = max(len(e["input_ids"]) for e in examples)
+        T = -(-longest // self.pad_to_multiple) * self.pad_to_multiple  # (B, T): T the bucket of the longest
         B = len(examples)
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
         token_type_ids = torch.zeros((B, T), dtype=torch.long)

@@ -96,7 +96,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: TrainingStat
         shutil.rmtree(folder, ignore_errors=True)  # what a crash in an earlier save of this step left
         folder.mkdir(parents=True)
     processes.barrier()
-    save_accelerator_state(str(folder), [m.state_dict() for m in state.modules], list(state.optimizers),
+    save_accelerator_state(str(folder), [_stored(m) for m in state.modules], list(state.optimizers),
                            list(state.schedulers), [], processes.rank, step, safe_serialization=True)
     torch.save({name: g.get_state() for name, g in state.generators.items()},
                folder / f"generators_{processes.rank}.pt")
@@ -141,9 +141,10 @@ def load_checkpoint(directory: str | os.PathLike, state: TrainingState, processe
                             path=directory / MANIFEST)
     folder = directory / _state_folder(manifest["step"])
     _accelerate(processes)
-    try:
+    _check_weight_names(folder, state.modules, start_over)
+    try:  # not strict: the empty tensors _stored left out keep their (empty) values
         load_accelerator_state(str(folder), list(state.modules), list(state.optimizers), list(state.schedulers),
-                               [], processes.rank, map_location="cpu")
+                               [], processes.rank, map_location="cpu", strict=False)
     except pickle.UnpicklingError as e:
         raise _refused(folder, manifest, start_over) from e
     _check_random_states(folder / f"random_states_{processes.rank}.pkl", start_over)
@@ -154,6 +155,27 @@ def load_checkpoint(directory: str | os.PathLike, state: TrainingState, processe
     for name, generator in state.generators.items():
         generator.set_state(generators[name])
     return _load_tensors(folder / PROGRESS, start_over)
+
+
+def _stored(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint stores: all but empty tensors (a compacted model's pruned-away
+    sublayers), which hold nothing and which safetensors would take for one shared tensor,
+    and leave out all but one of, with a warning."""
+    return {name: t for name, t in module.state_dict().items() if t.numel()}
+
+
+def _check_weight_names(folder: Path, modules: Sequence[nn.Module], start_over: str) -> None:
+    """Each module's stored weights are the ones it has (so the non-strict load misses nothing)."""
+    from safetensors import safe_open
+
+    for i, module in enumerate(modules):
+        path = folder / f"model{f'_{i}' if i else ''}.safetensors"
+        with safe_open(path, "pt") as f:
+            stored = set(f.keys())
+        expected = set(_stored(module))
+        if stored != expected:
+            raise ManifestError(f"{path}: weights of another model (missing {sorted(expected - stored)[:3]}, "
+                                f"unexpected {sorted(stored - expected)[:3]}){start_over}", path=path)
 
 
 def _load_tensors(path: Path, start_over: str) -> Any:

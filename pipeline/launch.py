@@ -1,5 +1,5 @@
-"""``python -m pipeline.launch <command> [args]`` (the ``cofi`` console script, and what
-dvc.yaml runs): a stage command takes its per-stage lock (a second run of the same stage
+"""``python -m pipeline.launch <stage> [args]`` (what dvc.yaml runs, and the ``cofi``
+console script for a stage command): a stage command takes its per-stage lock (a second run of the same stage
 stops at once, naming the first, and writes nothing), then runs
 
 - in this process when it trains with one process (compute.processes: 1) or does not
@@ -7,7 +7,8 @@ stops at once, naming the first, and writes nothing), then runs
 - under ``torchrun`` with compute.processes workers otherwise: this process becomes
   torchrun (exec, same pid, the lock held on), and each worker dies with it.
 
-Any other command (``lineage``, ``structure``, ``--help``) runs as ``pipeline.cli``.
+It imports only the stage commands (:mod:`pipeline.stage_cli`); the tools (``lineage``,
+``structure``, ``ui``) are the console script's (:mod:`pipeline.cli`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import cli
+from pipeline import stage_cli
 from pipeline.params import ParamsError, load_params
 from pipeline.processes import LAUNCHER_PID, StageRunning, lock_path, stage_lock
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     sys.argv = ["cofi", *args]
     if not args or args[0] not in STAGES:
-        cli.main()
+        stage_cli.main()
         return
     try:
         stage_lock(lock_path(params_file(args).parent, args), inheritable=True)
@@ -55,11 +56,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     n = processes(args) if args[0] in TRAINING_STAGES else 1
     if n == 1:
-        cli.main()
+        stage_cli.main()
         return
     os.environ[LAUNCHER_PID] = str(os.getpid())
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-    os.execv(sys.executable, [*torchrun, "-m", "pipeline.cli", *args])
+    os.execv(sys.executable, [*torchrun, "-m", "pipeline.stage_cli", *args])
 
 
 if __name__ == "__main__":

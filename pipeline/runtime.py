@@ -81,8 +81,8 @@ def load_examples(path: Path) -> list[dict]:
     return records
 
 
-def collator(pad_token_id: int) -> Collator:
-    return Collator(pad_token_id)
+def collator(pad_token_id: int, pad_to_multiple: int = 1) -> Collator:
+    return Collator(pad_token_id, pad_to_multiple)
 
 
 def deployment_of(params: Params, name: str) -> Deployment:

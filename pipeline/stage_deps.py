@@ -1,7 +1,7 @@
 """The code dependencies of each dvc.yaml stage: the project modules it imports.
 
 A stage ``python -m pipeline.launch <command>`` runs ``pipeline/launch.py`` and the
-stage module ``stages/<command>.py`` (``pipeline.cli`` imports it by name). Its code
+stage module ``stages/<command>.py`` (``pipeline.stage_cli`` imports it by name). Its code
 dependencies are those two files and every project file they import, directly or
 not, at module level or inside a function (imports under ``if TYPE_CHECKING:`` do
 not run and are left out), with each package's ``__init__.py`` on the way. So an

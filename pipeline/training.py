@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import mlflow
 from torch import nn
 
+from cofi.batching import COMPILED_LENGTH_MULTIPLE
 from cofi.compact import save_model
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
 from cofi.gates import GateConfig
@@ -111,7 +112,9 @@ def train(
     trainer = Trainer(
         model, data.train, data.validation, config,
         metric_fn=spec.metric_fn, primary_metric=spec.primary_metric,
-        collate=collator(data.meta["pad_token_id"]), callbacks=[*callbacks, *([mlflow_callback] if main else [])],
+        # a compiled step pads to a few lengths, so that a few graphs (CUDA graphs) cover every batch
+        collate=collator(data.meta["pad_token_id"], COMPILED_LENGTH_MULTIPLE if config.compile else 1),
+        callbacks=[*callbacks, *([mlflow_callback] if main else [])],
         checkpoint_dir=checkpoint_dir, **trainer_kwargs,
     )
     cache = trainer.teacher_cache

@@ -1,1 +1,1 @@
-"""One module per DVC stage; ``run`` is the stage (pipeline.cli looks it up by name)."""
+"""One module per DVC stage; ``run`` is the stage (pipeline.stage_cli looks it up by name)."""

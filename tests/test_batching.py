@@ -39,3 +39,15 @@ def test_grouped_batches_come_from_one_window_and_are_shuffled():
     assert all(lengths[b[0]] >= lengths[b[-1]] for b in batches.tolist())  # sorted within a batch
     maxima = [max(lengths[i] for i in b) for b in batches.tolist()]
     assert maxima != sorted(maxima, reverse=True)  # batch order is shuffled, not a length curriculum
+
+
+def test_the_collator_pads_to_the_bucket_of_the_longest_example():
+    from cofi.batching import Collator
+
+    examples = [{"input_ids": [5] * n, "label": 1} for n in (3, 17)]
+    assert Collator(0)(examples)["input_ids"].shape == (2, 17)
+    batch = Collator(0, pad_to_multiple=16)(examples)
+    assert batch["input_ids"].shape == (2, 32)
+    assert batch["attention_mask"].sum(1).tolist() == [3, 17]  # padding is masked
+    assert (batch["input_ids"][1, 17:] == 0).all()
+    assert Collator(0, pad_to_multiple=16)([{"input_ids": [5] * 16}])["input_ids"].shape == (1, 16)

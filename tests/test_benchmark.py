@@ -82,10 +82,33 @@ def test_onnx_export_of_a_heterogeneous_model_matches_pytorch(heterogeneous, tmp
         mask[0, length // 2:] = 0  # padding
         inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
         assert max_logit_difference(heterogeneous, session, inputs) <= 1e-5
+    # the attention in its ONNX form (modeling_cofi.exported_attention): a constant scale, the mask
+    # added once per score, none of the exported SDPA's run-time scale (Sqrt) and NaN guard (IsNaN, Where)
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    attending = sum(1 for heads in heterogeneous.config.layer_num_heads if heads)
+    assert "IsNaN" not in ops and "Sqrt" not in ops and ops.count("Softmax") == attending > 0, sorted(set(ops))
     t = time_served(serve(heterogeneous, "onnxruntime", "fp32", onnx=path, threads=1), vocab_size=50, batch_size=2,
                     sequence_length=8, warmup=1, repeats=3, threads=1)
     assert (t.runtime, t.precision, t.key, t.threads) == ("onnxruntime", "fp32", "onnxruntime_fp32_b2_s8", 1)
     assert 0 < t.q1_ms <= t.median_ms <= t.q3_ms
+
+
+def test_the_exported_attention_is_sdpas_with_the_padding_masked():
+    """modeling_cofi.exported_attention, what the ONNX graph computes, against SDPA on
+    scores sharp enough that attending to a padded token would show."""
+    from cofi.modeling_cofi import exported_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 8, generator=g) * 3 for _ in range(3))  # (B, H, T, D)
+    keep = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    keep[0, ..., 4:] = False
+    keep[2, ..., 1:] = False
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    torch.testing.assert_close(exported_attention(q, k, v, keep, 8 ** -0.5), want, rtol=1e-5, atol=1e-6)
+    unmasked = exported_attention(q, k, v, torch.ones_like(keep), 8 ** -0.5)
+    assert (unmasked[0] - want[0]).abs().max() > 0.1  # the padding matters here
 
 
 def test_a_model_with_no_attention_left_exports_runs_and_times_in_onnx(tmp_path):

@@ -72,7 +72,7 @@ def server(tmp_path_factory):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    command = [sys.executable, "-m", "pipeline.launch", "ui", "--port", str(port), "--params", str(root / "params.yaml"),
+    command = [sys.executable, "-m", "pipeline.cli", "ui", "--port", str(port), "--params", str(root / "params.yaml"),
                "--x-frame-options", "DENY"]  # an option of `mlflow server` (its default: SAMEORIGIN), passed on
     log_path = root / "server.log"
     with open(log_path, "wb") as log:

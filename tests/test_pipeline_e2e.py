@@ -376,6 +376,7 @@ PRUNE_STAGES = {"prune@0.3", "prune@0.5", "prune-speedup@1.5"}
 @pytest.mark.parametrize("edited, stale", [
     ("stages/report.py", {"report"}),
     ("pipeline/plotting.py", PRUNE_STAGES | {"report"}),  # the structure figure: pruning logs it, the report draws it
+    ("pipeline/cli_lineage.py", set()),  # a tool of the console script, no stage's code
 ])
 def test_a_code_edit_invalidates_only_the_stages_that_import_it(project, edited, stale):
     """dvc.yaml's code deps are each stage's import closure (pipeline/stage_deps.py)."""
@@ -387,7 +388,7 @@ def test_a_code_edit_invalidates_only_the_stages_that_import_it(project, edited,
         status = json.loads(run(["dvc", "status", "--json"], project).stdout)
     finally:
         path.write_text(original)
-    assert set(status) == stale
+    assert set(status) == stale, status
     assert all(status[stage] == [{"changed deps": {edited: "modified"}}] for stage in stale), status
 
 

@@ -22,12 +22,15 @@ def test_dvc_yaml_lists_each_stages_import_closure():
 def test_every_stage_runs_the_launcher_its_stage_module_and_their_imports():
     deps = {name: stage["deps"] for name, stage in stage_deps.stages(ROOT / "dvc.yaml").items()}
     report = set(deps.pop("report"))
-    assert {"pipeline/launch.py", "pipeline/cli.py", "stages/__init__.py", "stages/report.py",
+    assert {"pipeline/launch.py", "pipeline/stage_cli.py", "stages/__init__.py", "stages/report.py",
             "pipeline/plotting.py", "cofi/structure.py", "cofi/__init__.py"} <= report
     assert all("stages/report.py" not in d for d in deps.values())  # an edit of it reruns only report
     assert {name for name, d in deps.items() if "pipeline/plotting.py" in d} == {
         "prune", "prune-speedup", "prune-ablation"}
     assert all("pipeline/training.py" not in deps[name] for name in ("data", "profile"))
+    # the console script's tools (lineage, structure, ui) are no stage's code: editing them reruns nothing
+    tools = {"pipeline/cli.py", "pipeline/cli_lineage.py", "pipeline/mlflow_app.py"}
+    assert all(not tools & {*d, *report} for d in deps.values())
 
 
 def test_serving_and_training_code_reruns_only_the_stages_that_run_it():
@@ -94,7 +97,7 @@ def test_check_names_a_missing_import_and_an_unneeded_listing(tmp_path):
         "      - outputs/data\n      - cofi/__init__.py", "      - outputs/data\n      - cofi/__init__.py\n      - cofi/structure.py", 1))
     assert stage_deps.check(dvc_yaml) == [
         "stage teacher: deps lack [], list unimported ['cofi/structure.py']",
-        "stage report: deps lack ['cofi/baselines.py', 'cofi/checkpoint.py', 'cofi/distill.py', 'cofi/distributed.py', "
+        "stage report: deps lack ['cofi/baselines.py', 'cofi/checkpoint.py', 'cofi/compact.py', 'cofi/distill.py', 'cofi/distributed.py', "
         "'cofi/flops.py', 'cofi/gates.py', 'cofi/teacher_cache.py', 'cofi/trainer.py'], list unimported []"]
 
 

@@ -431,7 +431,7 @@ def test_ui_link_opens_the_training_layout():
 def _cofi_ui(project: Path, **env: str) -> subprocess.CompletedProcess:
     shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", project / "params.yaml")
     environ = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | env
-    return subprocess.run([sys.executable, "-m", "pipeline.launch", "ui", "--params", str(project / "params.yaml")],
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "ui", "--params", str(project / "params.yaml")],
                           capture_output=True, text=True, env=environ, cwd=project, timeout=120)
 
 

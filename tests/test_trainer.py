@@ -26,7 +26,8 @@ from cofi.trainer import (
 from tests.conftest import FINE_GRID, synthetic_task, tiny_model
 
 
-def make_trainer(task, *, prune=None, teacher=True, checkpoint_dir=None, callbacks=(), model=None, **train):
+def make_trainer(task, *, prune=None, teacher=True, checkpoint_dir=None, callbacks=(), model=None, pad_to_multiple=1,
+                 **train):
     """A trainer of the tiny model (``model``: overrides of its config)."""
     train_data, eval_data = task
     settings = dict(epochs=4, batch_size=8, learning_rate=1e-3, eval_steps=6, progress=False, seed=3)
@@ -40,7 +41,7 @@ def make_trainer(task, *, prune=None, teacher=True, checkpoint_dir=None, callbac
         kwargs["distill"] = DistillationLoss(PredictionDistillLoss(2.0), layer, 0.5)
     return Trainer(
         student, train_data, eval_data, TrainConfig(**settings),
-        metric_fn=accuracy, primary_metric="accuracy", collate=Collator(0),
+        metric_fn=accuracy, primary_metric="accuracy", collate=Collator(0, pad_to_multiple),
         prune=prune, checkpoint_dir=checkpoint_dir, callbacks=callbacks, **kwargs,
     )
 
@@ -290,6 +291,33 @@ def test_a_checkpoint_replaces_the_last_and_a_damaged_one_is_refused(tmp_path):
         load_checkpoint(tmp_path, linear_state(3), single)
 
 
+def test_a_model_with_empty_sublayers_checkpoints_without_a_warning_and_restores(tmp_path, capfd, caplog):
+    """A compacted model's pruned-away sublayers are empty tensors (here: two layers of no
+    units). safetensors took them for one shared tensor: the save kept one with accelerate's
+    "Removed shared tensor" warning, and the resume of a fine-tuning run failed on the missing
+    ones. The checkpoint stores the non-empty tensors, and a resume restores every tensor;
+    a checkpoint of another model is refused, naming the file."""
+    single = Processes(0, 1, torch.device("cpu"))
+
+    def state(seed: int) -> TrainingState:
+        torch.manual_seed(seed)
+        module = torch.nn.Sequential(torch.nn.Linear(3, 0), torch.nn.Linear(3, 2), torch.nn.Linear(0, 2))
+        return TrainingState([module], [torch.optim.AdamW(module.parameters())], [], {})
+
+    saved = state(1)
+    with caplog.at_level(logging.WARNING):
+        save_checkpoint(tmp_path, 1, saved, {"step": 1}, single)
+    assert "Removed shared tensor" not in capfd.readouterr().err + caplog.text
+    restored = state(2)
+    load_checkpoint(tmp_path, restored, single)
+    for (name, want), got in zip(saved.modules[0].state_dict().items(), restored.modules[0].state_dict().values()):
+        assert got.shape == want.shape and torch.equal(got, want), name
+    other = TrainingState([torch.nn.Sequential(torch.nn.Linear(3, 2))], [], [], {})
+    with pytest.raises(ManifestError, match=r"model.safetensors: weights of another model \(missing \['0.bias', "
+                                            r"'0.weight'\], unexpected \['1.bias', '1.weight', '2.bias'\]\)"):
+        load_checkpoint(tmp_path, other, single)
+
+
 class Planted:
     """An object whose unpickling runs code (``__setstate__``): what a tampered checkpoint holds."""
 
@@ -466,6 +494,18 @@ def test_a_compiled_training_step_takes_the_eager_steps(task):
     assert_same_steps(eager, compiled, steps=3)
     assert compiled._compiled_student is not None  # no fallback
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+def test_steps_on_length_buckets_are_the_steps_on_the_longest_example(task):
+    """Padding to a bucket (what a compiled step gets: few graphs) changes no loss, gradient
+    or weight beyond rounding: every loss weights tokens by the attention mask. Without
+    dropout, whose masks are drawn for the padded shape."""
+    prune = PruneConfig(target_sparsity=0.5, distill_epochs=0, sparsity_warmup_epochs=0.5, reg_learning_rate=0.1)
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    plain = make_trainer(task, prune=prune, epochs=1, log_steps=1, model=no_dropout)
+    bucketed = make_trainer(task, prune=prune, epochs=1, log_steps=1, model=no_dropout, pad_to_multiple=16)
+    assert bucketed.collate([task[0][0]])["input_ids"].shape[1] == 16 > len(task[0][0]["input_ids"])
+    assert_same_steps(plain, bucketed, steps=3)
 
 
 def test_where_compilation_fails_training_goes_on_eagerly_with_a_warning(task, monkeypatch, caplog):
