@@ -156,7 +156,7 @@ class CofiLayer(nn.Module):
 def exported_attention(q: Tensor, k: Tensor, v: Tensor, keep_tokens: Tensor, scale: float) -> Tensor:
     """softmax(q·kᵀ·scale + mask)·v, SDPA's math in the form ONNX Runtime runs fastest: the
     exported SDPA computes its scale at run time and adds a Where over every score, about a
-    quarter of an ONNX Runtime pass at batch 32 (docs/experiments/int8.md).
+    quarter of an ONNX Runtime pass at batch 32 (docs/experiments/served-speed.md).
 
     q, k, v: (B, H, T, D); keep_tokens: (B, 1, 1, T) bool; scale: 1/√D, a constant of the graph.
     """
