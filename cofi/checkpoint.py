@@ -166,10 +166,11 @@ def _stored(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def _check_weight_names(folder: Path, modules: Sequence[nn.Module], start_over: str) -> None:
     """Each module's stored weights are the ones it has (so the non-strict load misses nothing)."""
+    from accelerate.utils import SAFE_MODEL_NAME
     from safetensors import safe_open
 
     for i, module in enumerate(modules):
-        path = folder / f"model{f'_{i}' if i else ''}.safetensors"
+        path = folder / f"{SAFE_MODEL_NAME}{f'_{i}' if i else ''}.safetensors"  # save_accelerator_state's names
         with safe_open(path, "pt") as f:
             stored = set(f.keys())
         expected = set(_stored(module))

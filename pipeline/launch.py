@@ -1,6 +1,6 @@
 """``python -m pipeline.launch <stage> [args]`` (what dvc.yaml runs, and the ``cofi``
-console script for a stage command): a stage command takes its per-stage lock (a second run of the same stage
-stops at once, naming the first, and writes nothing), then runs
+console script for a stage command): a stage command takes its per-stage lock (a second
+run of the same stage stops at once, naming the first, and writes nothing), then runs
 
 - in this process when it trains with one process (compute.processes: 1) or does not
   train at all;
