@@ -28,8 +28,8 @@ from cofi.trainer import TrainerCallback, TrainResult
 from pipeline.params import Params, Prune
 from pipeline.paths import Paths
 from pipeline.runtime import StageData, is_main_process, load_stage_data, setup, write_curve
-from pipeline.training import (Manifest, Trained, distillation, result_metrics, run_training_stage, train,
-                               train_config)
+from pipeline.student import distillation
+from pipeline.training import Manifest, Trained, result_metrics, run_training_stage, train, train_config
 
 STAGE = "baseline"
 

@@ -23,8 +23,8 @@ from cofi.manifest import read_manifest
 from pipeline.params import Params
 from pipeline.paths import LAYER_MAP_FILE, MASKS_FILE, Paths, Target
 from pipeline.runtime import collator, load_stage_data, setup, task_spec_of, write_curve
-from pipeline.training import (Manifest, Trained, distillation, result_metrics, run_training_stage, train,
-                               train_config)
+from pipeline.student import distillation
+from pipeline.training import Manifest, Trained, result_metrics, run_training_stage, train, train_config
 
 STAGE = "finetune"
 

@@ -377,6 +377,7 @@ PRUNE_STAGES = {"prune@0.3", "prune@0.5", "prune-speedup@1.5"}
     ("stages/report.py", {"report"}),
     ("pipeline/plotting.py", PRUNE_STAGES | {"report"}),  # the structure figure: pruning logs it, the report draws it
     ("pipeline/cli_lineage.py", set()),  # a tool of the console script, no stage's code
+    ("cofi/lagrangian.py", PRUNE_STAGES),  # pruning code: no teacher, data or fine-tuning stage runs it
 ])
 def test_a_code_edit_invalidates_only_the_stages_that_import_it(project, edited, stale):
     """dvc.yaml's code deps are each stage's import closure (pipeline/stage_deps.py)."""
