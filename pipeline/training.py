@@ -4,7 +4,7 @@ training: :func:`run_training_stage` opens the stage's MLflow run, calls the sta
 its lineage, logs and writes the metrics, then drops the resumable checkpoints;
 :func:`train` runs a `cofi.trainer.Trainer` with MLflow logging, a checkpoint
 directory tied to the stage's inputs, and the curve file; :func:`train_config` builds
-its config from the params (a student's pruning and distillation: pipeline.student)."""
+its config from the params (a student's distillation loss: pipeline.distillation)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from pipeline.params import Params
 from pipeline.plotting import structure_figure
 from pipeline.paths import GATES_FILE, LAYER_MAP_FILE, MASKS_FILE, Paths, Speedup, Target
 from pipeline.runtime import is_main_process, load_stage_data, setup
-from pipeline.student import distillation
+from pipeline.distillation import distillation_loss
 from pipeline.training import Manifest, Trained, result_metrics, run_training_stage, train, train_config
 
 STAGE = "prune"
@@ -72,7 +72,7 @@ def run(params: Params, target: Target, root: Path = Path("."), variant: str | N
     data = load_stage_data(paths)
     teacher_digest = read_manifest(paths.teacher)["digest"]
     student = load_model(paths.teacher, verify=True)  # CoFi starts from the fine-tuned teacher
-    distill = distillation(params, student.config.hidden_size, student.config.num_hidden_layers)
+    distill = distillation_loss(params, student.config.hidden_size, student.config.num_hidden_layers)
     teacher = copy.deepcopy(student) if distill is not None else None  # frozen by the Trainer
     section = params.prune.model_copy(update={"epochs": params.prune.epochs_for(target)})
     config = train_config(params, section, params.prune.evals_per_epoch, len(data.train))

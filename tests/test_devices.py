@@ -37,7 +37,7 @@ from cofi.deployment import Deployment
 from cofi.profiling import default_grids, profile
 from pipeline.params import validate_params
 from pipeline.paths import Speedup, Target
-from pipeline.student import distillation
+from pipeline.distillation import distillation_loss
 from stages.prune import prune_config
 from tests.conftest import FINE_GRID, synthetic_task, tiny_model
 from tests.test_latency import exact
@@ -78,7 +78,7 @@ def build_trainer(name: str, device: str, warmup_epochs: float = 1.0, target: Ta
     step 0 with a sparsity warm-up of ``warmup_epochs``; a speedup target on an exact latency model."""
     params = params_with(settings()[name])
     student, teacher = tiny_model(seed=0), tiny_model(seed=0)
-    loss = distillation(params, student.config.hidden_size, student.config.num_hidden_layers)
+    loss = distillation_loss(params, student.config.hidden_size, student.config.num_hidden_layers)
     latency = None
     if isinstance(target, Speedup):
         latency = profile(student.config, Deployment(), default_grids(student.config, keep_multiple=4), prepare=exact)

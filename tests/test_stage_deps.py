@@ -57,7 +57,7 @@ def test_an_edit_of_pruning_or_distillation_code_retrains_no_teacher():
     that train a fixed structure (finetune, baseline) the distillation code alone."""
     deps = {name: set(stage["deps"]) for name, stage in stage_deps.stages(ROOT / "dvc.yaml").items()}
     pruning = {"cofi/pruning.py", "cofi/gates.py", "cofi/lagrangian.py"}
-    distillation = {"cofi/distill.py", "cofi/teacher_cache.py", "pipeline/student.py"}
+    distillation = {"cofi/distill.py", "cofi/teacher_cache.py", "pipeline/distillation.py"}
     for name in ("data", "teacher"):
         assert not (pruning | distillation | {"cofi/sparsity.py"}) & deps[name], (name, sorted(deps[name]))
     for name in ("prune", "prune-speedup", "prune-ablation"):

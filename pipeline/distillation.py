@@ -8,7 +8,7 @@ from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLo
 from pipeline.params import Params
 
 
-def distillation(params: Params, hidden_size: int, num_teacher_layers: int) -> DistillationLoss | None:
+def distillation_loss(params: Params, hidden_size: int, num_teacher_layers: int) -> DistillationLoss | None:
     """The distillation loss prune.distillation asks for; None: gold labels only."""
     p = params.prune
     if p.distillation == "none":
