@@ -64,7 +64,8 @@ from cofi.latency import LatencyModel
 from cofi.profiling import default_grids
 from cofi.metrics import accuracy
 from cofi.sparsity import ModelShape, mask_sparsity
-from cofi.trainer import PruneConfig, TrainConfig, Trainer
+from cofi.trainer import TrainConfig, Trainer
+from cofi.pruning import PruneConfig
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -242,14 +243,14 @@ def left_out_units(args: argparse.Namespace) -> dict:
     results = {}
     for target in args.sparsities:
         trainer = build_trainer(args, "sparsity", precision)
-        at = gates_at(trainer.shape, target, args.keep_multiple)
+        at = gates_at(trainer.pruning.shape, target, args.keep_multiple)
         with torch.no_grad():
-            for f, a in trainer.gates.log_alpha.items():
+            for f, a in trainer.pruning.gates.log_alpha.items():
                 a.copy_(at.log_alpha[f])
         median = paired_medians(trainer, indices, args, modeling_cofi, "computed_units",
                                 {"left_out": left_out, "all_computed": every_unit})
         results[f"sparsity_{target:g}"] = {
-            "sparsity": float(trainer.gates.deterministic_sparsity()), **{f"{k}_ms": v for k, v in median.items()},
+            "sparsity": float(trainer.pruning.gates.deterministic_sparsity()), **{f"{k}_ms": v for k, v in median.items()},
             "speedup": median["all_computed"] / median["left_out"]}
     return results
 

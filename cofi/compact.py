@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from cofi.configuration_cofi import CofiConfig
-from cofi.manifest import fsync_path, read_manifest, verify_files
+from cofi.manifest import fsync_path, plain_file_mode, read_manifest, verify_files
 from cofi.modeling_cofi import CofiForSequenceClassification
 
 __all__ = ["compact", "save_model", "load_model"]
@@ -314,7 +314,9 @@ def save_model(
     ``extra(directory)``, if given, writes more files (a tokenizer, masks, a
     manifest) into the directory before it is complete. It is written to a
     temporary sibling and renamed into place; an existing directory at ``path``
-    is replaced only once the new one is complete. Returns the path.
+    is replaced only once the new one is complete. Its files and directories get
+    the modes of plain writes under the umask (0644 and 0755 under the usual 022).
+    Returns the path.
     """
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
@@ -329,6 +331,11 @@ def save_model(
         _check_saved(tmp)
         if extra is not None:
             extra(tmp)
+        # safetensors (0.8) writes through a temporary file and leaves it owner-only (0600):
+        # every file gets the mode of a plain write, so another account can serve the model
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                file.chmod(plain_file_mode())
         _fsync_tree(tmp)
         _replace_dir(tmp, path)
     except BaseException:

@@ -9,6 +9,8 @@
   through a learned linear map W_layer initialised to the identity, is pulled
   towards it with a padding-aware MSE.
 * ``DistillationLoss``: the weighted total, returned with its parts for logging.
+* ``Distillation``: that loss bound to its frozen teacher for one training run
+  (``DistillationLoss.with_teacher``): the teacher's outputs, cached where worth it.
 
 Conventions: teacher layers are 1-based (``hidden_states[i]``, index 0 being the
 embeddings); ``match_layers`` and ``existing_layers`` index student layers from
@@ -28,11 +30,13 @@ import contextlib
 import copy
 import math
 import numbers
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cofi.teacher_cache import TeacherBatch, TeacherCache
 
 __all__ = [
     "PredictionDistillLoss",
@@ -44,6 +48,7 @@ __all__ = [
     "default_teacher_layers",
     "LayerDistillLoss",
     "DistillationLoss",
+    "Distillation",
 ]
 
 
@@ -481,3 +486,61 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"prediction_weight={self.prediction_weight}"
+
+    def with_teacher(self, teacher: nn.Module, device: torch.device, lengths: Sequence[int],
+                     cache_bytes: int = 0) -> Distillation:
+        """This loss bound to ``teacher`` for a training run on ``device`` over examples of
+        ``lengths`` tokens (``cache_bytes`` > 0: their teacher outputs kept, cofi.teacher_cache)."""
+        return Distillation(teacher, self, device, lengths, cache_bytes)
+
+
+class Distillation:
+    """A student's distillation in one training run: the frozen teacher on the device, its
+    outputs for a micro-batch (computed, or read from a ``TeacherCache``), and the loss
+    parts of the student's outputs against them."""
+
+    def __init__(self, teacher: nn.Module, loss: DistillationLoss, device: torch.device, lengths: Sequence[int],
+                 cache_bytes: int = 0) -> None:
+        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        self.loss = loss.to(device)
+        self.device = device
+        layers = loss.layer.teacher_layers if loss.layer is not None else []
+        self.cache = TeacherCache(self.teacher, lengths, layers, cache_bytes, device) if cache_bytes > 0 else None
+        self._structure_exists: Tensor | None = None  # existing layers of a compacted student (fixed)
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        """Whether the loss reads every layer's hidden states (a layer loss)."""
+        return self.loss.layer is not None
+
+    @torch.no_grad()
+    def teacher_outputs(self, examples: Sequence[int], inputs: tuple[Tensor, Tensor, Tensor]) -> TeacherBatch:
+        """The teacher's outputs for the training examples ``examples``, whose inputs
+        (ids, attention mask, token types) are ``inputs`` (the caller's autocast applies)."""
+        if self.cache is not None:
+            return self.cache(examples, *inputs)
+        out = self.teacher(*inputs, output_hidden_states=self.needs_hidden_states)
+        return TeacherBatch(out.logits, out.hidden_states)
+
+    def parts(self, student: Any, teacher: TeacherBatch, attention_mask: Tensor,
+              masks: Mapping[str, Tensor] | None, student_config: Any) -> dict[str, Tensor]:
+        """The loss parts ("pred", "layer", "distill") of the student's outputs (with the
+        structure ``masks``, or the compacted one of ``student_config``)."""
+        return self.loss(student.logits, teacher.logits, student.hidden_states, teacher.hidden_states,
+                         attention_mask, self._existing_layers(masks, student_config))
+
+    def _existing_layers(self, masks: Mapping[str, Tensor] | None, config: Any) -> Tensor:
+        if masks:
+            return existing_layers(masks, config.num_hidden_layers)
+        if self._structure_exists is None:
+            self._structure_exists = existing_layers_of_structure(
+                config.layer_num_heads, config.layer_intermediate_size, self.device)
+        return self._structure_exists
+
+    def data_loss(self, parts: Mapping[str, Tensor], scales: Mapping[str, float]) -> Tensor:
+        """A micro-batch's share of the global batch's loss, w · L_pred + (1 − w) · L_layer,
+        each part weighted by ``scales`` (its share of the examples, or of the tokens)."""
+        if self.loss.layer is None:
+            return parts["pred"] * scales["pred"]
+        w = self.loss.prediction_weight
+        return w * parts["pred"] * scales["pred"] + (1.0 - w) * parts["layer"] * scales["layer"]

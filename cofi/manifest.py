@@ -39,14 +39,26 @@ class ManifestError(RuntimeError):
         self.actual = actual
 
 
+def plain_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process's umask. Reading
+    the umask means setting it: for that moment it is 022, the usual value, so a file another
+    thread creates then gets no wider mode."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], None]) -> None:
     """Write ``content`` (text as UTF-8, bytes, or ``content(file)`` writing a binary file) to a
-    temporary sibling, then rename it to ``path``: readers see the old file or the new one, never a part."""
+    temporary sibling, then rename it to ``path``: readers see the old file or the new one, never a part.
+    The file gets the mode a plain ``open(path, "w")`` gives (0644 under the usual umask), not the
+    temporary file's owner-only 0600: a model is read by other accounts (a serving container)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), plain_file_mode())
             if callable(content):
                 content(f)
             else:

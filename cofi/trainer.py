@@ -2,27 +2,23 @@
 fine-tuning with a fixed structure.
 
 - Teacher (no teacher model given): gold-label loss.
-- Pruning (``prune`` given): distillation only for ``distill_epochs``; then masks
-  are sampled from the hard-concrete gates and the Lagrangian pulls the sparsity
-  of the deterministic masks (the model that ships; with the gradient of the
-  smooth expected sparsity, ``lagrangian.controlled_sparsity``) to a target that
-  rises over ``sparsity_warmup_epochs`` (``ramp``: linear or cubic, see
-  ``lagrangian.target_sparsity``); the search continues after the
-  target is reached. Every step logs both: ``mask_sparsity`` (controlled) and
-  ``expected_sparsity`` (ŝ of the keep probabilities). The best checkpoint is
-  chosen among evaluations whose deterministic-mask sparsity is within
-  ``sparsity_tolerance`` of the final target.
-  With ``target_speedup`` the controlled number is instead the fraction of the
-  unpruned latency saved, 1 − T/T_full, as a latency model (cofi.latency) predicts
-  it: of the deterministic structure for the value, of the expected kept units for
-  the gradient. Steps log ``predicted_speedup`` (controlled), ``expected_speedup``
-  and ``target_speedup``; candidates are evaluations whose predicted speedup is
-  within ``speedup_tolerance`` (relative) of the target.
+- Distillation (a teacher and a ``cofi.distill.DistillationLoss`` given): the loss
+  of the student's outputs against the frozen teacher's.
+- Pruning (a ``cofi.pruning.PruneConfig`` given): distillation with hard-concrete
+  masks and the Lagrangian that steers them to a target (``cofi.pruning``). Every
+  step logs ``mask_sparsity`` (of the deterministic masks) and ``expected_sparsity``
+  (ŝ of the keep probabilities); with a speedup target also ``predicted_speedup``,
+  ``expected_speedup`` and ``target_speedup``. The best checkpoint is chosen among
+  evaluations within tolerance of the final target.
 - Fixed structure: fixed masks on the full model, or a compacted model.
+
+This module imports neither: the pruning and distillation state come from the
+objects the caller passes in, so training a teacher runs no pruning code (and a
+change to it reruns no teacher stage).
 
 The loop is seeded and resumable: the example order of an epoch is a function of
 (seed, epoch), a pruning step's mask noise a function of (seed, step)
-(``gate_noise_generator``), and a checkpoint (cofi.checkpoint, on Accelerate) holds
+(``cofi.pruning.gate_noise_generator``), and a checkpoint (cofi.checkpoint, on Accelerate) holds
 every other piece of state (weights, gates, λ, optimizers, schedule, every process's
 random states) so a resumed run, of one process or several, continues as if never stopped.
 SIGINT and SIGTERM are deferred to the end of the current step, which is then
@@ -49,7 +45,7 @@ import math
 import signal
 import threading
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -65,16 +61,13 @@ from transformers import get_linear_schedule_with_warmup
 from cofi.batching import Collator, Example, batches, epoch_order, steps_per_epoch
 from cofi.distributed import Processes
 from cofi.checkpoint import TrainingState, load_checkpoint, save_checkpoint
-from cofi.distill import DistillationLoss, existing_layers, existing_layers_of_structure
-from cofi.errors import NonFiniteLossError, TrainingInterrupted
-from cofi.teacher_cache import TeacherBatch, TeacherCache
-from cofi.gates import GateConfig, HardConcreteGates
-from cofi.lagrangian import RAMPS, Lagrangian, controlled_sparsity, target_sparsity
+from cofi.errors import NonFiniteLossError, TrainingInterrupted, check_range
 from cofi.metrics import MetricFn
-from cofi.sparsity import ModelShape, mask_sparsity, max_sparsity, sparsity_of_counts
 
 if TYPE_CHECKING:
-    from cofi.latency import LatencyModel
+    from cofi.distill import Distillation, DistillationLoss
+    from cofi.pruning import Pruning, PruneConfig
+    from cofi.teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
 
@@ -119,65 +112,14 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        _check_range("epochs", self.epochs, 0.0, math.inf, low_open=True)
-        _check_range("batch_size", self.batch_size, 1, math.inf)
-        _check_range("learning_rate", self.learning_rate, 0.0, math.inf, low_open=True)
-        _check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        _check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True)
-        _check_range("accumulation_steps", self.accumulation_steps, 1, math.inf)
-        _check_range("log_steps", self.log_steps, 1, math.inf)
-        _check_range("teacher_cache_gb", self.teacher_cache_gb, 0.0, math.inf)
-
-
-@dataclass
-class PruneConfig:
-    """What pruning aims at: ``target_sparsity``, or ``target_speedup`` over the unpruned
-    model as ``latency`` (a latency model of the deployment) predicts it. Either way the
-    Lagrangian controls one number of the deterministic structure: its sparsity, or the
-    fraction of the unpruned latency it saves, 1 − 1/speedup."""
-
-    target_sparsity: float | None = None
-    distill_epochs: float = 1.0  # distillation only, before any mask is sampled
-    sparsity_warmup_epochs: float = 2.0  # target rises from the masks' initial value over this span
-    ramp: str = "linear"  # how it rises: "linear" (the paper) or "cubic" (lagrangian.target_sparsity)
-    reg_learning_rate: float = 0.01  # for log α (descent) and λ1, λ2 (ascent)
-    lambda_2_init: float = 0.0  # λ2's start (the paper: 0); lagrangian.py says why the pipeline starts it at 100
-    sparsity_tolerance: float = 0.01  # ε: checkpoints this close to the target are candidates
-    gates: GateConfig = field(default_factory=GateConfig)
-    target_speedup: float | None = None  # instead of target_sparsity
-    latency: LatencyModel | None = None  # predicts the speedup of a structure; needed by target_speedup
-    speedup_tolerance: float = 0.03  # relative: checkpoints whose predicted speedup is this close are candidates
-
-    def __post_init__(self) -> None:
-        if (self.target_sparsity is None) == (self.target_speedup is None):
-            raise ValueError("give one of target_sparsity and target_speedup")
-        if self.target_sparsity is not None:
-            _check_range("target_sparsity", self.target_sparsity, 0.0, 1.0, high_open=True)
-        else:
-            _check_range("target_speedup", self.target_speedup, 1.0, math.inf, low_open=True)
-            if self.latency is None:
-                raise ValueError("target_speedup needs a latency model (latency)")
-        _check_range("distill_epochs", self.distill_epochs, 0.0, math.inf)
-        _check_range("sparsity_warmup_epochs", self.sparsity_warmup_epochs, 0.0, math.inf)
-        if self.ramp not in RAMPS:
-            raise ValueError(f"ramp={self.ramp!r}; allowed: {', '.join(RAMPS)}")
-        _check_range("reg_learning_rate", self.reg_learning_rate, 0.0, math.inf, low_open=True)
-        _check_range("lambda_2_init", self.lambda_2_init, 0.0, math.inf)
-        _check_range("sparsity_tolerance", self.sparsity_tolerance, 0.0, 1.0, low_open=True)
-        _check_range("speedup_tolerance", self.speedup_tolerance, 0.0, 1.0, low_open=True)
-
-    @property
-    def controlled_target(self) -> float:
-        """The final target of the controlled number: a sparsity, or the latency saved."""
-        return self.target_sparsity if self.target_speedup is None else 1.0 - 1.0 / self.target_speedup
-
-
-def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if below or above or (isinstance(value, float) and math.isnan(value)):
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {interval}")
+        check_range("epochs", self.epochs, 0.0, math.inf, low_open=True)
+        check_range("batch_size", self.batch_size, 1, math.inf)
+        check_range("learning_rate", self.learning_rate, 0.0, math.inf, low_open=True)
+        check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True)
+        check_range("accumulation_steps", self.accumulation_steps, 1, math.inf)
+        check_range("log_steps", self.log_steps, 1, math.inf)
+        check_range("teacher_cache_gb", self.teacher_cache_gb, 0.0, math.inf)
 
 
 PER_EXAMPLE_PARTS = ("ce", "pred")  # means over a micro-batch's examples
@@ -274,15 +216,6 @@ def training_attention(device: torch.device, bf16: bool):
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" and bf16 else nullcontext()
 
 
-def gate_noise_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator of pruning step ``step``'s mask noise: seeded from (seed, step) alone,
-    so every process draws the same masks at a step (one sample per global batch), and a
-    resumed run draws what the uninterrupted one drew, with no state to checkpoint.
-    Apart from the global RNG, which dropout draws from per process."""
-    generator = torch.Generator(device="cpu" if device.type == "meta" else device)
-    return generator.manual_seed(seed * 1_000_033 + step)
-
-
 def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     """To the device; on CUDA through pinned memory, so the copy does not block the host."""
     if device.type == "cuda":
@@ -347,7 +280,7 @@ class Trainer:
             raise ValueError("pruning learns the masks; fixed_masks is for fine-tuning a pruned structure")
         if len(train_data) == 0 or len(eval_data) == 0:
             raise ValueError(f"empty data: {len(train_data)} training and {len(eval_data)} evaluation examples")
-        self.config, self.prune = config, prune
+        self.config = config
         self.train_data, self.eval_data = train_data, eval_data
         self.metric_fn, self.primary_metric, self.collate = metric_fn, primary_metric, collate
         self.callbacks = list(callbacks)
@@ -371,24 +304,22 @@ class Trainer:
         torch.manual_seed(config.seed)  # gates' initial log α and any fresh weights: the same on every process
         self.model = model.to(self.device)
         self._compiled_student = self._compile(self.model) if config.compile else None
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
-        self.distill = distill.to(self.device) if distill is not None else None
         self.fixed_masks = {k: v.to(self.device) for k, v in fixed_masks.items() if v is not None} if fixed_masks else None
 
         self.steps_per_epoch = steps_per_epoch(len(train_data), config.batch_size)
         lengths = [len(e["input_ids"]) for e in train_data]
         self.lengths = lengths if config.group_by_length else None
         self.total_steps = max(1, round(config.epochs * self.steps_per_epoch))
-        self.teacher_cache = None  # worth it only where an example comes twice: more than one epoch
-        if self.teacher is not None and config.teacher_cache_gb > 0 and self.total_steps > self.steps_per_epoch:
-            layers = self.distill.layer.teacher_layers if self.distill.layer is not None else []
-            self.teacher_cache = TeacherCache(self.teacher, lengths, layers, int(config.teacher_cache_gb * 2**30), self.device)
+        # the teacher's outputs are worth keeping only where an example comes twice: more than one epoch
+        cache_bytes = int(config.teacher_cache_gb * 2**30) if self.total_steps > self.steps_per_epoch else 0
+        self.distillation: Distillation | None = (
+            distill.with_teacher(teacher, self.device, lengths, cache_bytes) if distill is not None else None)
         self.eval_steps = config.eval_steps or self.steps_per_epoch
 
         if config.freeze_word_embeddings:
             self.model.get_input_embeddings().weight.requires_grad_(False)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        trainable += list(self.distill.parameters()) if self.distill else []
+        trainable += list(self.distillation.loss.parameters()) if self.distillation else []
         # fused: one kernel per step instead of ~10 full passes over the weights;
         # on CPU that is ~4x faster for all-MiniLM-L6-v2 (memory-bound update).
         # The meta device (shape-only test runs) has no fused kernel.
@@ -399,45 +330,14 @@ class Trainer:
             self.optimizer, round(config.warmup_ratio * self.total_steps), self.total_steps
         )
 
-        self.gates = self.lagrangian = None
-        if prune is not None:
-            self.prune_start = round(prune.distill_epochs * self.steps_per_epoch)
-            self.sparsity_warmup = round(prune.sparsity_warmup_epochs * self.steps_per_epoch)
-            if self.prune_start + self.sparsity_warmup >= self.total_steps:
-                raise ValueError(
-                    f"distill_epochs ({prune.distill_epochs}) + sparsity_warmup_epochs "
-                    f"({prune.sparsity_warmup_epochs}) must be less than epochs ({config.epochs}): "
-                    f"pruning would never reach its target ({self.prune_start} + {self.sparsity_warmup} "
-                    f">= {self.total_steps} steps)"
-                )
-            self.shape = ModelShape.from_config(model.config)
-            families = prune.gates.families
-            if prune.target_speedup is None:
-                reachable = max_sparsity(self.shape, families)
-                if prune.target_sparsity > reachable:
-                    raise ValueError(
-                        f"target_sparsity={prune.target_sparsity:g} cannot be reached by pruning only "
-                        f"{', '.join(families)}: at most {reachable:.4f} (add families)"
-                    )
-            else:
-                prune.latency.check_reachable(prune.target_speedup, self.shape, families, prune.gates.keep_multiple)
-            gates = HardConcreteGates(self.shape, prune.gates)
-            # where the target ramp starts: read here, on the host, before the gates
-            # move to the device (seeded, so the same on every process and on resume)
-            self.initial_controlled = float(self._shipped(gates))
-            self.gates = gates.to(self.device)
-            self.lagrangian = Lagrangian(prune.lambda_2_init).to(self.device)
-            # fused as well: the unfused AdamW reads its step count on the host (.item())
-            fused = self.device.type != "meta"
-            self.gate_optimizer = torch.optim.AdamW(self.gates.parameters(), lr=prune.reg_learning_rate,
-                                                    weight_decay=0.0, fused=fused)
-            self.lagrangian_optimizer = self.lagrangian.make_optimizer(prune.reg_learning_rate, fused=fused)
+        self.pruning: Pruning | None = (
+            prune.start(model.config, config.epochs, self.steps_per_epoch, self.total_steps, self.device)
+            if prune is not None else None)
 
         self.step = 0
         self.evaluations: list[dict[str, float]] = []
         self.history: list[dict[str, float]] = []
         self._unread: list[tuple[int, dict[str, Tensor], float]] = []  # (step, device values, lr) not yet read
-        self._structure_exists: Tensor | None = None  # existing layers of a compacted student (fixed)
         self.best: dict[str, Any] | None = None  # {"step", "metrics", "state"}
         self._signals: list[int] = []  # stop signals received (filled during fit)
         self._bar = tqdm(disable=True)  # the progress bar of fit
@@ -466,51 +366,13 @@ class Trainer:
                 self._compiled_student = None
         return self.model(*inputs, **kwargs)
 
+    @property
+    def teacher_cache(self) -> TeacherCache | None:
+        """Where the teacher's outputs are kept (None: computed each step, or no teacher)."""
+        return self.distillation.cache if self.distillation is not None else None
+
     def _pruning(self, step: int) -> bool:
-        return self.prune is not None and step >= self.prune_start
-
-    def _existing_layers(self, masks: Mapping[str, Tensor] | None) -> Tensor:
-        config = self.model.config
-        if masks:
-            return existing_layers(masks, config.num_hidden_layers)
-        if self._structure_exists is None:
-            self._structure_exists = existing_layers_of_structure(
-                config.layer_num_heads, config.layer_intermediate_size, self.device)
-        return self._structure_exists
-
-    def _shipped(self, gates: HardConcreteGates) -> Tensor:
-        """What the Lagrangian controls, of the deterministic structure (``keep_multiple``
-        and the layer-drop rule included), float64: its sparsity, or for a speedup target
-        the fraction of the unpruned latency it saves, 1 − T/T_full."""
-        if self.prune.target_speedup is None:
-            return gates.deterministic_sparsity()
-        return 1 - self.prune.latency.relative_of_counts(self.shape, gates.deterministic_counts())
-
-    def _controlled(self, gates: HardConcreteGates) -> tuple[Tensor, dict[str, Tensor]]:
-        """One step's controlled value (``_shipped``'s value with the gradient of the same
-        measure of the expected counts, ``controlled_sparsity``) and what the step logs
-        of it. Each count is computed once: on a GPU every op is a kernel launch, and a
-        pruning step is bound by launches on a model as small as MiniLM."""
-        expected, shipped = gates.expected_counts(), gates.deterministic_counts()
-        sparsity = sparsity_of_counts(self.shape, expected), sparsity_of_counts(self.shape, shipped)
-        logged = {"expected_sparsity": sparsity[0].detach(), "mask_sparsity": sparsity[1]}
-        if self.prune.target_speedup is None:
-            return controlled_sparsity(*sparsity), logged
-        # both structures in one call, in the expected counts' dtype (the shipped counts
-        # are integers below 2^24: exact in float32)
-        both = {f: torch.stack([e, shipped[f].to(e.dtype)]) for f, e in expected.items()}
-        relative = self.prune.latency.relative_of_counts(self.shape, both)  # (2,): expected, shipped
-        speedup = 1 / relative.detach()
-        return controlled_sparsity(1 - relative[0], 1 - relative[1]), logged | {
-            "expected_speedup": speedup[0], "predicted_speedup": speedup[1]}
-
-    def _teacher_outputs(self, examples: list[int], inputs: tuple[Tensor, Tensor, Tensor]) -> TeacherBatch:
-        """The frozen teacher's outputs for a micro-batch (the caller's autocast applies)."""
-        with torch.no_grad():
-            if self.teacher_cache is not None:
-                return self.teacher_cache(examples, *inputs)
-            out = self.teacher(*inputs, output_hidden_states=self.distill.layer is not None)
-            return TeacherBatch(out.logits, out.hidden_states)
+        return self.pruning is not None and self.pruning.active(step)
 
     def _losses(self, batch: dict[str, Tensor], examples: list[int], step: int,
                 noise: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -519,50 +381,35 @@ class Trainer:
         (means over the micro-batch, combined by ``_data_loss``), and, while pruning, the
         "lagrangian" (a global term). ``noise``: the step's mask noise (pruning)."""
         pruning = self._pruning(step)
-        masks = self.gates.sample(noise) if pruning else self.fixed_masks
-        layer_distill = self.distill is not None and self.distill.layer is not None
+        masks = self.pruning.gates.sample(noise) if pruning else self.fixed_masks
+        distillation = self.distillation
+        hidden = distillation is not None and distillation.needs_hidden_states
         inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         with autocast(self.device, self.bf16):
             with training_attention(self.device, self.bf16):
-                student = self._student(*inputs, labels=batch.get("labels"), masks=masks, output_hidden_states=layer_distill)
-            if self.teacher is not None:
-                teacher = self._teacher_outputs(examples, inputs)
-        if self.distill is None:
+                student = self._student(*inputs, labels=batch.get("labels"), masks=masks, output_hidden_states=hidden)
+            if distillation is not None:
+                teacher = distillation.teacher_outputs(examples, inputs)
+        if distillation is None:
             parts = {"ce": student.loss}
         else:
-            parts = self.distill(
-                student.logits, teacher.logits, student.hidden_states, teacher.hidden_states,
-                batch["attention_mask"], self._existing_layers(masks),
-            )
+            parts = distillation.parts(student, teacher, batch["attention_mask"], masks, self.model.config)
         if pruning:
-            controlled, logged = self._controlled(self.gates)  # on the device, no host read
-            target = target_sparsity(
-                step, self.prune.controlled_target, self.prune_start, self.sparsity_warmup, self.initial_controlled,
-                self.prune.ramp)
-            parts["lagrangian"] = self.lagrangian(controlled, target)
-            if self.prune.target_speedup is None:  # a fill, not a host copy
-                parts |= logged | {"target_sparsity": torch.full((), target, device=self.device)}
-            else:  # the latency saved, shown as the speedup it means; the sparsity alongside
-                parts |= logged | {"target_speedup": torch.full((), 1 / (1 - target), device=self.device)}
-            parts["lambda_1"] = self.lagrangian.lambda_1.detach()
-            parts["lambda_2"] = self.lagrangian.lambda_2.detach()
+            parts |= self.pruning.losses(step)  # on the device, no host read
         return parts
 
     def _data_loss(self, parts: Mapping[str, Tensor], scales: Mapping[str, float]) -> Tensor:
         """A micro-batch's share of the global batch's data loss: the gold-label loss, or
         w · L_pred + (1 − w) · L_layer, each part weighted by ``scales`` (its share of the
         examples, or of the tokens)."""
-        if self.distill is None:
+        if self.distillation is None:
             return parts["ce"] * scales["ce"]
-        if self.distill.layer is None:
-            return parts["pred"] * scales["pred"]
-        w = self.distill.prediction_weight
-        return w * parts["pred"] * scales["pred"] + (1.0 - w) * parts["layer"] * scales["layer"]
+        return self.distillation.data_loss(parts, scales)
 
     def _optimizers(self, step: int) -> list[torch.optim.Optimizer]:
         optimizers = [self.optimizer]
         if self._pruning(step):
-            optimizers += [self.gate_optimizer, self.lagrangian_optimizer]
+            optimizers += self.pruning.optimizers
         return optimizers
 
     def _trained_parameters(self, step: int) -> list[nn.Parameter]:
@@ -585,7 +432,7 @@ class Trainer:
             opt.step()
         self.scheduler.step()
         if self._pruning(step):
-            self.gates.clamp_()
+            self.pruning.gates.clamp_()
         return grad_norm
 
     # --------------------------------------------------------------- evaluation
@@ -595,11 +442,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         self.read_logged()
         if self._pruning(self.step - 1):
-            masks = self.gates.deterministic()
-            metrics["sparsity"] = mask_sparsity(self.shape, masks)
-            metrics["expected_sparsity"] = float(self.gates.expected_sparsity())
-            if self.prune.target_speedup is not None:
-                metrics["predicted_speedup"] = 1 / (1 - float(self._shipped(self.gates)))
+            masks, metrics = self.pruning.evaluation()
         preds, labels = self._predict(masks)
         metrics.update(self.metric_fn(preds, labels))
         metrics["step"] = self.step
@@ -622,27 +465,26 @@ class Trainer:
         return np.array([p for _, p in ordered]), labels
 
     def _is_candidate(self, metrics: Mapping[str, float]) -> bool:
-        if self.prune is None:
-            return True
-        if self.prune.target_speedup is not None:
-            return ("predicted_speedup" in metrics
-                    and abs(metrics["predicted_speedup"] / self.prune.target_speedup - 1) <= self.prune.speedup_tolerance)
-        return "sparsity" in metrics and abs(metrics["sparsity"] - self.prune.target_sparsity) <= self.prune.sparsity_tolerance
+        return self.pruning is None or self.pruning.is_candidate(metrics)
+
+    def _modules(self) -> dict[str, nn.Module]:
+        """Every trained module, by its name in checkpoints."""
+        modules = {"model": self.model}
+        if self.distillation is not None:
+            modules["distill"] = self.distillation.loss
+        if self.pruning is not None:
+            modules |= {"gates": self.pruning.gates, "lagrangian": self.pruning.lagrangian}
+        return modules
 
     def _weights(self) -> dict[str, Any]:
-        state = {"model": self.model.state_dict()}
-        if self.distill is not None:
-            state["distill"] = self.distill.state_dict()
-        if self.gates is not None:
-            state["gates"] = self.gates.state_dict()
-        return {k: {n: t.detach().cpu().clone() for n, t in v.items()} for k, v in state.items()}
+        """The weights of a candidate for the best checkpoint (λ is not part of the model)."""
+        return {k: {n: t.detach().cpu().clone() for n, t in m.state_dict().items()}
+                for k, m in self._modules().items() if k != "lagrangian"}
 
     def _load_weights(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        if self.distill is not None:
-            self.distill.load_state_dict(state["distill"])
-        if self.gates is not None:
-            self.gates.load_state_dict(state["gates"])
+        for k, m in self._modules().items():
+            if k != "lagrangian":
+                m.load_state_dict(state[k])
 
     def _record_evaluation(self, metrics: dict[str, float]) -> None:
         self.evaluations.append(metrics)
@@ -657,11 +499,8 @@ class Trainer:
     def _training_state(self) -> TrainingState:
         """Everything a step changes, for cofi.checkpoint; each process's global random
         states (dropout, mask draws) are saved with it."""
-        modules = [m for m in (self.model, self.distill, self.gates, self.lagrangian) if m is not None]
-        optimizers = [self.optimizer]
-        if self.prune is not None:
-            optimizers += [self.gate_optimizer, self.lagrangian_optimizer]
-        return TrainingState(modules, optimizers, [self.scheduler], generators={})
+        optimizers = [self.optimizer, *(self.pruning.optimizers if self.pruning is not None else [])]
+        return TrainingState(list(self._modules().values()), optimizers, [self.scheduler], generators={})
 
     def _progress(self) -> dict[str, Any]:
         return {"step": self.step, "evaluations": self.evaluations, "history": self.history, "best": self.best}
@@ -726,7 +565,8 @@ class Trainer:
             for examples in self._micro_batches(order[start : start + size].tolist()):
                 batch = self._device_batch(examples)
                 with autocast(self.device, self.bf16):
-                    self._teacher_outputs(examples, (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
+                    self.distillation.teacher_outputs(
+                        examples, (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
 
     def _device_batch(self, examples: list[int]) -> dict[str, Tensor]:
         return _to(self.collate([self.train_data[i] for i in examples]), self.device)
@@ -755,7 +595,7 @@ class Trainer:
         tokens = sum(len(self.train_data[i]["input_ids"]) for i in indices)  # of the global batch, on the host
         for opt in self._optimizers(step):
             opt.zero_grad(set_to_none=True)
-        noise = self.gates.noise(gate_noise_generator(self.config.seed, step, self.device)) if self._pruning(step) else None
+        noise = self.pruning.noise(self.config.seed, step) if self._pruning(step) else None
         logged: dict[str, Tensor] = {}
         for examples in micro:
             batch = self._device_batch(examples)
@@ -815,20 +655,14 @@ class Trainer:
         target_reached = self.best is not None
         if not target_reached:  # pruning never came within tolerance of the target: keep the final weights
             last = self.evaluations[-1]
-            if self.prune.target_speedup is None:
-                log.warning("no evaluation within %.3f of target sparsity %.3f; keeping the final weights (sparsity %.4f)",
-                            self.prune.sparsity_tolerance, self.prune.target_sparsity, last.get("sparsity", 0.0))
-            else:
-                log.warning("no evaluation within %.1f%% of target speedup %.2fx; keeping the final weights "
-                            "(predicted %.2fx)", 100 * self.prune.speedup_tolerance, self.prune.target_speedup,
-                            last.get("predicted_speedup", 1.0))
+            self.pruning.warn_target_missed(last)
             self.best = {"step": self.step, "metrics": last, "state": self._weights()}
         self._load_weights(self.best["state"])
         return TrainResult(
             best_step=int(self.best["step"]),
             best_metrics=dict(self.best["metrics"]),
             evaluations=list(self.evaluations),
-            masks=self.gates.deterministic() if self.gates is not None else None,
+            masks=self.pruning.gates.deterministic() if self.pruning is not None else None,
             history=list(self.history),
             target_reached=target_reached,
         )

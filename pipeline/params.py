@@ -23,10 +23,8 @@ from pydantic_core import PydanticCustomError
 
 from cofi.ablations import ABLATIONS
 from cofi.data import TASKS
-from cofi.lagrangian import RAMPS
 from cofi.metrics import METRICS
 from cofi.deployment import INT8_METHODS, PRECISIONS, RUNTIMES, check_supported
-from cofi.sparsity import FAMILIES
 from pipeline.paths import Speedup, Target
 
 
@@ -107,7 +105,10 @@ Threads = Annotated[int, Field(ge=0)]  # 0: torch's default
 
 Task = Literal[(*TASKS, "custom")]
 Metric = Literal[tuple(METRICS)]
-Family = Literal[FAMILIES]
+# The names of cofi.sparsity.FAMILIES and cofi.lagrangian.RAMPS (tests/test_params.py holds them
+# equal), written out so that the schema, which every stage runs, imports no pruning code
+Family = Literal["hidden", "head", "mha", "intermediate", "ffn"]
+Ramp = Literal["linear", "cubic"]
 
 
 # ---- sections ------------------------------------------------------------------------
@@ -215,7 +216,7 @@ class Prune(_Section):
     epochs: Annotated[Any, AfterValidator(_epochs_per_target(allow_zero=False))]  # a number, or a map target → epochs
     distill_epochs: NonNegative
     sparsity_warmup_epochs: NonNegative
-    sparsity_ramp: Literal[tuple(RAMPS)]
+    sparsity_ramp: Ramp
     batch_size: Count
     learning_rate: Positive
     freeze_word_embeddings: bool  # students (prune, finetune, baselines) keep the teacher's word-embedding table

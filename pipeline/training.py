@@ -3,33 +3,28 @@ training: :func:`run_training_stage` opens the stage's MLflow run, calls the sta
 ``fit``, and on the main process saves the model with its manifest, tags the run with
 its lineage, logs and writes the metrics, then drops the resumable checkpoints;
 :func:`train` runs a `cofi.trainer.Trainer` with MLflow logging, a checkpoint
-directory tied to the stage's inputs, and the curve file; :func:`train_config`,
-:func:`prune_config` and :func:`distillation` build its configs from the params."""
+directory tied to the stage's inputs, and the curve file; :func:`train_config` builds
+its config from the params (a student's distillation loss: pipeline.distillation)."""
 
 from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import mlflow
 from torch import nn
 
 from cofi.batching import COMPILED_LENGTH_MULTIPLE
 from cofi.compact import save_model
-from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
-from cofi.gates import GateConfig
 from cofi.manifest import read_manifest
-from cofi.trainer import PruneConfig, TrainConfig, Trainer, TrainerCallback, TrainResult
+from cofi.trainer import TrainConfig, Trainer, TrainerCallback, TrainResult
 from pipeline import lineage, tracking
 from pipeline.params import Finetune, Params, Teacher
-from pipeline.paths import Paths, Speedup, Target
+from pipeline.paths import Paths
 from pipeline.runtime import (StageData, collator, fingerprint, is_main_process, mlflow_run, task_spec_of,
                               write_curve, write_json)
-
-if TYPE_CHECKING:
-    from cofi.latency import LatencyModel
 
 
 def train_config(params: Params, section, evals_per_epoch: int, num_examples: int, progress: bool = True) -> TrainConfig:
@@ -51,39 +46,6 @@ def train_config(params: Params, section, evals_per_epoch: int, num_examples: in
         device=params.compute.device,
         progress=progress,
     )
-
-
-def prune_config(params: Params, target: Target, latency: LatencyModel | None = None) -> PruneConfig:
-    """Pruning to ``target``: a sparsity, or a speedup that ``latency`` (prune.deployment's model) predicts."""
-    p = params.prune
-    aim = ({"target_speedup": target.factor, "latency": latency, "speedup_tolerance": p.speedup_tolerance}
-           if isinstance(target, Speedup) else {"target_sparsity": target})
-    return PruneConfig(
-        **aim,
-        distill_epochs=p.distill_epochs,
-        sparsity_warmup_epochs=p.sparsity_warmup_epochs,
-        ramp=p.sparsity_ramp,
-        reg_learning_rate=p.reg_learning_rate,
-        lambda_2_init=p.lambda_2_init,
-        sparsity_tolerance=p.sparsity_tolerance,
-        gates=GateConfig(families=tuple(p.families), keep_multiple=p.keep_multiple),
-    )
-
-
-def distillation(params: Params, hidden_size: int, num_teacher_layers: int) -> DistillationLoss | None:
-    """The distillation loss prune.distillation asks for; None: gold labels only."""
-    p = params.prune
-    if p.distillation == "none":
-        return None
-    layer = None
-    if p.distillation == "layer_and_prediction":
-        teacher_layers = p.teacher_layers or default_teacher_layers(num_teacher_layers)
-        bad = [i for i in teacher_layers if i > num_teacher_layers]
-        if bad:
-            raise ValueError(f"prune.teacher_layers {bad} exceed the teacher's {num_teacher_layers} layers")
-        layer = LayerDistillLoss(hidden_size, teacher_layers, matching=p.layer_matching)
-    return DistillationLoss(PredictionDistillLoss(p.temperature), layer, p.prediction_weight)
-
 
 
 def train(

@@ -28,8 +28,8 @@ from cofi.trainer import TrainerCallback, TrainResult
 from pipeline.params import Params, Prune
 from pipeline.paths import Paths
 from pipeline.runtime import StageData, is_main_process, load_stage_data, setup, write_curve
-from pipeline.training import (Manifest, Trained, distillation, result_metrics, run_training_stage, train,
-                               train_config)
+from pipeline.distillation import distillation_loss
+from pipeline.training import Manifest, Trained, result_metrics, run_training_stage, train, train_config
 
 STAGE = "baseline"
 
@@ -92,7 +92,7 @@ def magnitude(params: Params, paths: Paths, data: StageData, teacher: nn.Module,
     trainers, curve = [], []
 
     def train_round(model: nn.Module, keep_pruned: TrainerCallback, r: int) -> TrainResult:
-        distill = distillation(params, teacher.config.hidden_size, teacher.config.num_hidden_layers)
+        distill = distillation_loss(params, teacher.config.hidden_size, teacher.config.num_hidden_layers)
         trainer, result = train(
             f"{name}-round{r}", params, paths, data, model, config, teacher_digest,
             None, teacher=teacher if distill else None, distill=distill, callbacks=[keep_pruned],

@@ -23,8 +23,8 @@ from cofi.manifest import read_manifest
 from pipeline.params import Params
 from pipeline.paths import LAYER_MAP_FILE, MASKS_FILE, Paths, Target
 from pipeline.runtime import collator, load_stage_data, setup, task_spec_of, write_curve
-from pipeline.training import (Manifest, Trained, distillation, result_metrics, run_training_stage, train,
-                               train_config)
+from pipeline.distillation import distillation_loss
+from pipeline.training import Manifest, Trained, result_metrics, run_training_stage, train, train_config
 
 STAGE = "finetune"
 
@@ -37,7 +37,7 @@ def run(params: Params, target: Target, root: Path = Path("."), variant: str | N
     pruned_digest = read_manifest(pruned_dir)["digest"]
     pruned = load_model(pruned_dir, verify=True)  # full size: the teacher's shape; verifies the masks' file too
     masks = load_file(pruned_dir / MASKS_FILE)
-    distill = distillation(params, pruned.config.hidden_size, pruned.config.num_hidden_layers)
+    distill = distillation_loss(params, pruned.config.hidden_size, pruned.config.num_hidden_layers)
     student = compact(pruned, masks)
     epochs = params.finetune.epochs_for(target)
     fine_tune = epochs > 0

@@ -16,19 +16,38 @@ from safetensors.torch import save_file
 
 from cofi.compact import compact, load_model
 from cofi.configuration_cofi import CofiConfig
+from cofi.gates import GateConfig
 from cofi.latency import LatencyModel
 from cofi.sparsity import ModelShape
 from cofi.manifest import read_manifest
+from cofi.pruning import PruneConfig
 from cofi.structure import structure_summary, structure_table
 from pipeline import tracking
 from pipeline.params import Params
 from pipeline.plotting import structure_figure
 from pipeline.paths import GATES_FILE, LAYER_MAP_FILE, MASKS_FILE, Paths, Speedup, Target
 from pipeline.runtime import is_main_process, load_stage_data, setup
-from pipeline.training import (Manifest, Trained, distillation, prune_config, result_metrics, run_training_stage,
-                               train, train_config)
+from pipeline.distillation import distillation_loss
+from pipeline.training import Manifest, Trained, result_metrics, run_training_stage, train, train_config
 
 STAGE = "prune"
+
+
+def prune_config(params: Params, target: Target, latency: LatencyModel | None = None) -> PruneConfig:
+    """Pruning to ``target``: a sparsity, or a speedup that ``latency`` (prune.deployment's model) predicts."""
+    p = params.prune
+    aim = ({"target_speedup": target.factor, "latency": latency, "speedup_tolerance": p.speedup_tolerance}
+           if isinstance(target, Speedup) else {"target_sparsity": target})
+    return PruneConfig(
+        **aim,
+        distill_epochs=p.distill_epochs,
+        sparsity_warmup_epochs=p.sparsity_warmup_epochs,
+        ramp=p.sparsity_ramp,
+        reg_learning_rate=p.reg_learning_rate,
+        lambda_2_init=p.lambda_2_init,
+        sparsity_tolerance=p.sparsity_tolerance,
+        gates=GateConfig(families=tuple(p.families), keep_multiple=p.keep_multiple),
+    )
 
 
 def load_latency_model(paths: Paths, deployment: str) -> LatencyModel:
@@ -53,7 +72,7 @@ def run(params: Params, target: Target, root: Path = Path("."), variant: str | N
     data = load_stage_data(paths)
     teacher_digest = read_manifest(paths.teacher)["digest"]
     student = load_model(paths.teacher, verify=True)  # CoFi starts from the fine-tuned teacher
-    distill = distillation(params, student.config.hidden_size, student.config.num_hidden_layers)
+    distill = distillation_loss(params, student.config.hidden_size, student.config.num_hidden_layers)
     teacher = copy.deepcopy(student) if distill is not None else None  # frozen by the Trainer
     section = params.prune.model_copy(update={"epochs": params.prune.epochs_for(target)})
     config = train_config(params, section, params.prune.evals_per_epoch, len(data.train))
@@ -84,9 +103,9 @@ def run(params: Params, target: Target, root: Path = Path("."), variant: str | N
 
         def extra(directory: Path) -> None:
             save_file(masks, directory / MASKS_FILE)
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainer.gates.log_alpha.items()}, directory / GATES_FILE)
-            if trainer.distill is not None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in trainer.distill.state_dict().items()},
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainer.pruning.gates.log_alpha.items()}, directory / GATES_FILE)
+            if trainer.distillation is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in trainer.distillation.loss.state_dict().items()},
                           directory / LAYER_MAP_FILE)
 
         return Trained(trainer.model, metrics, [trainer], extra)

@@ -31,12 +31,14 @@ from cofi.flops import forward_flops
 from cofi.gates import GateConfig, HardConcreteGates
 from cofi.metrics import accuracy
 from cofi.sparsity import ModelShape, expected_sparsity
-from cofi.trainer import PruneConfig, TrainConfig, Trainer
+from cofi.trainer import TrainConfig, Trainer
+from cofi.pruning import PruneConfig
 from cofi.deployment import Deployment
 from cofi.profiling import default_grids, profile
 from pipeline.params import validate_params
 from pipeline.paths import Speedup, Target
-from pipeline.training import distillation, prune_config
+from pipeline.distillation import distillation_loss
+from stages.prune import prune_config
 from tests.conftest import FINE_GRID, synthetic_task, tiny_model
 from tests.test_latency import exact
 from tests.test_trainer import make_trainer
@@ -76,7 +78,7 @@ def build_trainer(name: str, device: str, warmup_epochs: float = 1.0, target: Ta
     step 0 with a sparsity warm-up of ``warmup_epochs``; a speedup target on an exact latency model."""
     params = params_with(settings()[name])
     student, teacher = tiny_model(seed=0), tiny_model(seed=0)
-    loss = distillation(params, student.config.hidden_size, student.config.num_hidden_layers)
+    loss = distillation_loss(params, student.config.hidden_size, student.config.num_hidden_layers)
     latency = None
     if isinstance(target, Speedup):
         latency = profile(student.config, Deployment(), default_grids(student.config, keep_multiple=4), prepare=exact)
@@ -98,10 +100,10 @@ def on(device: str, module: torch.nn.Module) -> bool:
 def test_the_training_path_runs_on_the_meta_device(name):
     with SameDevice():
         trainer = build_trainer(name, "meta")
-        assert on("meta", trainer.model) and on("meta", trainer.gates) and on("meta", trainer.lagrangian)
-        if trainer.distill is not None:
-            assert on("meta", trainer.distill)
-        before = copy.deepcopy(dict(trainer.gates.log_alpha))
+        assert on("meta", trainer.model) and on("meta", trainer.pruning.gates) and on("meta", trainer.pruning.lagrangian)
+        if trainer.distillation is not None:
+            assert on("meta", trainer.distillation.loss) and on("meta", trainer.distillation.teacher)
+        before = copy.deepcopy(dict(trainer.pruning.gates.log_alpha))
 
         # a pruning step: sampled masks, forward, every loss part, the Lagrangian,
         # backward, the three optimisers; twice, so the optimiser states are used
@@ -110,22 +112,22 @@ def test_the_training_path_runs_on_the_meta_device(name):
         step, logged, _ = trainer._unread[-1]
         assert step == 1 and {"lagrangian", "expected_sparsity", "mask_sparsity", "target_sparsity", "grad_norm"} <= set(logged)
         assert {t.device.type for t in logged.values()} == {"meta"}  # nothing was read back
-        assert all(a.grad is not None for a in trainer.gates.log_alpha.values())
-        assert all(a is not before[f] for f, a in trainer.gates.log_alpha.items())
+        assert all(a.grad is not None for a in trainer.pruning.gates.log_alpha.values())
+        assert all(a is not before[f] for f, a in trainer.pruning.gates.log_alpha.items())
 
         # evaluation with deterministic masks (keep_multiple and the layer rule included)
-        masks = trainer.gates.deterministic()
+        masks = trainer.pruning.gates.deterministic()
         assert {m.device.type for m in masks.values()} == {"meta"}
         shape = ModelShape.from_config(trainer.model.config)
         assert expected_sparsity(shape, {f: (m != 0).double() for f, m in masks.items()}).device.type == "meta"
-        assert trainer.gates.deterministic_sparsity().device.type == "meta"
+        assert trainer.pruning.gates.deterministic_sparsity().device.type == "meta"
         batch = {k: v.to("meta") for k, v in Collator(0)(synthetic_task(4, seed=3)).items() if k != "labels"}
         trainer.model.eval()
         assert trainer.model(**batch, masks=masks).logits.shape == (4, 2)
 
     # Compaction: which units survive sets the new shapes, a host decision, so the
     # masks come from the host (here: gates on the CPU) while the weights stay on meta.
-    gates = HardConcreteGates(shape, trainer.prune.gates)
+    gates = HardConcreteGates(shape, trainer.pruning.config.gates)
     with torch.no_grad():
         for a in gates.log_alpha.values():
             a.normal_(generator=torch.Generator().manual_seed(0))
@@ -166,7 +168,7 @@ def test_cuda_pruning_reaches_its_target(task):
     result = trainer.fit()
     assert {p.device.type for p in trainer.model.parameters()} == {"cuda"}
     assert abs(trainer.history[-1]["mask_sparsity"] - 0.8) <= 0.02
-    assert result.target_reached and abs(result.best_metrics["sparsity"] - 0.8) <= trainer.prune.sparsity_tolerance
+    assert result.target_reached and abs(result.best_metrics["sparsity"] - 0.8) <= trainer.pruning.config.sparsity_tolerance
 
 
 @cuda
@@ -217,7 +219,7 @@ def test_cuda_pruning_steps_never_wait_for_the_device(target):
             trainer.train_step(list(range(start, start + 8)))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert all(a.grad is not None for a in trainer.gates.log_alpha.values())
+    assert all(a.grad is not None for a in trainer.pruning.gates.log_alpha.values())
 
 
 @cuda

@@ -27,7 +27,8 @@ from conftest import synthetic_task, tiny_model
 from cofi.batching import Collator
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss
 from cofi.metrics import accuracy
-from cofi.trainer import PruneConfig, TrainConfig, Trainer
+from cofi.trainer import TrainConfig, Trainer
+from cofi.pruning import PruneConfig
 
 torch.set_num_threads(1)
 no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # dropout draws per process
@@ -43,11 +44,11 @@ trainer = Trainer(
 )
 result = trainer.fit()
 rank = int(os.environ.get("RANK", "0"))
-torch.save({{"model": trainer.model.state_dict(), "gates": trainer.gates.state_dict(),
-            "lagrangian": trainer.lagrangian.state_dict(), "masks": result.masks}},
+torch.save({{"model": trainer.model.state_dict(), "gates": trainer.pruning.gates.state_dict(),
+            "lagrangian": trainer.pruning.lagrangian.state_dict(), "masks": result.masks}},
            os.path.join(sys.argv[1], f"rank{{rank}}.pt"))
 with open(os.path.join(sys.argv[1], f"rank{{rank}}.json"), "w") as f:
-    json.dump({{"history": result.history, "evaluations": result.evaluations, "prune_start": trainer.prune_start,
+    json.dump({{"history": result.history, "evaluations": result.evaluations, "prune_start": trainer.pruning.start,
                "world_size": trainer.processes.world_size}}, f)
 '''
 
@@ -125,7 +126,8 @@ from conftest import synthetic_task, tiny_model
 from cofi.batching import Collator
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss
 from cofi.metrics import accuracy
-from cofi.trainer import PruneConfig, TrainConfig, Trainer, TrainerCallback
+from cofi.trainer import TrainConfig, Trainer, TrainerCallback
+from cofi.pruning import PruneConfig
 
 class Slow(TrainerCallback):
     def on_step(self, step, logs):

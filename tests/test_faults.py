@@ -24,7 +24,8 @@ from conftest import synthetic_task, tiny_model
 from cofi.batching import Collator
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss
 from cofi.metrics import accuracy
-from cofi.trainer import PruneConfig, TrainConfig, Trainer, TrainerCallback
+from cofi.trainer import TrainConfig, Trainer, TrainerCallback
+from cofi.pruning import PruneConfig
 
 class Slow(TrainerCallback):
     def on_step(self, step, logs):

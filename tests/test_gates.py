@@ -21,7 +21,7 @@ from cofi.gates import (
 from cofi.compact import compact
 from cofi.lagrangian import Lagrangian, controlled_sparsity, target_sparsity
 from cofi.sparsity import FAMILIES, ModelShape, expected_sparsity, mask_sparsity, model_sparsity, remaining_size
-from cofi.trainer import PruneConfig
+from cofi.pruning import PruneConfig
 from tests.conftest import tiny_model
 
 SHAPE = ModelShape(num_layers=3, num_heads=4, head_size=2, hidden_size=8, intermediate_size=16)

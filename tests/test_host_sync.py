@@ -35,9 +35,9 @@ def test_the_gpu_path_never_waits_for_the_host(name, target, device):
         # an evaluation batch with the deterministic masks
         trainer.model.eval()
         with torch.no_grad():
-            logits = trainer.model(**batch, masks=trainer.gates.deterministic()).logits
+            logits = trainer.model(**batch, masks=trainer.pruning.gates.deterministic()).logits
     assert logits.shape == (4, 2)
-    assert all(a.grad is not None for a in trainer.gates.log_alpha.values())
+    assert all(a.grad is not None for a in trainer.pruning.gates.log_alpha.values())
 
 
 def test_the_cpu_path_leaves_units_out_and_the_guard_sees_it():

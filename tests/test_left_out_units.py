@@ -15,7 +15,7 @@ import torch
 from cofi import modeling_cofi
 from cofi.gates import GateConfig, HardConcreteGates
 from cofi.sparsity import ModelShape
-from cofi.trainer import PruneConfig
+from cofi.pruning import PruneConfig
 from tests.conftest import FINE_GRID
 from tests.test_compact import ARCHS, make_inputs, make_model, random_masks
 from tests.test_trainer import make_trainer
@@ -151,7 +151,7 @@ def test_a_pruning_run_matches_the_dense_masked_computation(task, monkeypatch):
                                 reg_learning_rate=0.1, lambda_2_init=100.0)
             trainer = make_trainer(task, prune=prune, model=model, epochs=4, eval_steps=12)
             with torch.no_grad():
-                trainer.gates.log_alpha["mha"][0] = -4.6  # mostly off from the first pruning step
+                trainer.pruning.gates.log_alpha["mha"][0] = -4.6  # mostly off from the first pruning step
             left_out = []
             original = modeling_cofi.computed_units
 
@@ -170,5 +170,5 @@ def test_a_pruning_run_matches_the_dense_masked_computation(task, monkeypatch):
     assert sum(left_out) >= 5  # steps with a whole attention sublayer left out
     for (name, p), (_, p_ref) in zip(fast.model.named_parameters(), ref.model.named_parameters()):
         torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    for family, a in fast.gates.log_alpha.items():
-        torch.testing.assert_close(a, ref.gates.log_alpha[family], rtol=1e-4, atol=1e-5)
+    for family, a in fast.pruning.gates.log_alpha.items():
+        torch.testing.assert_close(a, ref.pruning.gates.log_alpha[family], rtol=1e-4, atol=1e-5)

@@ -388,3 +388,15 @@ def test_only_fine_tuning_counts_the_model_it_starts_from_as_a_candidate():
     configs = {name: train_config(params, section.model_copy(update={"epochs": 1.0}), 1, 100)
                for name, section in (("teacher", params.teacher), ("prune", params.prune), ("finetune", params.finetune))}
     assert {name: c.evaluate_at_start for name, c in configs.items()} == {"teacher": False, "prune": False, "finetune": True}
+
+
+def test_the_schemas_names_are_the_librarys():
+    # written out in the schema so that every stage's code is free of the pruning modules
+    from typing import get_args
+
+    from cofi.lagrangian import RAMPS
+    from cofi.sparsity import FAMILIES
+    from pipeline.params import Family, Ramp
+
+    assert get_args(Family) == FAMILIES
+    assert get_args(Ramp) == tuple(RAMPS)

@@ -183,6 +183,14 @@ def test_repro_writes_every_output_and_metric(project):
     assert "accuracy vs speedup" in rendered
     assert {f"report/curves/{kind}/{t}.csv" for kind in ("sparsity", "multipliers", "losses") for t in ("0.3", "0.5")} <= rendered
     assert {f"report/curves/{kind}/1.5x.csv" for kind in ("speedup", "multipliers", "losses")} <= rendered
+    # every output is readable by other accounts where the umask lets it (a serving container):
+    # no file keeps the owner-only mode of a temporary file (safetensors', mkstemp's)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    produced = [p for d in ("outputs", "metrics", "plots", "report") for p in (project / d).rglob("*") if p.is_file()]
+    assert len(produced) > 50 and any(p.suffix == ".safetensors" for p in produced)
+    owner_only = [p.relative_to(project).as_posix() for p in produced if p.stat().st_mode & 0o044 != 0o044 & ~umask]
+    assert owner_only == []
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     expected = {"data", "teacher", "profile@cpu-b1", "benchmark", "report"}
     expected |= {f"{s}@{t}" for s in ("prune", "finetune", "compact") for t in ("0.3", "0.5")}
@@ -377,6 +385,7 @@ PRUNE_STAGES = {"prune@0.3", "prune@0.5", "prune-speedup@1.5"}
     ("stages/report.py", {"report"}),
     ("pipeline/plotting.py", PRUNE_STAGES | {"report"}),  # the structure figure: pruning logs it, the report draws it
     ("pipeline/cli_lineage.py", set()),  # a tool of the console script, no stage's code
+    ("cofi/lagrangian.py", PRUNE_STAGES),  # pruning code: no teacher, data or fine-tuning stage runs it
 ])
 def test_a_code_edit_invalidates_only_the_stages_that_import_it(project, edited, stale):
     """dvc.yaml's code deps are each stage's import closure (pipeline/stage_deps.py)."""

@@ -309,3 +309,25 @@ def test_save_to_new_nested_path_and_over_a_file(tmp_path):
     with pytest.raises(NotADirectoryError):
         save_model(model, tmp_path / "file")
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_a_saved_model_has_the_modes_a_plain_write_gives(tmp_path, umask):
+    """Every file of a model directory, its manifest included, is as readable as one written
+    with open(): a serving container running as another account reads it. A temporary
+    file's owner-only 0600 must not reach the outputs."""
+    from cofi.manifest import atomic_write, write_manifest
+
+    previous = os.umask(umask)
+    try:
+        path = save_model(heterogeneous("bert"), tmp_path / "model", extra=write_manifest)
+        atomic_write(tmp_path / "metrics.json", "{}")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    plain = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert plain == 0o666 & ~umask
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert "model/manifest.json" in modes and "model/model.safetensors" in modes
+    assert modes == dict.fromkeys(modes, plain)
+    assert (path.stat().st_mode & 0o777) == 0o777 & ~umask

@@ -17,7 +17,7 @@ from cofi.deployment import Deployment
 from cofi.latency import Structure
 from cofi.profiling import default_grids, model_of, profile
 from cofi.sparsity import ModelShape, mask_sparsity
-from cofi.trainer import PruneConfig
+from cofi.pruning import PruneConfig
 from pipeline.paths import MASKS_FILE, Speedup
 from tests.conftest import FINE_GRID, tiny_config
 from tests.test_latency import exact
@@ -125,7 +125,7 @@ def test_pruning_to_a_speedup_ships_that_speedup(task, curved_latency):
     logs: dict[int, dict[str, float]] = {}  # step → what the step should log, each value computed alone
 
     def record(module, args):
-        gates = trainer.gates
+        gates = trainer.pruning.gates
         masks = gates.deterministic()
         structure = Structure.of(compact(trainer.model, masks).config)
         seen[trainer.step] = (float(args[0].detach()), 1 - latency.relative(structure))
@@ -134,10 +134,10 @@ def test_pruning_to_a_speedup_ships_that_speedup(task, curved_latency):
                               "mask_sparsity": mask_sparsity(SHAPE, masks),
                               "expected_sparsity": float(gates.expected_sparsity())}
 
-    trainer.lagrangian.register_forward_pre_hook(record)
+    trainer.pruning.lagrangian.register_forward_pre_hook(record)
     result = trainer.fit()
 
-    assert sorted(seen) == list(range(trainer.prune_start, trainer.total_steps))
+    assert sorted(seen) == list(range(trainer.pruning.start, trainer.total_steps))
     assert all(abs(controlled - shipped) <= 1e-6 for controlled, shipped in seen.values())
     for step, expected in logs.items():  # one batched latency call per step logs what separate ones compute
         assert {k: recorder.by_step[step + 1][k] for k in expected} == pytest.approx(expected, rel=1e-6)  # 1-based
@@ -155,7 +155,7 @@ def test_pruning_to_a_speedup_ships_that_speedup(task, curved_latency):
     measured = curved_cost(full) / curved_cost(shipped)
     assert abs(measured / 3.0 - 1) <= 0.10, measured
     assert abs(measured / best - 1) > 1e-4  # measured, not the prediction restated
-    assert result.best_metrics["sparsity"] == pytest.approx(mask_sparsity(trainer.shape, result.masks))
+    assert result.best_metrics["sparsity"] == pytest.approx(mask_sparsity(trainer.pruning.shape, result.masks))
 
 
 @pytest.mark.parametrize("speedup", [1.0, 0.5])

@@ -50,6 +50,22 @@ def test_serving_and_training_code_reruns_only_the_stages_that_run_it():
     assert all("cofi/trainer.py" in deps[name] for name in training)
 
 
+def test_an_edit_of_pruning_or_distillation_code_retrains_no_teacher():
+    """The trainer reaches pruning and distillation through the objects a student stage
+    passes in, and the params schema names the mask families and ramps itself: the teacher
+    and data stages import none of that code, the prune stages all of it, and the stages
+    that train a fixed structure (finetune, baseline) the distillation code alone."""
+    deps = {name: set(stage["deps"]) for name, stage in stage_deps.stages(ROOT / "dvc.yaml").items()}
+    pruning = {"cofi/pruning.py", "cofi/gates.py", "cofi/lagrangian.py"}
+    distillation = {"cofi/distill.py", "cofi/teacher_cache.py", "pipeline/distillation.py"}
+    for name in ("data", "teacher"):
+        assert not (pruning | distillation | {"cofi/sparsity.py"}) & deps[name], (name, sorted(deps[name]))
+    for name in ("prune", "prune-speedup", "prune-ablation"):
+        assert pruning | distillation <= deps[name], (name, sorted((pruning | distillation) - deps[name]))
+    for name in ("finetune", "finetune-speedup", "finetune-ablation", "baseline"):
+        assert distillation <= deps[name] and not pruning & deps[name], (name, sorted(pruning & deps[name]))
+
+
 def _project(tmp_path: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +114,7 @@ def test_check_names_a_missing_import_and_an_unneeded_listing(tmp_path):
     assert stage_deps.check(dvc_yaml) == [
         "stage teacher: deps lack [], list unimported ['cofi/structure.py']",
         "stage report: deps lack ['cofi/baselines.py', 'cofi/checkpoint.py', 'cofi/compact.py', 'cofi/distill.py', 'cofi/distributed.py', "
-        "'cofi/flops.py', 'cofi/gates.py', 'cofi/teacher_cache.py', 'cofi/trainer.py'], list unimported []"]
+        "'cofi/flops.py', 'cofi/teacher_cache.py', 'cofi/trainer.py'], list unimported []"]
 
 
 def test_write_replaces_only_the_code_lines(tmp_path):

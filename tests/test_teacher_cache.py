@@ -9,7 +9,7 @@ import torch
 
 from cofi.batching import Collator
 from cofi.teacher_cache import BYTES_PER_VALUE, TeacherCache
-from cofi.trainer import PruneConfig
+from cofi.pruning import PruneConfig
 from tests.conftest import synthetic_task, tiny_model
 from tests.test_trainer import make_trainer
 

@@ -21,8 +21,9 @@ from cofi.gates import GateConfig
 from cofi.manifest import ManifestError, hash_files, list_files, read_manifest, write_manifest
 from cofi.sparsity import ModelShape, mask_sparsity, model_sparsity
 from cofi.trainer import (
-    NonFiniteLossError, PruneConfig, TrainConfig, Trainer, TrainerCallback, TrainingInterrupted, supports_bf16,
+    NonFiniteLossError, TrainConfig, Trainer, TrainerCallback, TrainingInterrupted, supports_bf16,
 )
+from cofi.pruning import PruneConfig
 from tests.conftest import FINE_GRID, synthetic_task, tiny_model
 
 
@@ -122,21 +123,21 @@ def test_the_lagrangian_controls_the_sparsity_of_the_shipped_masks(task):
     seen: dict[int, tuple[float, float]] = {}  # step → (the Lagrangian's sparsity, the masks')
 
     def record(module, args):
-        masks = trainer.gates.deterministic()
-        seen[trainer.step] = (float(args[0].detach()), mask_sparsity(trainer.shape, masks))
+        masks = trainer.pruning.gates.deterministic()
+        seen[trainer.step] = (float(args[0].detach()), mask_sparsity(trainer.pruning.shape, masks))
 
-    trainer.lagrangian.register_forward_pre_hook(record)
+    trainer.pruning.lagrangian.register_forward_pre_hook(record)
     result = trainer.fit()
 
-    assert sorted(seen) == list(range(trainer.prune_start, trainer.total_steps))
+    assert sorted(seen) == list(range(trainer.pruning.start, trainer.total_steps))
     assert all(abs(controlled - masks) <= 1e-6 for controlled, masks in seen.values())  # float32 of the exact value
     logged = {step - 1: logs for step, logs in enumerate(recorder.steps, 1)}
     assert all(logged[step]["mask_sparsity"] == pytest.approx(masks, abs=1e-6) for step, (_, masks) in seen.items())
-    after_warmup = [logged[step] for step in seen if step >= trainer.prune_start + trainer.sparsity_warmup]
+    after_warmup = [logged[step] for step in seen if step >= trainer.pruning.start + trainer.pruning.warmup]
     assert max(abs(logs["expected_sparsity"] - logs["mask_sparsity"]) for logs in after_warmup) > 0.005  # ŝ is not it
 
     assert result.target_reached and abs(result.best_metrics["sparsity"] - 0.8) <= prune.sparsity_tolerance
-    assert result.best_metrics["sparsity"] == pytest.approx(mask_sparsity(trainer.shape, result.masks))
+    assert result.best_metrics["sparsity"] == pytest.approx(mask_sparsity(trainer.pruning.shape, result.masks))
     assert model_sparsity(compact(trainer.model, result.masks)) == pytest.approx(result.best_metrics["sparsity"])
     closed = int((result.masks["mha"] == 0).sum() + (result.masks["ffn"] == 0).sum())
     widths = [int((row != 0).sum()) for row in result.masks["intermediate"]] + [int((result.masks["hidden"] != 0).sum())]
@@ -156,8 +157,8 @@ def test_a_large_initial_lambda_2_keeps_the_sparsity_on_the_target_ramp(task):
         trainer = make_trainer(task, prune=prune, model=model, epochs=25, eval_steps=12, callbacks=[recorder])
         result = trainer.fit()
         pruning = [logs for logs in recorder.steps if "mask_sparsity" in logs]
-        assert pruning[0]["target_sparsity"] == pytest.approx(trainer.initial_controlled) and trainer.initial_controlled > 0.05
-        warmup = pruning[: trainer.sparsity_warmup]
+        assert pruning[0]["target_sparsity"] == pytest.approx(trainer.pruning.initial_controlled) and trainer.pruning.initial_controlled > 0.05
+        warmup = pruning[: trainer.pruning.warmup]
         worst[lambda_2_init] = max(abs(logs["mask_sparsity"] - logs["target_sparsity"]) for logs in warmup)
         assert result.target_reached
     assert worst[100.0] <= 0.05 and worst[0.0] >= 0.2, worst
@@ -477,8 +478,8 @@ def assert_same_steps(eager, compiled, steps: int, rtol: float = 1e-4, atol: flo
     for (name, want), got in zip(eager.model.named_parameters(), compiled.model.parameters()):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
         torch.testing.assert_close(got.grad, want.grad, rtol=rtol, atol=atol, msg=lambda m: f"{name}.grad: {m}")
-    for family, want in eager.gates.log_alpha.items():
-        torch.testing.assert_close(compiled.gates.log_alpha[family].grad, want.grad, rtol=rtol, atol=atol)
+    for family, want in eager.pruning.gates.log_alpha.items():
+        torch.testing.assert_close(compiled.pruning.gates.log_alpha[family].grad, want.grad, rtol=rtol, atol=atol)
 
 
 def test_a_compiled_training_step_takes_the_eager_steps(task):
