@@ -35,7 +35,9 @@ def read_splits(params: Params, root: Path) -> dict[str, tuple[pd.DataFrame, str
     spec = task_spec_of(params)
     custom, source = params.data.custom, resolve_source(params, root)
     if custom is None:
-        where = "hub" if source is None else str(source)
+        # the source as params.yaml names it, relative to the project: meta.json (a DVC output)
+        # is then the same bytes in every clone, wherever it lives
+        where = "hub" if source is None else params.data.source
         return {split: (load_glue_split(params.data.task, name, source), f"{where}:{params.data.task}/{name}")
                 for split, name in (("train", "train"), ("validation", spec.eval_split))}
     splits = {}

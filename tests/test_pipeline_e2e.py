@@ -191,6 +191,8 @@ def test_repro_writes_every_output_and_metric(project):
     assert len(produced) > 50 and any(p.suffix == ".safetensors" for p in produced)
     owner_only = [p.relative_to(project).as_posix() for p in produced if p.stat().st_mode & 0o044 != 0o044 & ~umask]
     assert owner_only == []
+    # and no output names the directory the project happens to be in (meta.json's sources)
+    assert all(str(project) not in p.read_text() for p in produced if p.suffix in (".json", ".csv", ".md", ".yaml"))
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     expected = {"data", "teacher", "profile@cpu-b1", "benchmark", "report"}
     expected |= {f"{s}@{t}" for s in ("prune", "finetune", "compact") for t in ("0.3", "0.5")}

@@ -43,3 +43,14 @@ def test_the_default_params_read_the_shipped_copy_and_nothing_reads_outside_the_
     beside = "../" + "shared"  # split, so that this file does not name it
     outside = [name for name in tracked if not name.endswith((".parquet", ".png")) and beside in (ROOT / name).read_text()]
     assert outside == [], f"files that read a directory beside the repository: {outside}"
+
+
+def test_the_data_stage_names_its_source_as_the_params_do_not_by_where_the_clone_lives():
+    """meta.json, a DVC output every stage depends on, holds the source description: an
+    absolute path there made each clone's outputs/data other bytes (another digest)."""
+    from pipeline.params import load_params
+    from stages.data import read_splits
+
+    splits = read_splits(load_params(ROOT / "params.yaml"), ROOT)
+    assert {split: source for split, (_, source) in splits.items()} == {
+        "train": "data/glue:sst2/train", "validation": "data/glue:sst2/validation"}
