@@ -333,9 +333,10 @@ def save_model(
             extra(tmp)
         # safetensors (0.8) writes through a temporary file and leaves it owner-only (0600):
         # every file gets the mode of a plain write, so another account can serve the model
+        mode = plain_file_mode()
         for file in tmp.rglob("*"):
             if file.is_file():
-                file.chmod(plain_file_mode())
+                file.chmod(mode)
         _fsync_tree(tmp)
         _replace_dir(tmp, path)
     except BaseException:
